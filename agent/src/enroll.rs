@@ -1,0 +1,191 @@
+//! `modi-agent join`: trade a one-time token for a certificate.
+//!
+//! The agent makes its own key (it never leaves the host), sends a CSR with
+//! the token over TLS to a controller whose CA matches the pinned SHA-256
+//! fingerprint, checks what comes back, and stores key (0600), certificate,
+//! CA and config in its data dir.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use modi_proto::identity::{self, Role};
+use modi_proto::tls::{self, Trust};
+use modi_proto::v1 as pb;
+use pb::agent_service_client::AgentServiceClient;
+
+use crate::config::{self, AgentConfig};
+use crate::fsutil;
+
+/// What `modi-agent join` was given.
+#[derive(Clone, Debug)]
+pub struct JoinRequest {
+    /// `https://host:port`.
+    pub controller: String,
+    /// The one-time join token.
+    pub token: String,
+    /// SHA-256 of the controller's CA certificate (hex).
+    pub ca_sha256: String,
+    /// The name to ask for; the hostname when `None`.
+    pub name: Option<String>,
+    /// Labels to report.
+    pub labels: BTreeMap<String, String>,
+    /// Where to keep state.
+    pub data_dir: PathBuf,
+    /// Where steps run (default `<data dir>/work`).
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Why joining failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// Bad input on the command line.
+    #[error("{0}")]
+    Usage(String),
+    /// The data dir already holds an enrolled agent.
+    #[error("{0} already holds an enrolled agent; remove it or pick another --data dir")]
+    AlreadyJoined(PathBuf),
+    /// The controller could not be reached (includes a CA that does not
+    /// match the pin).
+    #[error("cannot reach the controller at {url}: {detail}")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The controller said no (bad, used or expired token).
+    #[error("the controller refused to enrol this agent: {0}")]
+    Refused(String),
+    /// The controller's answer does not hold up.
+    #[error("the controller's answer is not acceptable: {0}")]
+    BadAnswer(String),
+    /// Files could not be written.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The default agent name: the hostname, cut down to the name alphabet.
+pub fn default_name() -> String {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cleaned: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if cleaned.is_empty() {
+        "agent".into()
+    } else {
+        cleaned
+    }
+}
+
+/// Enrols with the controller and writes the agent's state.
+pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
+    let name = req.name.clone().unwrap_or_else(default_name);
+    identity::valid_name(&name).map_err(|e| JoinError::Usage(format!("--name: {e}")))?;
+    let pin = tls::normalize_fingerprint(&req.ca_sha256);
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(JoinError::Usage(format!(
+            "--ca-sha256 {:?}: expected 64 hex digits (the fingerprint `modi token create` prints)",
+            req.ca_sha256
+        )));
+    }
+    let config_path = req.data_dir.join(config::CONFIG_FILE);
+    if config_path.exists() || req.data_dir.join(config::KEY_FILE).exists() {
+        return Err(JoinError::AlreadyJoined(req.data_dir.clone()));
+    }
+
+    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::BadAnswer(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name.clone());
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| JoinError::BadAnswer(format!("cannot make a CSR: {e}")))?;
+
+    let unreachable = |detail: String| JoinError::Unreachable {
+        url: req.controller.clone(),
+        detail,
+    };
+    let channel = tls::channel(
+        &req.controller,
+        Trust::Pin(&pin),
+        None,
+        config::CONNECT_TIMEOUT,
+    )
+    .map_err(|e| JoinError::Usage(e.to_string()))?;
+    let response = AgentServiceClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            token: req.token.clone(),
+            csr_pem: csr,
+            name: name.clone(),
+        })
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
+                unreachable(crate::error_chain(&status))
+            }
+            _ => JoinError::Refused(status.message().to_string()),
+        })?
+        .into_inner();
+
+    // Trust nothing in the answer that does not match what we pinned.
+    let ca = tls::certs_from_pem("CA certificate", &response.ca_pem)
+        .map_err(|e| JoinError::BadAnswer(e.to_string()))?;
+    if identity::sha256_hex(&ca[0]) != pin {
+        return Err(JoinError::BadAnswer(
+            "the CA certificate sent does not match --ca-sha256".into(),
+        ));
+    }
+    let cert = tls::certs_from_pem("agent certificate", &response.cert_pem)
+        .map_err(|e| JoinError::BadAnswer(e.to_string()))?;
+    let id = identity::expect_role(&cert[0], Role::Agent)
+        .map_err(|e| JoinError::BadAnswer(e.to_string()))?;
+    if id.name != name {
+        return Err(JoinError::BadAnswer(format!(
+            "certificate issued for {:?}, asked for {name:?}",
+            id.name
+        )));
+    }
+
+    let write = |file: &str, bytes: &[u8], mode: u32| {
+        let path = req.data_dir.join(file);
+        fsutil::write_atomic(&path, bytes, mode).map_err(|source| JoinError::Io { path, source })
+    };
+    fsutil::private_dir(&req.data_dir).map_err(|source| JoinError::Io {
+        path: req.data_dir.clone(),
+        source,
+    })?;
+    write(config::KEY_FILE, key.serialize_pem().as_bytes(), 0o600)?;
+    write(config::CERT_FILE, response.cert_pem.as_bytes(), 0o644)?;
+    write(config::CA_FILE, response.ca_pem.as_bytes(), 0o644)?;
+    let config = AgentConfig {
+        controller: req.controller.clone(),
+        name,
+        labels: req.labels.clone(),
+        work_dir: req.work_dir.clone(),
+        heartbeat_secs: config::DEFAULT_HEARTBEAT_SECS,
+        data_dir: req.data_dir.clone(),
+    };
+    config.save().map_err(|source| JoinError::Io {
+        path: config_path,
+        source,
+    })?;
+    Ok(config)
+}

@@ -1,0 +1,337 @@
+//! The step executor: runs one step on this host and returns its result.
+//!
+//! - `run` (through `/bin/sh -c`) and `argv` steps run as children in their
+//!   own process group, with `kill_on_drop`; stdout and stderr are read
+//!   concurrently, the first [`OUTPUT_CAP`] bytes of each kept and the rest
+//!   counted, chunks streamed live as they come. A timeout or a cancel
+//!   kills the whole group (TERM, then KILL after [`KILL_GRACE`]); the
+//!   child is always reaped.
+//! - `file` and `restore` steps live in [`file`]; `interact` in
+//!   [`interact`].
+
+mod file;
+mod interact;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use modi_proto::v1 as pb;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes of each output stream kept per step.
+pub const OUTPUT_CAP: usize = 1 << 20;
+/// Time between TERM and KILL when a step's group is stopped.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long to keep reading output after the step's process exited (a
+/// background child may hold the pipe open).
+pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// Runs steps for one agent.
+#[derive(Clone, Debug)]
+pub struct Executor {
+    work_dir: PathBuf,
+    backups: PathBuf,
+}
+
+/// Where live output goes (the session forwards it to the controller when
+/// connected, and drops it otherwise).
+pub type OutputSink = mpsc::Sender<pb::OutputChunk>;
+
+/// The first bytes of one output stream, and how many more there were.
+#[derive(Debug, Default)]
+pub(crate) struct Capture {
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl Capture {
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        let room = OUTPUT_CAP.saturating_sub(self.kept.len());
+        let take = room.min(data.len());
+        self.kept.extend_from_slice(&data[..take]);
+        self.dropped += (data.len() - take) as u64;
+    }
+}
+
+/// How a process ended, before it becomes a result.
+pub(crate) enum Ended {
+    Exited(std::process::ExitStatus),
+    TimedOut,
+    Cancelled,
+}
+
+impl Executor {
+    /// An executor whose steps run in `work_dir` and whose `file` steps keep
+    /// what they replaced in `backups`.
+    pub fn new(work_dir: PathBuf, backups: PathBuf) -> std::io::Result<Executor> {
+        std::fs::create_dir_all(&work_dir)?;
+        crate::fsutil::private_dir(&backups)?;
+        Ok(Executor { work_dir, backups })
+    }
+
+    /// Runs `step` under dispatch id `id`. Never fails: anything that goes
+    /// wrong is in the result.
+    pub async fn execute(
+        &self,
+        id: &str,
+        step: pb::Step,
+        output: OutputSink,
+        cancel: CancellationToken,
+    ) -> pb::StepResult {
+        let started = Instant::now();
+        let mut result = match self.dispatch(id, &step, &output, &cancel).await {
+            Ok(r) => r,
+            Err(message) => failed_to_start(message),
+        };
+        result.dispatch_id = id.to_string();
+        result.duration_ms = started.elapsed().as_millis() as u64;
+        result
+    }
+
+    async fn dispatch(
+        &self,
+        id: &str,
+        step: &pb::Step,
+        output: &OutputSink,
+        cancel: &CancellationToken,
+    ) -> Result<pb::StepResult, String> {
+        let timeout = (step.timeout_ms > 0).then(|| Duration::from_millis(step.timeout_ms));
+        let ctx = Ctx {
+            id,
+            output,
+            cancel,
+            timeout,
+        };
+        match &step.action {
+            Some(pb::step::Action::Run(command)) => {
+                let mut cmd = Command::new("/bin/sh");
+                cmd.arg("-c").arg(command);
+                self.run_command(cmd, step, &ctx).await
+            }
+            Some(pb::step::Action::Argv(argv)) => {
+                let (program, args) = argv
+                    .args
+                    .split_first()
+                    .ok_or("argv step with no program")?;
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                self.run_command(cmd, step, &ctx).await
+            }
+            Some(pb::step::Action::File(f)) => file::write(self, id, f, step, &ctx).await,
+            Some(pb::step::Action::Restore(r)) => file::restore(self, &r.of).await,
+            Some(pb::step::Action::Interact(i)) => interact::run(self, i, step, &ctx).await,
+            None => Err("step has no action (controller and agent versions differ?)".into()),
+        }
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.work_dir.join(p)
+        }
+    }
+
+    /// Applies the step's cwd, env and user to `cmd`.
+    fn prepare(&self, cmd: &mut Command, step: &pb::Step) -> Result<(), String> {
+        let cwd = if step.cwd.is_empty() {
+            self.work_dir.clone()
+        } else {
+            self.resolve(&step.cwd)
+        };
+        if !cwd.is_dir() {
+            return Err(format!("cwd {} is not a directory", cwd.display()));
+        }
+        cmd.current_dir(cwd);
+        cmd.envs(&step.env);
+        if !step.user.is_empty() {
+            let user = nix::unistd::User::from_name(&step.user)
+                .map_err(|e| format!("cannot look up user {:?}: {e}", step.user))?
+                .ok_or_else(|| format!("no such user {:?}", step.user))?;
+            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+            cmd.env("USER", &user.name)
+                .env("LOGNAME", &user.name)
+                .env("HOME", &user.dir);
+        }
+        Ok(())
+    }
+
+    async fn run_command(
+        &self,
+        mut cmd: Command,
+        step: &pb::Step,
+        ctx: &Ctx<'_>,
+    ) -> Result<pb::StepResult, String> {
+        self.prepare(&mut cmd, step)?;
+        cmd.process_group(0)
+            .kill_on_drop(true)
+            .stdin(if step.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
+        if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), step.stdin.clone()) {
+            tokio::spawn(async move {
+                // A child that exits without reading its input is fine.
+                let _ = pipe.write_all(&bytes).await;
+            });
+        }
+        let out = spawn_reader(child.stdout.take(), ctx, pb::OutputStream::Stdout);
+        let err = spawn_reader(child.stderr.take(), ctx, pb::OutputStream::Stderr);
+        let ended = wait_or_kill(&mut child, ctx).await;
+        let stdout = collect(out).await;
+        let stderr = collect(err).await;
+        Ok(result_of(ended, stdout, stderr))
+    }
+}
+
+/// What every step kind needs from the dispatch.
+pub(crate) struct Ctx<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) output: &'a OutputSink,
+    pub(crate) cancel: &'a CancellationToken,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl Ctx<'_> {
+    /// Sends a live chunk, dropping it if the session cannot keep up: the
+    /// result carries the output anyway.
+    pub(crate) fn stream(&self, stream: pb::OutputStream, data: &[u8]) {
+        let _ = self.output.try_send(pb::OutputChunk {
+            dispatch_id: self.id.to_string(),
+            stream: stream as i32,
+            data: data.to_vec(),
+        });
+    }
+}
+
+fn spawn_reader<R>(
+    pipe: Option<R>,
+    ctx: &Ctx<'_>,
+    stream: pb::OutputStream,
+) -> tokio::task::JoinHandle<Capture>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let id = ctx.id.to_string();
+    let output = ctx.output.clone();
+    tokio::spawn(async move {
+        let mut capture = Capture::default();
+        let Some(mut pipe) = pipe else {
+            return capture;
+        };
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match pipe.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    capture.push(&buf[..n]);
+                    let _ = output.try_send(pb::OutputChunk {
+                        dispatch_id: id.clone(),
+                        stream: stream as i32,
+                        data: buf[..n].to_vec(),
+                    });
+                }
+            }
+        }
+        capture
+    })
+}
+
+/// Waits for a reader to reach end of file, but not for ever: a process
+/// left in the background may hold the pipe open.
+async fn collect(reader: tokio::task::JoinHandle<Capture>) -> Capture {
+    let abort = reader.abort_handle();
+    match tokio::time::timeout(DRAIN_GRACE, reader).await {
+        Ok(Ok(capture)) => capture,
+        _ => {
+            abort.abort();
+            Capture::default()
+        }
+    }
+}
+
+/// Waits for the child; on timeout or cancel kills its whole process group.
+/// The child is reaped either way.
+pub(crate) async fn wait_or_kill(child: &mut Child, ctx: &Ctx<'_>) -> Ended {
+    let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+    let deadline = async {
+        match ctx.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => return Ended::Exited(status),
+            Err(_) => Ended::Cancelled,
+        },
+        _ = deadline => Ended::TimedOut,
+        _ = ctx.cancel.cancelled() => Ended::Cancelled,
+    };
+    if let Some(pgid) = pgid {
+        kill_group(child, pgid).await;
+    }
+    ended
+}
+
+/// TERM the group, KILL it after the grace period, reap the child.
+pub(crate) async fn kill_group(child: &mut Child, pgid: Pid) {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+    }
+    // Whatever else is left in the group goes too.
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+pub(crate) fn result_of(ended: Ended, stdout: Capture, stderr: Capture) -> pb::StepResult {
+    let (termination, exit_code) = match ended {
+        Ended::Exited(status) => (pb::Termination::Exited, status.code()),
+        Ended::TimedOut => (pb::Termination::TimedOut, None),
+        Ended::Cancelled => (pb::Termination::Cancelled, None),
+    };
+    let mut stderr = stderr;
+    if let Ended::Exited(status) = ended {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            stderr.push(format!("\n[modi-agent: killed by signal {sig}]\n").as_bytes());
+        }
+    }
+    pb::StepResult {
+        termination: termination as i32,
+        exit_code,
+        stdout_dropped: stdout.dropped,
+        stderr_dropped: stderr.dropped,
+        stdout: stdout.kept,
+        stderr: stderr.kept,
+        ..Default::default()
+    }
+}
+
+pub(crate) fn failed_to_start(message: String) -> pb::StepResult {
+    pb::StepResult {
+        termination: pb::Termination::FailedToStart as i32,
+        stderr: format!("modi-agent: {message}\n").into_bytes(),
+        ..Default::default()
+    }
+}
+
+/// Quotes `s` for `/bin/sh`.
+pub(crate) fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests;

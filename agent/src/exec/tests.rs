@@ -1,0 +1,281 @@
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use super::*;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    exec: Executor,
+    work: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let exec = Executor::new(work.clone(), dir.path().join("backups")).unwrap();
+    Fixture {
+        _dir: dir,
+        exec,
+        work,
+    }
+}
+
+fn run(cmd: &str) -> pb::Step {
+    pb::Step {
+        action: Some(pb::step::Action::Run(cmd.into())),
+        ..Default::default()
+    }
+}
+
+async fn execute(f: &Fixture, id: &str, step: pb::Step) -> pb::StepResult {
+    let (tx, _rx) = mpsc::channel(1024);
+    f.exec
+        .execute(id, step, tx, CancellationToken::new())
+        .await
+}
+
+fn exited(r: &pb::StepResult) -> Option<i32> {
+    assert_eq!(r.termination, pb::Termination::Exited as i32, "{r:?}");
+    r.exit_code
+}
+
+#[tokio::test]
+async fn runs_a_shell_command_in_the_work_dir_with_env() {
+    let f = fixture();
+    let mut step = run("echo \"$GREETING\" from $(pwd); echo oops >&2; exit 3");
+    step.env.insert("GREETING".into(), "hello".into());
+    let r = execute(&f, "t1", step).await;
+    assert_eq!(exited(&r), Some(3));
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        format!("hello from {}\n", f.work.display())
+    );
+    assert_eq!(r.stderr, b"oops\n");
+    assert_eq!(r.dispatch_id, "t1");
+}
+
+#[tokio::test]
+async fn argv_runs_without_a_shell_and_feeds_stdin() {
+    let f = fixture();
+    let step = pb::Step {
+        action: Some(pb::step::Action::Argv(pb::Argv {
+            args: vec!["cat".into()],
+        })),
+        stdin: Some(b"$(not expanded)".to_vec()),
+        ..Default::default()
+    };
+    let r = execute(&f, "t2", step).await;
+    assert_eq!(exited(&r), Some(0));
+    assert_eq!(r.stdout, b"$(not expanded)");
+}
+
+#[tokio::test]
+async fn a_program_that_cannot_start_says_why() {
+    let f = fixture();
+    let step = pb::Step {
+        action: Some(pb::step::Action::Argv(pb::Argv {
+            args: vec!["/nonexistent/prog".into()],
+        })),
+        ..Default::default()
+    };
+    let r = execute(&f, "t3", step).await;
+    assert_eq!(r.termination, pb::Termination::FailedToStart as i32);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("cannot start"));
+
+    let mut step = run("true");
+    step.cwd = "no/such/dir".into();
+    let r = execute(&f, "t3b", step).await;
+    assert_eq!(r.termination, pb::Termination::FailedToStart as i32);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not a directory"));
+}
+
+fn alive(pid: i32) -> bool {
+    // Signal 0 checks existence; a zombie would still count, so also look
+    // at /proc state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.contains(") Z "),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_whole_process_group() {
+    let f = fixture();
+    let pidfile = f.work.join("bg.pid");
+    let mut step = run(&format!(
+        "sleep 60 & echo $! > {}; echo started; wait",
+        pidfile.display()
+    ));
+    step.timeout_ms = 300;
+    let started = std::time::Instant::now();
+    let r = execute(&f, "t4", step).await;
+    assert_eq!(r.termination, pb::Termination::TimedOut as i32);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(r.stdout, b"started\n");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!alive(pid), "background child {pid} survived the timeout");
+}
+
+#[tokio::test]
+async fn a_cancel_kills_the_step() {
+    let f = fixture();
+    let (tx, _rx) = mpsc::channel(16);
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.cancel();
+    });
+    let r = f.exec.execute("t5", run("sleep 60"), tx, cancel).await;
+    assert_eq!(r.termination, pb::Termination::Cancelled as i32);
+}
+
+#[tokio::test]
+async fn output_past_the_cap_is_counted_not_kept_and_streamed() {
+    let f = fixture();
+    let (tx, mut rx) = mpsc::channel(100_000);
+    let total = OUTPUT_CAP + 12_345;
+    let r = f
+        .exec
+        .execute(
+            "t6",
+            run(&format!("head -c {total} /dev/zero")),
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(exited(&r), Some(0));
+    assert_eq!(r.stdout.len(), OUTPUT_CAP);
+    assert_eq!(r.stdout_dropped, 12_345);
+    let mut streamed = 0;
+    while let Ok(chunk) = rx.try_recv() {
+        assert_eq!(chunk.dispatch_id, "t6");
+        streamed += chunk.data.len();
+    }
+    assert_eq!(streamed, total);
+}
+
+fn file_step(path: &str, content: &[u8], mode: Option<u32>, validate: &str) -> pb::Step {
+    pb::Step {
+        action: Some(pb::step::Action::File(pb::FileWrite {
+            path: path.into(),
+            content: content.to_vec(),
+            mode,
+            owner: String::new(),
+            validate: validate.into(),
+        })),
+        ..Default::default()
+    }
+}
+
+fn restore_step(of: &str) -> pb::Step {
+    pb::Step {
+        action: Some(pb::step::Action::Restore(pb::Restore { of: of.into() })),
+        ..Default::default()
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn a_file_step_is_atomic_and_restores_exact_bytes_and_mode() {
+    let f = fixture();
+    let path = f.work.join("app.conf");
+    std::fs::write(&path, b"old\x00bytes\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let r = execute(&f, "f1", file_step("app.conf", b"new\n", Some(0o600), "")).await;
+    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&path).unwrap(), b"new\n");
+    assert_eq!(mode_of(&path), 0o600);
+
+    let r = execute(&f, "f1r", restore_step("f1")).await;
+    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&path).unwrap(), b"old\x00bytes\n");
+    assert_eq!(mode_of(&path), 0o640);
+}
+
+#[tokio::test]
+async fn restoring_a_created_file_removes_it() {
+    let f = fixture();
+    let path = f.work.join("fresh.txt");
+    let r = execute(&f, "f2", file_step("fresh.txt", b"x", None, "")).await;
+    assert_eq!(exited(&r), Some(0));
+    assert_eq!(mode_of(&path), 0o644);
+    let r = execute(&f, "f2r", restore_step("f2")).await;
+    assert_eq!(exited(&r), Some(0));
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn a_failing_validate_installs_nothing() {
+    let f = fixture();
+    let path = f.work.join("nginx.conf");
+    std::fs::write(&path, b"good").unwrap();
+    let validate = format!("grep -q good {}", modi_proto::FILE_TMP_PLACEHOLDER);
+    let r = execute(&f, "f3", file_step("nginx.conf", b"bad", None, &validate)).await;
+    assert_ne!(exited(&r), Some(0));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("validate failed"));
+    assert_eq!(std::fs::read(&path).unwrap(), b"good");
+    let leftovers: Vec<_> = std::fs::read_dir(&f.work).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "temp file left behind");
+
+    let r = execute(&f, "f4", file_step("nginx.conf", b"good too", None, &validate)).await;
+    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&path).unwrap(), b"good too");
+}
+
+fn interact_step(command: &str, script: &[(&str, &str)]) -> pb::Step {
+    pb::Step {
+        action: Some(pb::step::Action::Interact(pb::Interact {
+            command: command.into(),
+            script: script
+                .iter()
+                .map(|(e, s)| pb::Exchange {
+                    expect: e.to_string(),
+                    send: s.to_string(),
+                    timeout_ms: 5_000,
+                })
+                .collect(),
+        })),
+        timeout_ms: 10_000,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn interact_answers_prompts_on_a_terminal() {
+    let f = fixture();
+    let prog = "test -t 0 || exit 9; printf 'Name? '; read n; printf 'Sure, %s? [y/n] ' \"$n\"; read a; [ \"$a\" = y ] && echo \"hello $n\"";
+    let r = execute(
+        &f,
+        "i1",
+        interact_step(prog, &[("Name\\? ", "ada\n"), ("\\[y/n\\]", "y\n")]),
+    )
+    .await;
+    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    let transcript = String::from_utf8_lossy(&r.stdout);
+    assert!(transcript.contains("hello ada"), "{transcript}");
+}
+
+#[tokio::test]
+async fn interact_fails_when_the_prompt_never_comes() {
+    let f = fixture();
+    let mut step = interact_step("echo nothing to see; sleep 30", &[("password:", "x\n")]);
+    if let Some(pb::step::Action::Interact(i)) = &mut step.action {
+        i.script[0].timeout_ms = 300;
+    }
+    let r = execute(&f, "i2", step).await;
+    assert_eq!(r.termination, pb::Termination::TimedOut as i32);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("waiting for /password:/"));
+
+    let r = execute(&f, "i3", interact_step("echo bye", &[("password:", "x\n")])).await;
+    assert_eq!(r.exit_code, None);
+    assert!(String::from_utf8_lossy(&r.stderr).contains("ended before"));
+}

@@ -1,0 +1,45 @@
+//! modi's agent: a small program on each managed host that enrols with the
+//! controller, holds one mutual-TLS gRPC stream to it, runs the steps it
+//! is sent, and reports their results exactly once.
+//!
+//! Where to start reading:
+//! - [`session`]: the connection loop (`run`), the heart of the agent.
+//! - [`exec`]: how a step runs (process groups, timeouts, output caps,
+//!   `file`, `restore` and `interact` steps).
+//! - [`journal`]: the local record that makes steps exactly-once.
+//! - [`enroll`]: `modi-agent join`.
+//! - [`config`]: the typed configuration and its defaults.
+//! - [`facts`]: what the agent reports about its host.
+//! - [`fsutil`]: crash-safe file writes.
+//!
+//! The agent depends on the protocol crate and what it needs to run
+//! commands; it never links sled, the changeset language or the CLI.
+
+pub mod config;
+pub mod enroll;
+pub mod exec;
+pub mod facts;
+pub mod fsutil;
+pub mod journal;
+pub mod session;
+
+pub use config::AgentConfig;
+pub use enroll::{join, JoinError, JoinRequest};
+pub use session::{run, RunError};
+
+/// An error and all its sources, `: `-separated, for people. tonic's
+/// transport errors keep the real reason (a refused certificate, a
+/// connection refused) a few sources down.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

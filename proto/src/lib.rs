@@ -1,0 +1,28 @@
+//! modi's wire protocol: package `modi.v1`, generated with tonic-prost-build
+//! and protox from `proto/modi/v1/*.proto`.
+//!
+//! - [`v1::agent_service_server`] / [`v1::agent_service_client`]: enrolment
+//!   and the agent's long-lived `Connect` stream.
+//! - [`v1::admin_service_server`] / [`v1::admin_service_client`]: the
+//!   operator API the `modi` CLI calls.
+//! - [`identity`]: how a certificate carries its role and name, which both
+//!   ends check.
+//! - [`tls`]: the client side of the trust scheme (pinned CA, controller
+//!   role), shared by the agent and the CLI.
+//!
+//! Generated types stay at the edge: the controller and agent convert them
+//! to their own types in one conversion module per service.
+
+pub mod identity;
+
+/// In a `file` step's `validate` command, the text the agent replaces with
+/// the shell-quoted path of the temp file holding the new content.
+pub const FILE_TMP_PLACEHOLDER: &str = "@@MODI_FILE_TMP@@";
+
+pub mod tls;
+
+/// Generated code for package `modi.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("modi.v1");
+}
