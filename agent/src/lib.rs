@@ -27,12 +27,13 @@ pub use config::AgentConfig;
 pub use enroll::{join, JoinError, JoinRequest};
 pub use session::{run, RunError};
 
-/// An error and all its sources, `: `-separated, for people. tonic's
+/// A gRPC status and all its sources, `: `-separated, for people. tonic's
 /// transport errors keep the real reason (a refused certificate, a
 /// connection refused) a few sources down.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
+pub fn error_chain(status: &tonic::Status) -> String {
+    use std::error::Error;
+    let mut out = status.message().to_string();
+    let mut source = status.source();
     while let Some(s) = source {
         let text = s.to_string();
         if !out.contains(&text) {

@@ -1,1 +1,34 @@
-//! placeholder
+//! modi's controller: the daemon (`modi serve`) that schedules changes
+//! across a fleet of agents, and the operator CLI (every other `modi`
+//! subcommand).
+//!
+//! Where to start reading:
+//! - [`changeset`]: the changeset language, pure: parse → validate →
+//!   render, producing a [`spec::RunSpec`].
+//! - [`rollout`]: the rollout engine, a pure state machine: events in,
+//!   actions out. Everything with I/O wraps these two thinly.
+//! - [`driver`]: the one task per run that journals events, feeds the
+//!   engine and carries out its actions.
+//! - [`fleet`]: connected agents, steps in flight, result routing.
+//! - [`service`]: the gRPC services (agent-facing and admin-facing) and
+//!   their conversions.
+//! - [`server`]: `modi serve`'s life: bind, resume runs, serve, drain.
+//! - [`store`]: the sled store and each run's append-only journal.
+//! - [`pki`]: the CA and the server side of the trust scheme.
+//! - [`cli`]: the operator CLI, one module per subcommand.
+//! - [`config`], [`init`], [`alert`], [`clock`]: the rest.
+
+pub mod alert;
+pub mod changeset;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod driver;
+pub mod fleet;
+pub mod init;
+pub mod pki;
+pub mod rollout;
+pub mod server;
+pub mod service;
+pub mod spec;
+pub mod store;

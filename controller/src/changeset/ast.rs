@@ -256,8 +256,6 @@ pub(crate) struct ChangeDef {
     pub path: String,
     /// Where the change's mapping starts.
     pub loc: Location,
-    /// `description`.
-    pub description: String,
     /// `hosts` (absent on an include change).
     pub hosts: Option<Selector>,
     /// `requires`, each with where it is written.
@@ -301,8 +299,6 @@ pub(crate) struct Param {
 pub(crate) struct TemplateDef {
     /// Its name.
     pub name: String,
-    /// Where it is defined.
-    pub loc: Location,
     /// Its parameters, in file order.
     pub params: Vec<Param>,
     /// Its body.
@@ -312,8 +308,6 @@ pub(crate) struct TemplateDef {
 /// One changeset file as written.
 #[derive(Clone, Debug)]
 pub(crate) struct ChangesetDef {
-    /// The file.
-    pub file: String,
     /// `name`.
     pub name: String,
     /// `description`.

@@ -113,9 +113,10 @@ pub(crate) fn did_you_mean<'c>(
     candidates: impl IntoIterator<Item = &'c str>,
 ) -> Option<&'c str> {
     let limit = (word.chars().count() / 3).max(1);
+    let prefix = |c: &str| word.len() >= 3 && c.starts_with(word);
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .map(|c| (if prefix(c) { 1 } else { strsim::damerau_levenshtein(word, c) }, c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -164,5 +165,6 @@ mod tests {
         assert_eq!(did_you_mean("retires", ["retry", "requires"]), Some("requires"));
         assert_eq!(did_you_mean("verfy", ["verify", "apply"]), Some("verify"));
         assert_eq!(did_you_mean("zzz", ["verify", "apply"]), None);
+        assert_eq!(did_you_mean("backout", ["halt", "backout_all"]), Some("backout_all"));
     }
 }

@@ -1,0 +1,313 @@
+//! The operator CLI, in layers (ripgrep's lowargs → hiargs): clap structs
+//! that mirror what was typed, one module per subcommand that validates
+//! them and does the work, and one [`Output`] through which everything is
+//! printed, so `--output json` is one switch. One function maps errors to
+//! exit codes: 0 success, 1 the change failed, 2 usage or input error, 3
+//! the controller could not be reached.
+
+mod apply;
+mod client;
+mod demo;
+mod hosts;
+mod init;
+mod output;
+mod progress;
+mod runs;
+mod serve;
+mod validate;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use client::Client;
+pub use output::Output;
+
+/// `modi`: the controller and its operator CLI.
+#[derive(Debug, Parser)]
+#[command(name = "modi", version, about = "modi: safe, reversible changes across a fleet")]
+pub struct Cli {
+    /// The CLI config (default: $XDG_CONFIG_HOME/modi/cli.toml, written by
+    /// `modi init`).
+    #[arg(long = "cli-config", global = true, env = "MODI_CLI_CONFIG")]
+    pub cli_config: Option<PathBuf>,
+    /// How to print data.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `--output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Tables and sentences.
+    Text,
+    /// JSON documents (one per line for streams).
+    Json,
+}
+
+/// `--var k=v`, repeatable.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Vars {
+    /// A variable, key=value (highest precedence; repeatable).
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a controller's data dir: CA, certificates, configs.
+    Init {
+        /// The data dir (default: /var/lib/modi as root, else ~/.local/share/modi).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A DNS name or IP agents reach the controller at (repeatable; the
+        /// first goes into join commands). Default: localhost and 127.0.0.1.
+        #[arg(long = "address")]
+        addresses: Vec<String>,
+        /// Listen address.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: String,
+        /// Name on the admin certificate.
+        #[arg(long, default_value = "admin")]
+        admin: String,
+    },
+    /// Run the controller.
+    Serve {
+        /// The controller config (default: DATA/controller.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Join tokens.
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// List enrolled hosts.
+    Hosts {
+        /// Only hosts matching this selector (`role=web`, `web-1,web-2`, ...).
+        selector: Option<String>,
+    },
+    /// Check a changeset without touching anything.
+    Validate {
+        /// The changeset file.
+        file: PathBuf,
+        /// Variables.
+        #[command(flatten)]
+        vars: Vars,
+    },
+    /// Show what a changeset would do on today's fleet (noop).
+    Plan {
+        /// The changeset file.
+        file: PathBuf,
+        /// Variables.
+        #[command(flatten)]
+        vars: Vars,
+    },
+    /// Apply a changeset.
+    Apply {
+        /// The changeset file.
+        file: PathBuf,
+        /// Variables.
+        #[command(flatten)]
+        vars: Vars,
+        /// Print the run id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// List runs.
+    Runs,
+    /// Show a run's state, per change and host.
+    Status {
+        /// The run id.
+        run: String,
+    },
+    /// Follow a run's progress.
+    Watch {
+        /// The run id.
+        run: String,
+    },
+    /// Show a run's step output.
+    Logs {
+        /// The run id.
+        run: String,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Keep printing as the run goes on.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Let a run waiting at an approval gate go on.
+    Approve {
+        /// The run id.
+        run: String,
+    },
+    /// Bail a run out at its approval gate.
+    Deny {
+        /// The run id.
+        run: String,
+    },
+    /// Bail a run out now: cancel what runs and back out.
+    Abort {
+        /// The run id.
+        run: String,
+        /// Leave hosts as they are.
+        #[arg(long = "no-backout")]
+        no_backout: bool,
+    },
+    /// Stop a run at the next step boundary.
+    Pause {
+        /// The run id.
+        run: String,
+    },
+    /// Carry on a paused run.
+    Resume {
+        /// The run id.
+        run: String,
+    },
+    /// Manage enrolled agents.
+    Agents {
+        /// What to do with agents.
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
+    /// A throwaway controller and five local agents running examples/demo.yaml.
+    Demo {
+        /// The changeset to run (default: examples/demo.yaml).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Keep the demo's data dir instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run an agent from this binary (used by `modi demo` when the
+    /// modi-agent binary is not next to modi).
+    #[command(name = "agent-run", hide = true)]
+    AgentRun {
+        /// The agent's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// `modi token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a one-time join token and the `modi-agent join` line.
+    Create {
+        /// Lifetime (e.g. 30m, 1h, 1d; default 1h).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+/// `modi agents ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Refuse an agent from its next handshake on (and drop it now).
+    Revoke {
+        /// The agent's name.
+        name: String,
+    },
+}
+
+/// Everything that can go wrong, by exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad flags, a bad changeset, a run that does not exist: exit 2.
+    #[error("{0}")]
+    Input(String),
+    /// The controller cannot be reached (or refused our certificate): exit 3.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The change (or the command) failed: exit 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    /// DESIGN.md's exit status.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Failed(_) => 1,
+            CliError::Input(_) => 2,
+            CliError::Unreachable(_) => 3,
+        }
+    }
+}
+
+/// What a successful command reports: exit 0, or 1 for a run that ended
+/// in anything but success.
+pub enum Outcome {
+    /// Exit 0.
+    Ok,
+    /// A run finished badly: exit 1 (already reported).
+    RunFailed,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
+    let out = Output::new(cli.output);
+    let config = cli.cli_config.clone();
+    match cli.command {
+        Command::Init {
+            data,
+            addresses,
+            listen,
+            admin,
+        } => init::run(&out, data, addresses, listen, admin, config).map(|()| Outcome::Ok),
+        Command::Serve { config: file } => serve::run(file).await.map(|()| Outcome::Ok),
+        Command::Token {
+            command: TokenCommand::Create { ttl },
+        } => hosts::token(&out, &Client::connect(config).await?, ttl).await,
+        Command::Hosts { selector } => {
+            hosts::list(&out, &Client::connect(config).await?, selector).await
+        }
+        Command::Agents {
+            command: AgentsCommand::Revoke { name },
+        } => hosts::revoke(&out, &Client::connect(config).await?, name).await,
+        Command::Validate { file, vars } => validate::validate(&out, &file, &vars),
+        Command::Plan { file, vars } => {
+            validate::plan(&out, &Client::connect(config).await?, &file, &vars).await
+        }
+        Command::Apply { file, vars, detach } => {
+            apply::apply(&out, &Client::connect(config).await?, &file, &vars, detach).await
+        }
+        Command::Runs => runs::list(&out, &Client::connect(config).await?).await,
+        Command::Status { run } => runs::status(&out, &Client::connect(config).await?, &run).await,
+        Command::Watch { run } => apply::watch(&out, &Client::connect(config).await?, &run).await,
+        Command::Logs { run, host, follow } => {
+            runs::logs(&out, &Client::connect(config).await?, &run, host, follow).await
+        }
+        Command::Approve { run } => runs::control(&out, config, &run, runs::Control::Approve).await,
+        Command::Deny { run } => runs::control(&out, config, &run, runs::Control::Deny).await,
+        Command::Abort { run, no_backout } => {
+            runs::control(&out, config, &run, runs::Control::Abort { no_backout }).await
+        }
+        Command::Pause { run } => runs::control(&out, config, &run, runs::Control::Pause).await,
+        Command::Resume { run } => runs::control(&out, config, &run, runs::Control::Resume).await,
+        Command::Demo { file, keep } => demo::run(&out, file, keep).await,
+        Command::AgentRun { config: file } => serve::agent(file).await.map(|()| Outcome::Ok),
+    }
+}
+
+/// Parses `--var k=v` flags.
+pub fn parse_vars(vars: &Vars) -> Result<std::collections::BTreeMap<String, String>, CliError> {
+    vars.vars
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| CliError::Input(format!("--var {kv:?}: expected KEY=VALUE")))?;
+            if k.is_empty() {
+                return Err(CliError::Input(format!("--var {kv:?}: empty key")));
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}

@@ -1,0 +1,126 @@
+//! `modi apply` and `modi watch`: submit a run and follow it to its end,
+//! answering approval gates at the terminal.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use modi_proto::v1 as pb;
+
+use super::progress::Display;
+use super::runs::{fetch_status, send_control, status_text, Control};
+use super::validate::plan_request;
+use super::{CliError, Client, Outcome, Output, Vars};
+use crate::driver::WatchItem;
+use crate::rollout::Progress;
+
+/// Submits the changeset; follows the run unless `detach`.
+pub async fn apply(
+    out: &Output,
+    client: &Client,
+    file: &Path,
+    vars: &Vars,
+    detach: bool,
+) -> Result<Outcome, CliError> {
+    let req = plan_request(file, vars)?;
+    let run = client
+        .admin()
+        .apply(req)
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner()
+        .run_id;
+    if detach {
+        out.data(&serde_json::json!({ "run": run }), || {
+            format!("run {run} started; follow it with: modi watch {run}")
+        });
+        return Ok(Outcome::Ok);
+    }
+    if !out.is_json() {
+        out.line(format!("run {run} started"));
+    }
+    follow(out, client, &run, true).await
+}
+
+/// `modi watch RUN`.
+pub async fn watch(out: &Output, client: &Client, run: &str) -> Result<Outcome, CliError> {
+    follow(out, client, run, false).await
+}
+
+/// Asks "continue? [y/N]" on the terminal.
+async fn ask(question: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        eprint!("{question} continue? [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        if std::io::stdin().read_line(&mut answer).is_err() {
+            return false;
+        }
+        matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes")
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Follows a run until it ends; prints the summary; exit 1 unless success.
+pub async fn follow(out: &Output, client: &Client, run: &str, gates: bool) -> Result<Outcome, CliError> {
+    let mut stream = client
+        .admin()
+        .watch(pb::GetRunRequest {
+            run_id: run.to_string(),
+        })
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    let interactive = gates && !out.is_json() && std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    let mut display: Option<Display> = None;
+    while let Some(event) = stream.message().await.map_err(|s| client.error(s))? {
+        match event.event {
+            Some(pb::watch_event::Event::StatusJson(json)) => {
+                let status = serde_json::from_str(&json)
+                    .map_err(|e| CliError::Failed(format!("cannot read the run's status: {e}")))?;
+                display = Some(Display::new(out, &status));
+            }
+            Some(pb::watch_event::Event::ProgressJson(json)) => {
+                let Ok(item) = serde_json::from_str::<WatchItem>(&json) else {
+                    continue;
+                };
+                if let Some(d) = display.as_mut() {
+                    d.item(&item);
+                }
+                if interactive
+                    && let WatchItem::Progress {
+                        progress: Progress::AwaitingApproval { gate, .. },
+                    } = &item
+                {
+                    let control = if ask(gate.clone()).await {
+                        Control::Approve
+                    } else {
+                        Control::Deny
+                    };
+                    if let Err(e) = send_control(client, run, control).await {
+                        out.note(format!("modi: {e}"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(d) = display.as_mut() {
+        d.finish();
+    }
+    let (summary, status) = fetch_status(client, run).await?;
+    if !status.state.is_final() {
+        return Err(CliError::Unreachable(format!(
+            "lost the controller while following run {run} (it is {}); follow it again with: modi watch {run}",
+            status.state.as_str()
+        )));
+    }
+    out.data(&serde_json::json!({ "type": "end", "status": status }), || {
+        status_text(&summary.run_id, &summary.name, &status)
+    });
+    Ok(if status.state.succeeded() {
+        Outcome::Ok
+    } else {
+        Outcome::RunFailed
+    })
+}

@@ -1,0 +1,246 @@
+//! `modi demo`: the embedded default. A throwaway CA and data dir, a
+//! controller and five local agents as child processes (each with its own
+//! work dir and labels), `examples/demo.yaml` applied with live progress,
+//! then everything stopped and cleaned up.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use modi_proto::v1 as pb;
+use tokio::process::{Child, Command};
+
+use super::{apply, CliError, Client, Outcome, Output, Vars};
+use crate::config::CliConfig;
+use crate::init::{init, InitRequest};
+
+/// The demo changeset, embedded so the demo runs from anywhere.
+pub const DEMO_YAML: &str = include_str!("../../../examples/demo.yaml");
+
+/// The demo's agents: name and labels.
+pub const AGENTS: [(&str, &str); 5] = [
+    ("demo-1", "web"),
+    ("demo-2", "web"),
+    ("demo-3", "web"),
+    ("demo-4", "web"),
+    ("demo-5", "db"),
+];
+
+/// How long the demo waits for its fleet to come up.
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// A child process that is stopped (TERM, then KILL) when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Result<Proc, CliError> {
+        let file = std::fs::File::create(&log)
+            .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", log.display())))?;
+        let err = file
+            .try_clone()
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .env("MODI_LOG", "info")
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| CliError::Failed(format!("cannot start {}: {e}", program.display())))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+fn free_port() -> Result<u16, CliError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| CliError::Failed(format!("no free port on 127.0.0.1: {e}")))
+}
+
+/// Where the agent binary is: `modi-agent` next to `modi`, or `modi`
+/// itself in its hidden agent mode.
+fn agent_program() -> Result<(PathBuf, Vec<&'static str>), CliError> {
+    let me = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
+    let beside = me.with_file_name("modi-agent");
+    if beside.is_file() {
+        Ok((beside, vec!["run"]))
+    } else {
+        Ok((me, vec!["agent-run"]))
+    }
+}
+
+/// Runs the demo. Exit 0 when the demo ran to its end (its run includes a
+/// deliberate failure and backout, so the run itself does not succeed).
+pub async fn run(out: &Output, file: Option<PathBuf>, keep: bool) -> Result<Outcome, CliError> {
+    let tmp = tempfile::Builder::new()
+        .prefix("modi-demo-")
+        .tempdir()
+        .map_err(|e| CliError::Failed(format!("cannot make a temp dir: {e}")))?;
+    let root = tmp.path().to_path_buf();
+    let result = demo(out, &root, file).await;
+    if keep {
+        let kept = tmp.keep();
+        out.note(format!("demo files kept in {}", kept.display()));
+    }
+    result
+}
+
+async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcome, CliError> {
+    let say = |s: &str| out.note(format!("demo: {s}"));
+    let port = free_port()?;
+    let data = root.join("controller");
+    let report = init(&InitRequest {
+        data_dir: data.clone(),
+        addresses: vec!["127.0.0.1".into(), "localhost".into()],
+        listen: format!("127.0.0.1:{port}"),
+        admin_name: "demo-admin".into(),
+        user_cli_config: None,
+    })
+    .map_err(|e| CliError::Failed(e.to_string()))?;
+    say(&format!(
+        "made a throwaway CA (SHA-256 {}…) and controller in {}",
+        &report.ca_sha256[..16],
+        root.display()
+    ));
+
+    let me = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
+    let mut procs = Vec::new();
+    let config = report.controller_config.to_string_lossy().into_owned();
+    procs.push(Proc::spawn(
+        "controller",
+        &me,
+        &["serve", "--config", &config],
+        root.join("controller.log"),
+    )?);
+    let cli = CliConfig::load(&report.cli_config).map_err(|e| CliError::Failed(e.to_string()))?;
+    let client = Client::from_config(&cli)?;
+
+    let outcome = async {
+        wait_for(&client, &mut procs, 0).await?;
+        say(&format!("controller listening on 127.0.0.1:{port}"));
+        let (agent_bin, agent_args) = agent_program()?;
+        for (name, role) in AGENTS {
+            let token = client
+                .admin()
+                .create_token(pb::CreateTokenRequest { ttl_seconds: 300 })
+                .await
+                .map_err(|s| client.error(s))?
+                .into_inner();
+            let dir = root.join("agents").join(name);
+            let labels: BTreeMap<String, String> = [
+                ("role".to_string(), role.to_string()),
+                ("env".to_string(), "demo".to_string()),
+            ]
+            .into();
+            modi_agent::join(modi_agent::JoinRequest {
+                controller: token.controller_url.clone(),
+                token: token.token.clone(),
+                ca_sha256: token.ca_sha256.clone(),
+                name: Some(name.to_string()),
+                labels,
+                data_dir: dir.clone(),
+                work_dir: None,
+            })
+            .await
+            .map_err(|e| CliError::Failed(format!("{name} could not join: {e}")))?;
+            let agent_config = dir.join(modi_agent::config::CONFIG_FILE);
+            let agent_config = agent_config.to_string_lossy().into_owned();
+            let mut args = agent_args.clone();
+            args.extend(["--config", agent_config.as_str()]);
+            procs.push(Proc::spawn(name, &agent_bin, &args, root.join(format!("{name}.log")))?);
+        }
+        wait_for(&client, &mut procs, AGENTS.len()).await?;
+        say(&format!(
+            "{} agents enrolled with one-time tokens and connected over mutual TLS",
+            AGENTS.len()
+        ));
+
+        let changeset = match &file {
+            Some(f) => f.clone(),
+            None => {
+                let path = root.join("demo.yaml");
+                std::fs::write(&path, DEMO_YAML).map_err(|e| CliError::Failed(e.to_string()))?;
+                path
+            }
+        };
+        say(&format!("applying {}", file.as_deref().unwrap_or(Path::new("examples/demo.yaml")).display()));
+        apply::apply(out, &client, &changeset, &Vars::default(), false).await
+    }
+    .await;
+
+    if outcome.is_err() {
+        for p in &procs {
+            out.note(format!("--- last lines of {} ({}):\n{}", p.name, p.log.display(), p.tail()));
+        }
+    }
+    for p in procs.into_iter().rev() {
+        p.stop().await;
+    }
+    say("stopped the controller and agents; cleaned up");
+    // The demo's run fails on purpose (and backs out): that is the demo
+    // working. Anything else is an error.
+    outcome.map(|_| Outcome::Ok)
+}
+
+/// Waits until the controller answers and `agents` agents are connected.
+async fn wait_for(client: &Client, procs: &mut [Proc], agents: usize) -> Result<(), CliError> {
+    let deadline = tokio::time::Instant::now() + STARTUP;
+    loop {
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                return Err(CliError::Failed(format!(
+                    "{} exited early ({status}):\n{}",
+                    p.name,
+                    p.tail()
+                )));
+            }
+        }
+        let hosts = client
+            .admin()
+            .list_hosts(pb::ListHostsRequest::default())
+            .await;
+        if let Ok(h) = hosts
+            && h.into_inner().hosts.iter().filter(|h| h.connected).count() >= agents
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(CliError::Failed(format!(
+                "the demo fleet did not come up within {STARTUP:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

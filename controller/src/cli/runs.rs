@@ -1,0 +1,258 @@
+//! `modi runs`, `modi status`, `modi logs`, and the run controls
+//! (approve, deny, abort, pause, resume).
+
+use std::path::PathBuf;
+
+use modi_proto::v1 as pb;
+use serde::Serialize;
+
+use super::output::{table, when};
+use super::{CliError, Client, Outcome, Output};
+use crate::rollout::RunStatus;
+
+/// Lists runs, newest last.
+pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
+    let runs = client
+        .admin()
+        .list_runs(pb::ListRunsRequest {})
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner()
+        .runs;
+    #[derive(Serialize)]
+    struct Run<'a> {
+        run: &'a str,
+        name: &'a str,
+        state: &'a str,
+        hosts: u32,
+        submitted_by: &'a str,
+        created_at_ms: u64,
+        finished_at_ms: u64,
+    }
+    let json: Vec<Run> = runs
+        .iter()
+        .map(|r| Run {
+            run: &r.run_id,
+            name: &r.name,
+            state: &r.state,
+            hosts: r.hosts,
+            submitted_by: &r.submitted_by,
+            created_at_ms: r.created_at_ms,
+            finished_at_ms: r.finished_at_ms,
+        })
+        .collect();
+    out.data(&json, || {
+        if runs.is_empty() {
+            return "no runs yet".into();
+        }
+        let rows: Vec<Vec<String>> = runs
+            .iter()
+            .map(|r| {
+                vec![
+                    r.run_id.clone(),
+                    r.name.clone(),
+                    r.state.clone(),
+                    r.hosts.to_string(),
+                    r.submitted_by.clone(),
+                    when(r.created_at_ms),
+                    when(r.finished_at_ms),
+                ]
+            })
+            .collect();
+        table(
+            &["RUN", "CHANGESET", "STATE", "HOSTS", "BY", "STARTED (UTC)", "ENDED (UTC)"],
+            &rows,
+        )
+    });
+    Ok(Outcome::Ok)
+}
+
+/// The run's status document.
+pub async fn fetch_status(client: &Client, run: &str) -> Result<(pb::RunSummary, RunStatus), CliError> {
+    let r = client
+        .admin()
+        .get_run(pb::GetRunRequest {
+            run_id: run.to_string(),
+        })
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    let status: RunStatus = serde_json::from_str(&r.status_json)
+        .map_err(|e| CliError::Failed(format!("cannot read the run's status: {e}")))?;
+    Ok((r.summary.unwrap_or_default(), status))
+}
+
+/// Counts of hosts per state, over every change.
+pub fn host_counts(status: &RunStatus) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for c in &status.changes {
+        for h in &c.hosts {
+            *counts.entry(h.state.as_str()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// A run's status as text.
+pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
+    let mut s = format!("run {run} ({name}): {}\n", status.state.as_str());
+    for c in &status.changes {
+        s.push_str(&format!("\nchange {}: {}\n", c.name, c.state.as_str()));
+        let rows: Vec<Vec<String>> = c
+            .hosts
+            .iter()
+            .map(|h| {
+                let why = h.failure.as_ref().map_or(String::new(), |f| {
+                    format!("{}[{}] {}: {}", f.phase, f.step, f.reason.as_str(), f.message)
+                });
+                vec![
+                    format!("  {}", h.name),
+                    h.state.as_str().to_string(),
+                    if h.attempt > 0 {
+                        format!("attempt {}", h.attempt + 1)
+                    } else {
+                        String::new()
+                    },
+                    why,
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            s.push_str(&table(&["  HOST", "STATE", "", "FAILURE"], &rows));
+        }
+    }
+    let counts = host_counts(status);
+    let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    if !summary.is_empty() {
+        s.push_str(&format!("\nhosts: {}\n", summary.join(", ")));
+    }
+    s
+}
+
+/// `modi status RUN`: exit 1 if the run ended in anything but success.
+pub async fn status(out: &Output, client: &Client, run: &str) -> Result<Outcome, CliError> {
+    let (summary, status) = fetch_status(client, run).await?;
+    out.data(&status, || status_text(&summary.run_id, &summary.name, &status));
+    Ok(if status.state.is_final() && !status.state.succeeded() {
+        Outcome::RunFailed
+    } else {
+        Outcome::Ok
+    })
+}
+
+/// `modi logs RUN [--host H] [--follow]`.
+pub async fn logs(
+    out: &Output,
+    client: &Client,
+    run: &str,
+    host: Option<String>,
+    follow: bool,
+) -> Result<Outcome, CliError> {
+    let mut stream = client
+        .admin()
+        .logs(pb::LogsRequest {
+            run_id: run.to_string(),
+            host: host.clone().unwrap_or_default(),
+            follow,
+        })
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    #[derive(Serialize)]
+    struct Entry<'a> {
+        host: &'a str,
+        change: &'a str,
+        step: &'a str,
+        stdout: &'a str,
+        stderr: &'a str,
+        finished: bool,
+        exit_code: Option<i32>,
+        outcome: &'a str,
+        duration_ms: u64,
+    }
+    while let Some(e) = stream.message().await.map_err(|s| client.error(s))? {
+        if out.is_json() {
+            out.event(&Entry {
+                host: &e.host,
+                change: &e.change,
+                step: &e.step,
+                stdout: &e.stdout,
+                stderr: &e.stderr,
+                finished: e.finished,
+                exit_code: e.exit_code,
+                outcome: &e.outcome,
+                duration_ms: e.duration_ms,
+            });
+            continue;
+        }
+        let who = if host.is_some() { String::new() } else { format!("[{}] ", e.host) };
+        if !e.step.is_empty() {
+            out.line(format!("{who}== {}", e.step));
+        }
+        for line in e.stdout.lines() {
+            out.line(format!("{who}{line}"));
+        }
+        for line in e.stderr.lines() {
+            out.line(format!("{who}stderr: {line}"));
+        }
+        if e.finished {
+            out.line(format!("{who}-> {} ({} ms)", e.outcome, e.duration_ms));
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+/// The run controls.
+#[derive(Clone, Copy, Debug)]
+pub enum Control {
+    /// Go on at the gate.
+    Approve,
+    /// Bail out at the gate.
+    Deny,
+    /// Bail out now.
+    Abort {
+        /// Leave hosts as they are.
+        no_backout: bool,
+    },
+    /// Stop at the next step boundary.
+    Pause,
+    /// Carry on.
+    Resume,
+}
+
+/// Sends a control to a run.
+pub async fn send_control(client: &Client, run: &str, control: Control) -> Result<String, CliError> {
+    let (action, no_backout) = match control {
+        Control::Approve => (pb::ControlAction::Approve, false),
+        Control::Deny => (pb::ControlAction::Deny, false),
+        Control::Abort { no_backout } => (pb::ControlAction::Abort, no_backout),
+        Control::Pause => (pb::ControlAction::Pause, false),
+        Control::Resume => (pb::ControlAction::Resume, false),
+    };
+    let r = client
+        .admin()
+        .control(pb::ControlRequest {
+            run_id: run.to_string(),
+            action: action as i32,
+            no_backout,
+        })
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    Ok(r.state)
+}
+
+/// `modi approve|deny|abort|pause|resume RUN`.
+pub async fn control(
+    out: &Output,
+    config: Option<PathBuf>,
+    run: &str,
+    control: Control,
+) -> Result<Outcome, CliError> {
+    let client = Client::connect(config).await?;
+    let state = send_control(&client, run, control).await?;
+    out.data(&serde_json::json!({ "run": run, "state": state }), || {
+        format!("run {run}: {state}")
+    });
+    Ok(Outcome::Ok)
+}

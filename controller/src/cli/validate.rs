@@ -1,0 +1,184 @@
+//! `modi validate` (local, touches nothing) and `modi plan` (renders on
+//! the controller against today's fleet; ModiPY's noop).
+
+use std::path::Path;
+
+use modi_proto::v1 as pb;
+use serde::Serialize;
+
+use super::{parse_vars, CliError, Client, Outcome, Output, Vars};
+use crate::changeset::{self, Sources};
+use crate::spec::{RunSpec, Step, StepAction};
+
+/// Reads `file` and every file it includes, from this machine.
+pub fn read_sources(file: &Path) -> Result<Sources, CliError> {
+    let root = file.to_string_lossy().into_owned();
+    changeset::collect_sources(&root, &mut |path: &str| std::fs::read_to_string(path))
+        .map_err(|d| CliError::Input(d.to_string()))
+}
+
+/// Validates a changeset locally.
+pub fn validate(out: &Output, file: &Path, vars: &Vars) -> Result<Outcome, CliError> {
+    let vars = parse_vars(vars)?;
+    let sources = read_sources(file)?;
+    let cs = changeset::validate(&sources, &vars).map_err(|d| CliError::Input(d.to_string()))?;
+    let changes = cs.change_names();
+    let summary = serde_json::json!({
+        "file": file,
+        "name": cs.name(),
+        "valid": true,
+        "changes": changes,
+        "files": sources.files.keys().collect::<Vec<_>>(),
+    });
+    out.data(&summary, || {
+        format!(
+            "{}: valid ({} change{}, {} file{})",
+            file.display(),
+            changes.len(),
+            if changes.len() == 1 { "" } else { "s" },
+            sources.files.len(),
+            if sources.files.len() == 1 { "" } else { "s" }
+        )
+    });
+    Ok(Outcome::Ok)
+}
+
+/// The request `plan` and `apply` send.
+pub fn plan_request(file: &Path, vars: &Vars) -> Result<pb::PlanRequest, CliError> {
+    let vars = parse_vars(vars)?;
+    let sources = read_sources(file)?;
+    Ok(pb::PlanRequest {
+        sources: Some(pb::Sources {
+            root: sources.root,
+            files: sources.files,
+        }),
+        vars,
+    })
+}
+
+#[derive(Serialize)]
+struct Plan<'a> {
+    spec: &'a RunSpec,
+    /// Per change, its batches as host names.
+    batches: Vec<Vec<Vec<&'a str>>>,
+}
+
+/// What a step does, as shown by plan.
+pub fn step_text(step: &Step) -> String {
+    let mut s = match &step.action {
+        StepAction::Run { command } => format!("run: {command}"),
+        StepAction::Argv { argv } => format!("argv: {argv:?}"),
+        StepAction::File(f) => {
+            let mut s = format!("file: {} ({} bytes", f.path, f.content.len());
+            if let Some(m) = f.mode {
+                s.push_str(&format!(", mode {m:04o}"));
+            }
+            if let Some(o) = &f.owner {
+                s.push_str(&format!(", owner {o}"));
+            }
+            s.push(')');
+            if let Some(v) = &f.validate {
+                s.push_str(&format!(" validate: {v}"));
+            }
+            s
+        }
+        StepAction::Interact { command, script } => {
+            format!("interact: {command} ({} exchanges)", script.len())
+        }
+        StepAction::Restore { path, .. } => format!("restore: {path}"),
+    };
+    if let Some(t) = step.timeout {
+        s.push_str(&format!("  [timeout {}]", humantime::format_duration(t)));
+    }
+    if let Some(e) = &step.expect {
+        s.push_str(&format!("  [expect {}]", e.expr));
+    }
+    s
+}
+
+/// Renders the plan as text.
+pub fn plan_text(spec: &RunSpec) -> String {
+    let mut s = format!("plan for {} ({})\n", spec.name, spec.source);
+    for change in &spec.changes {
+        let requires: Vec<&str> = change
+            .requires
+            .iter()
+            .filter_map(|i| spec.changes.get(*i).map(|c| c.name.as_str()))
+            .collect();
+        s.push_str(&format!(
+            "\nchange {}: {} host{}, {:?}, on_failure {:?}{}\n",
+            change.name,
+            change.hosts.len(),
+            if change.hosts.len() == 1 { "" } else { "s" },
+            change.rollout.mode,
+            change.on_failure,
+            if requires.is_empty() {
+                String::new()
+            } else {
+                format!(", after {}", requires.join(", "))
+            }
+        ));
+        if change.hosts.is_empty() {
+            s.push_str("  (no host matches its selector today)\n");
+            continue;
+        }
+        for (b, batch) in change.batches().iter().enumerate() {
+            let names: Vec<&str> = batch
+                .iter()
+                .map(|h| change.hosts[*h].host.name.as_str())
+                .collect();
+            s.push_str(&format!("  batch {}: {}\n", b + 1, names.join(", ")));
+        }
+        for host in &change.hosts {
+            s.push_str(&format!("  host {}\n", host.host.name));
+            for (phase, steps) in [
+                ("skip_if", &host.skip_if),
+                ("check", &host.check),
+                ("apply", &host.apply),
+                ("verify", &host.verify),
+            ] {
+                for (i, step) in steps.iter().enumerate() {
+                    s.push_str(&format!("    {phase}[{i}] {}\n", step_text(step)));
+                }
+            }
+            for (p, b) in host.backout.iter().enumerate() {
+                let when = b.when.as_ref().map_or(String::new(), |w| format!(" when {}", w.expr));
+                s.push_str(&format!("    backout[{p}]{when}\n"));
+                for (phase, steps) in [("check", &b.check), ("steps", &b.steps), ("verify", &b.verify)] {
+                    for (i, step) in steps.iter().enumerate() {
+                        s.push_str(&format!("      {phase}[{i}] {}\n", step_text(step)));
+                    }
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Asks the controller to render the changeset; prints the plan.
+pub async fn plan(out: &Output, client: &Client, file: &Path, vars: &Vars) -> Result<Outcome, CliError> {
+    let req = plan_request(file, vars)?;
+    let r = client
+        .admin()
+        .plan(req)
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    let spec: RunSpec = serde_json::from_str(&r.spec_json)
+        .map_err(|e| CliError::Failed(format!("the controller sent a plan this CLI cannot read: {e}")))?;
+    let plan = Plan {
+        spec: &spec,
+        batches: spec
+            .changes
+            .iter()
+            .map(|c| {
+                c.batches()
+                    .iter()
+                    .map(|b| b.iter().map(|h| c.hosts[*h].host.name.as_str()).collect())
+                    .collect()
+            })
+            .collect(),
+    };
+    out.data(&plan, || plan_text(&spec));
+    Ok(Outcome::Ok)
+}

@@ -1,0 +1,298 @@
+//! Typed configuration of the controller (`controller.toml`) and of the
+//! CLI (`cli.toml`): defaults as named constants, then the file, then
+//! flags. Errors name the file, the key and the value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Port the controller listens on by default.
+pub const DEFAULT_PORT: u16 = 7443;
+/// The controller's config file in its data dir.
+pub const CONTROLLER_FILE: &str = "controller.toml";
+/// The CLI config file `modi init` writes next to it.
+pub const CLI_FILE: &str = "cli.toml";
+/// Default lifetime of a join token.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// How long an agent may stay away while steps are in flight on it before
+/// those steps are declared `lost`.
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(300);
+/// How long `modi serve` waits for in-flight work when asked to stop.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Files in the controller's data dir.
+pub mod files {
+    /// CA certificate.
+    pub const CA_CERT: &str = "ca.pem";
+    /// CA key (0600).
+    pub const CA_KEY: &str = "ca.key";
+    /// Controller certificate.
+    pub const SERVER_CERT: &str = "controller.pem";
+    /// Controller key (0600).
+    pub const SERVER_KEY: &str = "controller.key";
+    /// Admin client certificate.
+    pub const ADMIN_CERT: &str = "admin.pem";
+    /// Admin client key (0600).
+    pub const ADMIN_KEY: &str = "admin.key";
+    /// The sled store.
+    pub const DB: &str = "db";
+}
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, unknown key, wrong type (the message has line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key's value cannot work.
+    #[error("{path}: key `{key}` = {value:?}: {why}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// The value.
+        value: String,
+        /// What was expected.
+        why: String,
+    },
+}
+
+fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn duration(path: &Path, key: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value).map_err(|e| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        value: value.to_string(),
+        why: format!("expected a duration like 30s, 5m or 1h ({e})"),
+    })
+}
+
+/// `controller.toml` as written.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerFile {
+    /// The data dir (default: the config file's folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. `0.0.0.0:7443`.
+    pub listen: String,
+    /// The URL agents dial, put into join commands.
+    pub advertise: String,
+    /// Join token lifetime when `--ttl` is not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<String>,
+    /// How long an agent may be away with steps in flight before they are
+    /// `lost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_lost_after: Option<String>,
+    /// Alerts ("a human must look").
+    #[serde(default)]
+    pub alerts: AlertsFile,
+    /// Inventory variables: the lowest layer of the template namespace.
+    #[serde(default)]
+    pub vars: BTreeMap<String, toml::Value>,
+}
+
+/// `[alerts]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsFile {
+    /// HTTP(S) URL that receives a JSON POST per alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    /// A command run through `/bin/sh -c` per alert, the JSON on stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+/// The controller's checked configuration.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Where its CA, certs and store live.
+    pub data_dir: PathBuf,
+    /// Listen address.
+    pub listen: String,
+    /// URL agents dial.
+    pub advertise: String,
+    /// Default join token lifetime.
+    pub token_ttl: Duration,
+    /// See [`DEFAULT_LOST_AFTER`].
+    pub agent_lost_after: Duration,
+    /// Alert webhook.
+    pub webhook: Option<String>,
+    /// Alert command.
+    pub alert_command: Option<String>,
+    /// Inventory vars, as JSON.
+    pub vars: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ControllerConfig {
+    /// Loads and checks `path`.
+    pub fn load(path: &Path) -> Result<ControllerConfig, ConfigError> {
+        let file: ControllerFile = load_toml(path)?;
+        let invalid = |key, value: &str, why: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            value: value.to_string(),
+            why: why.to_string(),
+        };
+        if file.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("listen", &file.listen, "expected IP:PORT, e.g. 0.0.0.0:7443"));
+        }
+        if !file.advertise.starts_with("https://") {
+            return Err(invalid("advertise", &file.advertise, "expected an https:// URL"));
+        }
+        let token_ttl = match &file.token_ttl {
+            Some(v) => duration(path, "token_ttl", v)?,
+            None => DEFAULT_TOKEN_TTL,
+        };
+        let agent_lost_after = match &file.agent_lost_after {
+            Some(v) => duration(path, "agent_lost_after", v)?,
+            None => DEFAULT_LOST_AFTER,
+        };
+        if let Some(w) = &file.alerts.webhook
+            && !(w.starts_with("http://") || w.starts_with("https://"))
+        {
+            return Err(invalid("alerts.webhook", w, "expected an http:// or https:// URL"));
+        }
+        let vars = serde_json::to_value(&file.vars)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        Ok(ControllerConfig {
+            data_dir: file.data_dir.clone().unwrap_or_else(|| {
+                path.parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."))
+            }),
+            listen: file.listen,
+            advertise: file.advertise,
+            token_ttl,
+            agent_lost_after,
+            webhook: file.alerts.webhook,
+            alert_command: file.alerts.command,
+            vars,
+        })
+    }
+
+    /// A file in the data dir.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.data_dir.join(name)
+    }
+}
+
+/// `cli.toml`: how the CLI reaches the admin API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    /// `https://host:port`.
+    pub controller: String,
+    /// The CA certificate to trust.
+    pub ca: PathBuf,
+    /// Admin client certificate (absent = connect without one, which the
+    /// admin API refuses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+impl CliConfig {
+    /// Loads `path`; relative file names resolve against its folder.
+    pub fn load(path: &Path) -> Result<CliConfig, ConfigError> {
+        let mut c: CliConfig = load_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.ca = base.join(&c.ca);
+        c.cert = c.cert.map(|p| base.join(p));
+        c.key = c.key.map(|p| base.join(p));
+        if !c.controller.starts_with("https://") {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "controller",
+                value: c.controller,
+                why: "expected an https:// URL".into(),
+            });
+        }
+        Ok(c)
+    }
+}
+
+/// The data dir `modi init` uses by default: `/var/lib/modi` for root,
+/// else `$XDG_DATA_HOME/modi` or `~/.local/share/modi`.
+pub fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/modi");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("modi");
+    }
+    home().join(".local/share/modi")
+}
+
+/// Where the CLI looks for its config when `--cli-config` is not given:
+/// `$XDG_CONFIG_HOME/modi/cli.toml` or `~/.config/modi/cli.toml`.
+pub fn default_cli_config() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("modi").join(CLI_FILE);
+    }
+    home().join(".config/modi").join(CLI_FILE)
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_config_errors_name_file_key_and_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONTROLLER_FILE);
+        let write = |s: &str| std::fs::write(&path, s).unwrap();
+        write("listen = \"nope\"\nadvertise = \"https://x:1\"\n");
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("controller.toml") && e.contains("`listen`") && e.contains("\"nope\""), "{e}");
+        write("listen = \"127.0.0.1:1\"\nadvertise = \"https://x:1\"\nagent_lost_after = \"soon\"\n");
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("`agent_lost_after`"), "{e}");
+        write("listen = \"127.0.0.1:1\"\nadvertise = \"https://x:1\"\nbogus = 1\n");
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        write("listen = \"127.0.0.1:1\"\nadvertise = \"https://x:1\"\n[vars]\ndc = \"eu\"\n");
+        let c = ControllerConfig::load(&path).unwrap();
+        assert_eq!(c.data_dir, dir.path());
+        assert_eq!(c.vars["dc"], "eu");
+        assert_eq!(c.agent_lost_after, DEFAULT_LOST_AFTER);
+    }
+}

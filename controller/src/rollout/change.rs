@@ -1,0 +1,762 @@
+//! One change across its hosts: batches, `max_parallel`, `pause`, approval
+//! gates, retries, and the per-change `on_failure` policy.
+//!
+//! A [`ChangeRun`] is driven by the engine: [`ChangeRun::on_step`] for each
+//! result, [`ChangeRun::drive`] to start whatever may start now,
+//! [`ChangeRun::bail`] on abort/deny and [`ChangeRun::reopen`] for a
+//! changeset-level backout. Everything it wants done goes into the
+//! [`Ctx`]'s action list, in a deterministic order (host order, then time).
+//!
+//! "Mass backout" is the one-host-at-a-time backout of every host where the
+//! change was applied, newest completion first, once no host of the change
+//! is running any more. `on_failure: backout_all`, an abort/deny with
+//! backout, and a changeset-level `backout_all` all use it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::spec::{ApproveAt, ChangeSpec, OnFailure};
+
+use super::host::{left_state, BackoutStart, HostRun, Outcome};
+use super::model::{
+    Action, AlertKind, DispatchId, Failure, FailureReason, HostState, Judge, Millis, Progress,
+    RunState, StepResult,
+};
+
+/// What the engine hands a change while handling one event.
+pub(super) struct Ctx {
+    /// Evaluates conditions.
+    pub judge: Arc<dyn Judge>,
+    /// The event's time.
+    pub now: Millis,
+    /// The run is paused: nothing new is dispatched or started.
+    pub paused: bool,
+    /// The run-wide sequence counter (completion order, gate order).
+    pub seq: u64,
+    /// The actions produced so far.
+    pub out: Vec<Action>,
+}
+
+impl Ctx {
+    /// The next run-wide sequence number.
+    pub fn tick(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn progress(&mut self, progress: Progress) {
+        self.out.push(Action::Progress(progress));
+    }
+
+    fn alert(&mut self, kind: AlertKind, change: &ChangeSpec, host: usize, message: String) {
+        self.out.push(Action::Alert {
+            kind,
+            change: Some(change.name.clone()),
+            host: change.hosts.get(host).map(|h| h.host.name.clone()),
+            message,
+        });
+    }
+}
+
+/// What an approval gate stands before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum GateFor {
+    /// The change's first host (`approve: once`).
+    Change,
+    /// A batch (`approve: each_batch`).
+    Batch(usize),
+    /// A host (`approve: each_host`).
+    Host(usize),
+}
+
+/// An open approval gate.
+#[derive(Clone, Debug)]
+pub(super) struct Gate {
+    /// What it stands before.
+    pub what: GateFor,
+    /// Run-wide sequence number when it opened (approvals answer the
+    /// oldest gate first).
+    pub opened: u64,
+    /// When it times out (a deny), if `approve.timeout` is set.
+    pub deadline: Option<Millis>,
+    /// For people.
+    pub label: String,
+}
+
+/// One change of the run.
+#[derive(Debug)]
+pub(super) struct ChangeRun {
+    index: usize,
+    /// Its hosts, in spec (rollout) order.
+    pub hosts: Vec<HostRun>,
+    batches: Vec<Vec<usize>>,
+    batch: usize,
+    batch_open: bool,
+    next_in_batch: usize,
+    pause_until: Option<Millis>,
+    /// The open approval gate, if any.
+    pub gate: Option<Gate>,
+    approved: Vec<GateFor>,
+    failed_hosts: usize,
+    stop_new: bool,
+    /// Why the change is being backed out everywhere, once it is.
+    mass: Option<String>,
+    /// `Some(backout)` once the run bailed out while this change ran.
+    pub bail: Option<bool>,
+    /// Its hosts started being scheduled.
+    pub started: bool,
+    /// Its final state, once it has one.
+    pub concluded: Option<RunState>,
+    /// A changeset-level backout is running on it after it concluded.
+    pub reopened: bool,
+    /// When it first concluded (a run-wide sequence number).
+    pub completed: Option<u64>,
+    just_concluded: bool,
+    shown: RunState,
+}
+
+impl ChangeRun {
+    /// A change that has not started.
+    pub fn new(index: usize, spec: &ChangeSpec) -> ChangeRun {
+        ChangeRun {
+            index,
+            hosts: spec.hosts.iter().map(|_| HostRun::new()).collect(),
+            batches: spec.batches(),
+            batch: 0,
+            batch_open: false,
+            next_in_batch: 0,
+            pause_until: None,
+            gate: None,
+            approved: Vec::new(),
+            failed_hosts: 0,
+            stop_new: false,
+            mass: None,
+            bail: None,
+            started: false,
+            concluded: None,
+            reopened: false,
+            completed: None,
+            just_concluded: false,
+            shown: RunState::Pending,
+        }
+    }
+
+    /// Started and not (or no longer) in a final state.
+    pub fn is_active(&self) -> bool {
+        self.started && (self.concluded.is_none() || self.reopened)
+    }
+
+    /// The state shown to watchers.
+    pub fn display_state(&self, paused: bool) -> RunState {
+        match self.concluded {
+            Some(state) if !self.reopened => state,
+            _ if !self.started => RunState::Pending,
+            _ if self.gate.is_some() => RunState::AwaitingApproval,
+            _ if paused => RunState::Paused,
+            _ => RunState::Running,
+        }
+    }
+
+    /// Emits `Progress::Change` if the shown state changed.
+    pub fn show(&mut self, ctx: &mut Ctx, state: RunState) {
+        if self.shown != state {
+            self.shown = state;
+            ctx.progress(Progress::Change {
+                change: self.index,
+                state,
+            });
+        }
+    }
+
+    /// Did it conclude since the last call?
+    pub fn take_just_concluded(&mut self) -> bool {
+        std::mem::take(&mut self.just_concluded)
+    }
+
+    /// Starts scheduling its hosts.
+    pub fn start(&mut self) {
+        self.started = true;
+    }
+
+    /// A change that will never start: it and its hosts are `cancelled`.
+    pub fn cancel(&mut self, ctx: &mut Ctx) {
+        for h in 0..self.hosts.len() {
+            self.set_state(ctx, h, HostState::Cancelled);
+        }
+        self.concluded = Some(RunState::Cancelled);
+        self.show(ctx, RunState::Cancelled);
+    }
+
+    /// Every dispatch in flight.
+    pub fn in_flight(&self) -> impl Iterator<Item = DispatchId> + '_ {
+        self.hosts.iter().filter_map(|h| h.in_flight)
+    }
+
+    /// Is `id` the step in flight on its host?
+    pub fn is_in_flight(&self, id: DispatchId) -> bool {
+        self.hosts.get(id.host).and_then(|h| h.in_flight) == Some(id)
+    }
+
+    /// The earliest future timer (retry delay, batch pause) or gate timeout.
+    /// Timers already due are left out: they wait for a resume.
+    pub fn next_deadline(&self, now: Millis) -> Option<Millis> {
+        let retries = self.hosts.iter().filter_map(|h| match h.state {
+            HostState::RetryPending => h.retry_at,
+            _ => None,
+        });
+        let timers = retries.chain(self.pause_until).filter(|&t| t > now);
+        timers
+            .chain(self.gate.as_ref().and_then(|g| g.deadline))
+            .min()
+    }
+
+    /// Answers the open gate with an approval.
+    pub fn approve(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            self.approved.push(gate.what);
+        }
+    }
+
+    /// Handles the result of the step `id`, in flight on this change.
+    pub fn on_step(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, id: DispatchId, result: StepResult) {
+        let h = id.host;
+        let judge = Arc::clone(&ctx.judge);
+        let (verdict, outcome) = self.hosts[h].finish(&spec.hosts[h], &*judge, id, &result);
+        ctx.progress(Progress::Step {
+            id,
+            passed: verdict.is_ok(),
+            reason: verdict.err().map(|f| f.reason),
+        });
+        match outcome {
+            Outcome::Next => match self.bail {
+                Some(_) if !id.phase.is_backout() => {
+                    let failure = self.hosts[h].synthetic_failure(
+                        "stopped at a step boundary: the run is bailing out".into(),
+                    );
+                    self.hosts[h].stop();
+                    self.attempt_failed(spec, ctx, h, failure);
+                }
+                Some(false) => {
+                    self.hosts[h].stop();
+                    self.backout_interrupted(spec, ctx, h);
+                }
+                _ => {}
+            },
+            Outcome::Skipped => self.forward_done(ctx, h, HostState::Skipped),
+            Outcome::Succeeded => self.forward_done(ctx, h, HostState::Success),
+            Outcome::Failed(failure) => self.attempt_failed(spec, ctx, h, failure),
+            Outcome::BackoutEnded(result) => self.backout_ended(spec, ctx, h, result),
+        }
+    }
+
+    /// Starts whatever may start now: due retries, the next mass backout,
+    /// new hosts and batches (behind gates and pauses), the next step of
+    /// every host; then concludes the change if it is done. Returns whether
+    /// anything changed.
+    pub fn drive(&mut self, spec: &ChangeSpec, ctx: &mut Ctx) -> bool {
+        if !self.is_active() {
+            return false;
+        }
+        let mut progressed = false;
+        if !ctx.paused {
+            if self.mass.is_none() && self.bail.is_none() {
+                for h in 0..self.hosts.len() {
+                    let host = &self.hosts[h];
+                    if host.state == HostState::RetryPending
+                        && host.retry_at.is_some_and(|t| t <= ctx.now)
+                    {
+                        let attempt = host.attempt.saturating_add(1);
+                        self.start_host(spec, ctx, h, attempt);
+                        progressed = true;
+                    }
+                }
+            }
+            progressed |= self.drive_mass(spec, ctx);
+            if !self.stop_new {
+                progressed |= self.schedule(spec, ctx);
+            }
+            for h in 0..self.hosts.len() {
+                if let Some((id, step)) = self.hosts[h].take_dispatch(self.index, h, &spec.hosts[h]) {
+                    ctx.out.push(Action::Dispatch {
+                        id,
+                        host: spec.hosts[h].host.name.clone(),
+                        step,
+                    });
+                    progressed = true;
+                }
+            }
+        }
+        progressed | self.try_conclude(ctx)
+    }
+
+    /// The run bails out (abort, deny, approval timeout) while this change
+    /// runs: cancel forward steps in flight (backout steps too without
+    /// `backout`), start nothing new, and with `backout` back out every host
+    /// where it was applied. A second bail without backout after one with
+    /// it stops the backouts too.
+    pub fn bail(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, backout: bool, why: &str) {
+        match self.bail {
+            Some(false) => return,
+            Some(true) if backout => return,
+            Some(true) => {
+                self.bail = Some(false);
+                self.stop_backouts(spec, ctx);
+                return;
+            }
+            None => {}
+        }
+        self.bail = Some(backout);
+        self.halt();
+        if backout {
+            self.mass = Some(why.to_string());
+        } else {
+            self.stop_backouts(spec, ctx);
+        }
+        for h in 0..self.hosts.len() {
+            let host = &mut self.hosts[h];
+            if let Some(id) = host.in_flight {
+                if !id.phase.is_backout() && !host.cancel_sent {
+                    host.cancel_sent = true;
+                    cancel(ctx, spec, id);
+                }
+            }
+            match host.state {
+                HostState::RetryPending => {
+                    host.retry_at = None;
+                    host.queued = backout && host.applied && !host.backed_out;
+                    self.set_state(ctx, h, HostState::Cancelled);
+                }
+                HostState::Running if host.in_flight.is_none() => {
+                    let failure = host.synthetic_failure(format!("stopped: {why}"));
+                    host.stop();
+                    self.attempt_failed(spec, ctx, h, failure);
+                }
+                HostState::Success | HostState::Skipped => {
+                    host.queued = backout && host.applied && !host.backed_out;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Stops every backout of this change: queued hosts are left as they
+    /// are, backout steps in flight are cancelled, a backout waiting for
+    /// its next step ends `backout_failed`.
+    pub fn stop_backouts(&mut self, spec: &ChangeSpec, ctx: &mut Ctx) {
+        for h in 0..self.hosts.len() {
+            let host = &mut self.hosts[h];
+            host.queued = false;
+            match host.in_flight {
+                Some(id) if id.phase.is_backout() => {
+                    if !host.cancel_sent {
+                        host.cancel_sent = true;
+                        cancel(ctx, spec, id);
+                    }
+                }
+                None if host.state == HostState::BackingOut => {
+                    host.stop();
+                    self.backout_interrupted(spec, ctx, h);
+                }
+                _ => {}
+            }
+        }
+        if self.reopened {
+            self.bail = Some(false);
+        }
+    }
+
+    /// A changeset-level backout of this concluded change: back out, one
+    /// at a time, every host where it was applied and that is not already
+    /// backed out. Returns false (and stays concluded) if there is none.
+    pub fn reopen(&mut self, why: &str) -> bool {
+        let mut any = false;
+        for host in &mut self.hosts {
+            if host.applied
+                && !host.backed_out
+                && matches!(host.state, HostState::Success | HostState::Skipped)
+            {
+                host.queued = true;
+                any = true;
+            }
+        }
+        if any {
+            self.reopened = true;
+            self.mass = Some(why.to_string());
+        }
+        any
+    }
+
+    fn halt(&mut self) {
+        self.stop_new = true;
+        self.gate = None;
+        self.pause_until = None;
+    }
+
+    fn set_state(&mut self, ctx: &mut Ctx, h: usize, state: HostState) {
+        let host = &mut self.hosts[h];
+        if host.state != state {
+            host.state = state;
+            ctx.progress(Progress::Host {
+                change: self.index,
+                host: h,
+                state,
+                attempt: host.attempt,
+            });
+        }
+    }
+
+    fn start_host(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, h: usize, attempt: u32) {
+        let has_steps = self.hosts[h].start_attempt(&spec.hosts[h], attempt);
+        self.set_state(ctx, h, HostState::Running);
+        if !has_steps {
+            self.forward_done(ctx, h, HostState::Success);
+        }
+    }
+
+    fn forward_done(&mut self, ctx: &mut Ctx, h: usize, state: HostState) {
+        let seq = ctx.tick();
+        let host = &mut self.hosts[h];
+        host.completed = Some(seq);
+        host.failure = None;
+        if self.mass.is_some() && self.bail != Some(false) && host.applied && !host.backed_out {
+            host.queued = true;
+        }
+        self.set_state(ctx, h, state);
+    }
+
+    /// An attempt failed: retry it, or make the failure final.
+    fn attempt_failed(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, h: usize, failure: Failure) {
+        let seq = ctx.tick();
+        let host = &mut self.hosts[h];
+        host.completed = Some(seq);
+        let retry = spec.retry;
+        let may_retry = self.bail.is_none()
+            && self.mass.is_none()
+            && !matches!(
+                failure.reason,
+                FailureReason::Unreachable | FailureReason::Cancelled
+            )
+            && (retry.max_retries < 0 || i64::from(host.attempt) < retry.max_retries);
+        host.failure = Some(failure);
+        if may_retry {
+            host.retry_at = Some(ctx.now.saturating_add(millis(retry.delay)));
+            self.set_state(ctx, h, HostState::RetryPending);
+        } else {
+            self.final_failure(spec, ctx, h);
+        }
+    }
+
+    /// A host's failure is final: apply the change's policy, then back the
+    /// host out now, queue it for the mass backout, or leave it.
+    fn final_failure(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, h: usize) {
+        let Some(failure) = self.hosts[h].failure.clone() else {
+            return;
+        };
+        if self.bail.is_none() {
+            self.failed_hosts += 1;
+            match spec.on_failure {
+                OnFailure::Halt => self.halt(),
+                OnFailure::Continue => {
+                    let limit = spec.rollout.max_failures.map(|m| m.of(spec.hosts.len()));
+                    if limit.is_some_and(|limit| self.failed_hosts > limit) {
+                        self.halt();
+                    }
+                }
+                OnFailure::BackoutAll if self.mass.is_none() => {
+                    let why = format!(
+                        "change {} backs out everywhere (on_failure: backout_all): {}",
+                        spec.name, failure.message
+                    );
+                    self.enter_mass(spec, ctx, why);
+                }
+                OnFailure::BackoutAll => {}
+            }
+        }
+        let left = left_state(failure.reason);
+        if self.mass.is_some() || self.bail.is_some() {
+            let host = &mut self.hosts[h];
+            host.queued = self.bail != Some(false) && host.applied && !host.backed_out;
+            self.set_state(ctx, h, left);
+        } else {
+            self.back_out(spec, ctx, h, &failure, left);
+        }
+    }
+
+    /// `on_failure: backout_all` fired: stop, end pending retries, and
+    /// queue every host where the change was applied.
+    fn enter_mass(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, why: String) {
+        self.mass = Some(why);
+        self.halt();
+        for h in 0..self.hosts.len() {
+            let host = &mut self.hosts[h];
+            match host.state {
+                HostState::RetryPending => {
+                    host.retry_at = None;
+                    self.final_failure(spec, ctx, h);
+                }
+                HostState::Success | HostState::Skipped => {
+                    host.queued = host.applied && !host.backed_out;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts the mass backout of the next queued host (newest completion
+    /// first) once no host of the change is running or backing out.
+    fn drive_mass(&mut self, spec: &ChangeSpec, ctx: &mut Ctx) -> bool {
+        let Some(why) = self.mass.clone() else {
+            return false;
+        };
+        let busy = self.hosts.iter().any(|h| {
+            matches!(
+                h.state,
+                HostState::Running | HostState::RetryPending | HostState::BackingOut
+            )
+        });
+        if busy || self.bail == Some(false) {
+            return false;
+        }
+        let next = (0..self.hosts.len())
+            .filter(|&h| self.hosts[h].queued)
+            .max_by_key(|&h| (self.hosts[h].completed, h));
+        let Some(h) = next else {
+            return false;
+        };
+        let host = &mut self.hosts[h];
+        host.queued = false;
+        let failure = match &host.failure {
+            Some(failure) => failure.clone(),
+            None => {
+                let failure = host.synthetic_failure(why);
+                host.failure = Some(failure.clone());
+                failure
+            }
+        };
+        let left = host.state;
+        self.back_out(spec, ctx, h, &failure, left);
+        true
+    }
+
+    /// Backs host `h` out for `failure`, or leaves it in `left`.
+    fn back_out(
+        &mut self,
+        spec: &ChangeSpec,
+        ctx: &mut Ctx,
+        h: usize,
+        failure: &Failure,
+        left: HostState,
+    ) {
+        let judge = Arc::clone(&ctx.judge);
+        match self.hosts[h].begin_backout(&spec.hosts[h], &*judge, failure) {
+            BackoutStart::Started => self.set_state(ctx, h, HostState::BackingOut),
+            BackoutStart::Done => self.set_state(ctx, h, HostState::BackoutOk),
+            BackoutStart::NotApplied => self.set_state(ctx, h, left),
+            BackoutStart::NoProcedure => {
+                self.set_state(ctx, h, left);
+                let message = format!(
+                    "host {} of change {} was left as it is: no backout procedure matches ({})",
+                    spec.hosts[h].host.name, spec.name, failure.message
+                );
+                ctx.alert(AlertKind::FailedNoBackout, spec, h, message);
+            }
+        }
+    }
+
+    fn backout_ended(
+        &mut self,
+        spec: &ChangeSpec,
+        ctx: &mut Ctx,
+        h: usize,
+        result: Result<(), Failure>,
+    ) {
+        match result {
+            Ok(()) => self.set_state(ctx, h, HostState::BackoutOk),
+            Err(failure) => {
+                self.set_state(ctx, h, HostState::BackoutFailed);
+                let message = format!(
+                    "backout of host {} in change {} failed: {}",
+                    spec.hosts[h].host.name, spec.name, failure.message
+                );
+                ctx.alert(AlertKind::BackoutFailed, spec, h, message);
+            }
+        }
+    }
+
+    fn backout_interrupted(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, h: usize) {
+        let failure = self.hosts[h].synthetic_failure("interrupted by abort --no-backout".into());
+        self.backout_ended(spec, ctx, h, Err(failure));
+    }
+
+    /// Opens gates, waits out pauses, starts batches and hosts.
+    fn schedule(&mut self, spec: &ChangeSpec, ctx: &mut Ctx) -> bool {
+        let mut progressed = false;
+        let cap = spec
+            .rollout
+            .max_parallel
+            .map_or(usize::MAX, |m| (m as usize).max(1));
+        while let Some(batch) = self.batches.get(self.batch).cloned() {
+            if !self.batch_open {
+                if let Some(until) = self.pause_until {
+                    if ctx.now < until {
+                        break;
+                    }
+                    self.pause_until = None;
+                    progressed = true;
+                }
+                let gate = match spec.approve.at {
+                    ApproveAt::Once if self.batch == 0 => Some(GateFor::Change),
+                    ApproveAt::EachBatch => Some(GateFor::Batch(self.batch)),
+                    _ => None,
+                };
+                if let Some(gate) = gate {
+                    if !self.approved.contains(&gate) {
+                        return progressed | self.open_gate(spec, ctx, gate, &batch);
+                    }
+                }
+                self.batch_open = true;
+                self.next_in_batch = 0;
+                ctx.progress(Progress::Batch {
+                    change: self.index,
+                    batch: self.batch,
+                    hosts: batch.clone(),
+                });
+                progressed = true;
+            }
+            while self.next_in_batch < batch.len() {
+                let busy = batch[..self.next_in_batch]
+                    .iter()
+                    .filter(|&&h| !self.hosts[h].state.is_final())
+                    .count();
+                if busy >= cap {
+                    break;
+                }
+                let h = batch[self.next_in_batch];
+                let gate = GateFor::Host(h);
+                if spec.approve.at == ApproveAt::EachHost && !self.approved.contains(&gate) {
+                    return progressed | self.open_gate(spec, ctx, gate, &batch);
+                }
+                self.next_in_batch += 1;
+                self.start_host(spec, ctx, h, 0);
+                progressed = true;
+            }
+            let done = self.next_in_batch == batch.len()
+                && batch.iter().all(|&h| self.hosts[h].state.is_final());
+            if !done {
+                break;
+            }
+            self.batch += 1;
+            self.batch_open = false;
+            progressed = true;
+            if let (Some(pause), true) = (spec.rollout.pause, self.batch < self.batches.len()) {
+                self.pause_until = Some(ctx.now.saturating_add(millis(pause)));
+            }
+        }
+        progressed
+    }
+
+    fn open_gate(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, what: GateFor, batch: &[usize]) -> bool {
+        if self.gate.is_some() {
+            return false;
+        }
+        let names = |hosts: &[usize]| {
+            hosts
+                .iter()
+                .map(|&h| spec.hosts[h].host.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let label = match what {
+            GateFor::Change => format!("change {}: {} hosts", spec.name, spec.hosts.len()),
+            GateFor::Batch(b) => format!(
+                "batch {} of {} of change {}: {}",
+                b + 1,
+                self.batches.len(),
+                spec.name,
+                names(batch)
+            ),
+            GateFor::Host(h) => format!("host {} of change {}", names(&[h]), spec.name),
+        };
+        let opened = ctx.tick();
+        self.gate = Some(Gate {
+            what,
+            opened,
+            deadline: spec.approve.timeout.map(|t| ctx.now.saturating_add(millis(t))),
+            label: label.clone(),
+        });
+        ctx.progress(Progress::AwaitingApproval {
+            change: self.index,
+            gate: label,
+        });
+        true
+    }
+
+    /// Concludes the change once every host is final, nothing is in
+    /// flight or queued, and nothing more will start.
+    fn try_conclude(&mut self, ctx: &mut Ctx) -> bool {
+        let scheduled = self.stop_new || self.batch >= self.batches.len();
+        let settled = self.hosts.iter().all(|h| {
+            (h.state.is_final() || (self.stop_new && h.state == HostState::Pending))
+                && !h.queued
+                && h.in_flight.is_none()
+        });
+        if !scheduled || !settled || self.gate.is_some() {
+            return false;
+        }
+        for h in 0..self.hosts.len() {
+            if self.hosts[h].state == HostState::Pending {
+                self.set_state(ctx, h, HostState::Cancelled);
+            }
+        }
+        let state = self.conclusion();
+        self.concluded = Some(state);
+        self.reopened = false;
+        if self.completed.is_none() {
+            self.completed = Some(ctx.tick());
+        }
+        self.just_concluded = true;
+        self.show(ctx, state);
+        true
+    }
+
+    /// The final state (see the rules in `rollout.rs`).
+    fn conclusion(&self) -> RunState {
+        if self.bail.is_some() && self.completed.is_none() {
+            return RunState::BailedOut;
+        }
+        if self.mass.is_some() {
+            let failed = self.hosts.iter().any(|h| {
+                h.state == HostState::BackoutFailed
+                    || (h.applied && h.state != HostState::BackoutOk)
+            });
+            return if failed {
+                RunState::BackoutFailed
+            } else {
+                RunState::BackoutOk
+            };
+        }
+        let ok = self
+            .hosts
+            .iter()
+            .filter(|h| matches!(h.state, HostState::Success | HostState::Skipped))
+            .count();
+        if ok == self.hosts.len() {
+            RunState::Success
+        } else if ok > 0 {
+            RunState::PartialFailure
+        } else {
+            RunState::TotalFailure
+        }
+    }
+}
+
+fn cancel(ctx: &mut Ctx, spec: &ChangeSpec, id: DispatchId) {
+    ctx.out.push(Action::Cancel {
+        id,
+        host: spec.hosts[id.host].host.name.clone(),
+    });
+}
+
+fn millis(d: Duration) -> Millis {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,220 @@
+//! `modi serve`: the controller daemon's life. Load the CA and certs, open
+//! the store, bind, resume unfinished runs from their journals, serve both
+//! gRPC services on one TLS 1.3 port, and on shutdown stop accepting, let
+//! drivers finish their journal writes, and flush the store last.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use modi_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::alert::Alerts;
+use crate::config::{files, ControllerConfig, SHUTDOWN_GRACE};
+use crate::driver;
+use crate::fleet::Fleet;
+use crate::pki::{self, Ca, RevokedSerials};
+use crate::rollout::Judge;
+use crate::service::admin::AdminApi;
+use crate::service::agent::AgentApi;
+use crate::store::{Store, StoreError};
+
+/// Largest gRPC message (plans of big fleets are large).
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why the controller could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A data-dir file is missing or unreadable.
+    #[error("cannot read {path}: {source} (did you run `modi init`?)")]
+    Missing {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Certificates or keys are unusable.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// What every part of the running controller shares.
+pub struct Shared {
+    /// The configuration.
+    pub config: ControllerConfig,
+    /// The store.
+    pub store: Store,
+    /// The live fleet.
+    pub fleet: Fleet,
+    /// The CA.
+    pub ca: Ca,
+    /// Revoked certificate serials (read at every handshake).
+    pub revoked: RevokedSerials,
+    /// Condition evaluation.
+    pub judge: Arc<dyn Judge>,
+    /// What run drivers need.
+    pub drivers: driver::Context,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+    /// Every background task.
+    pub tasks: TaskTracker,
+}
+
+/// A bound, not yet serving, controller.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+}
+
+fn read(config: &ControllerConfig, name: &str) -> Result<String, ServeError> {
+    let path = config.file(name);
+    std::fs::read_to_string(&path).map_err(|source| ServeError::Missing { path, source })
+}
+
+impl Server {
+    /// Loads the CA, certificates and store, and binds the listen address.
+    /// `shutdown` stops everything.
+    pub async fn bind(config: ControllerConfig, shutdown: CancellationToken) -> Result<Server, ServeError> {
+        let ca = Ca::load(&read(&config, files::CA_CERT)?, &read(&config, files::CA_KEY)?)?;
+        let cert = read(&config, files::SERVER_CERT)?;
+        let key = read(&config, files::SERVER_KEY)?;
+        let store = Store::open(&config.file(files::DB))?;
+        let revoked: RevokedSerials = Arc::new(RwLock::new(store.revoked_serials()?));
+        let tls = pki::server_config(&ca, &cert, &key, revoked.clone())?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let tasks = TaskTracker::new();
+        let fleet = Fleet::new(store.clone(), config.agent_lost_after, tasks.clone(), shutdown.clone());
+        let judge: Arc<dyn Judge> = Arc::new(crate::changeset::CelJudge::new());
+        let drivers = driver::Context {
+            store: store.clone(),
+            fleet: fleet.clone(),
+            alerts: Alerts::new(config.webhook.clone(), config.alert_command.clone(), tasks.clone()),
+            judge: judge.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        };
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            fleet,
+            ca,
+            revoked,
+            judge,
+            drivers,
+            shutdown,
+            tasks,
+        });
+        Ok(Server {
+            shared,
+            listener,
+            tls: TlsAcceptor::from(Arc::new(tls)),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Resumes unfinished runs, then serves until shutdown; drains with a
+    /// deadline and flushes the store last.
+    pub async fn run(self) -> Result<(), ServeError> {
+        let Server {
+            shared,
+            listener,
+            tls,
+        } = self;
+        resume_runs(&shared)?;
+        let shutdown = shared.shutdown.clone();
+        let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(256);
+        let accept_shutdown = shutdown.clone();
+        shared.tasks.spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            continue;
+                        }
+                    },
+                    _ = accept_shutdown.cancelled() => break,
+                };
+                let _ = tcp.set_nodelay(true);
+                let tls = tls.clone();
+                let conn_tx = conn_tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        let agent = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let served = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .add_service(agent)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown.cancelled())
+            .await;
+        // Drain: drivers finish the journal write they are in.
+        shutdown.cancel();
+        shared.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, shared.tasks.wait()).await.is_err() {
+            tracing::warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}");
+        }
+        shared.store.flush().await?;
+        served?;
+        Ok(())
+    }
+}
+
+/// Carries every run that was not finished on to its end.
+fn resume_runs(shared: &Arc<Shared>) -> Result<(), ServeError> {
+    for meta in shared.store.runs()? {
+        if meta.finished_at.is_some() {
+            continue;
+        }
+        let Some(replayed) = driver::replay(&shared.store, shared.judge.clone(), meta.id)? else {
+            continue;
+        };
+        driver::resume(&shared.drivers, meta.id, replayed, meta);
+    }
+    Ok(())
+}

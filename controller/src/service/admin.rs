@@ -1,0 +1,353 @@
+//! `AdminService`: what the `modi` CLI calls. Every call needs an admin
+//! certificate; the name on it is recorded with what it did.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use modi_proto::identity::Role;
+use modi_proto::v1 as pb;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::admin_convert as convert;
+use super::auth;
+use crate::driver::{self, DriverMsg, WatchItem};
+use crate::rollout::{Event, RunStatus};
+use crate::server::Shared;
+use crate::store::TokenRecord;
+
+/// The admin service.
+pub struct AdminApi {
+    shared: Arc<Shared>,
+}
+
+impl AdminApi {
+    /// Serves from the controller's shared state.
+    pub fn new(shared: Arc<Shared>) -> AdminApi {
+        AdminApi { shared }
+    }
+
+    async fn status(&self, run: u64) -> Result<(crate::store::RunMeta, RunStatus), Status> {
+        let meta = self
+            .shared
+            .store
+            .run(run)
+            .map_err(convert::store_error)?
+            .ok_or_else(|| Status::not_found(format!("no run {run}")))?;
+        if let Some(ports) = self.shared.fleet.run_ports(run) {
+            let (tx, rx) = oneshot::channel();
+            if ports.inbox.send(DriverMsg::Status { reply: tx }).await.is_ok()
+                && let Ok(status) = rx.await
+            {
+                return Ok((meta, status));
+            }
+        }
+        let replayed = driver::replay(&self.shared.store, self.shared.judge.clone(), run)
+            .map_err(convert::store_error)?
+            .ok_or_else(|| Status::not_found(format!("no journal for run {run}")))?;
+        Ok((meta, replayed.engine.status()))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let admin = auth::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let ttl = if req.ttl_seconds == 0 {
+            self.shared.config.token_ttl
+        } else {
+            std::time::Duration::from_secs(req.ttl_seconds)
+        };
+        let token = format!("mt_{}", hex::encode(rand::random::<[u8; 24]>()));
+        let now = crate::clock::now();
+        let expires_at = now + ttl.as_millis() as u64;
+        self.shared
+            .store
+            .put_token(
+                &super::agent::token_hash(&token),
+                &TokenRecord {
+                    created_at: now,
+                    expires_at,
+                    created_by: admin.name.clone(),
+                    used_by: None,
+                },
+            )
+            .map_err(convert::store_error)?;
+        self.shared.store.flush().await.map_err(convert::store_error)?;
+        let ca = self.shared.ca.fingerprint();
+        let url = self.shared.config.advertise.clone();
+        tracing::info!(by = %admin.name, ttl = ?ttl, "join token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            join_command: format!(
+                "modi-agent join --controller {url} --token {token} --ca-sha256 {ca}"
+            ),
+            token,
+            expires_at_ms: expires_at,
+            ca_sha256: ca,
+            controller_url: url,
+        }))
+    }
+
+    async fn list_hosts(
+        &self,
+        request: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        auth::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let selector = if req.selector.trim().is_empty() {
+            None
+        } else {
+            Some(
+                crate::changeset::Selector::parse(&req.selector)
+                    .map_err(|e| Status::invalid_argument(format!("selector: {e}")))?,
+            )
+        };
+        let presence = self.shared.fleet.presence();
+        let hosts = self
+            .shared
+            .store
+            .hosts()
+            .map_err(convert::store_error)?
+            .into_iter()
+            .filter(|h| {
+                selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&convert::host_info(h)))
+            })
+            .map(|h| convert::host(&h, presence.get(&h.name)))
+            .collect();
+        Ok(Response::new(pb::ListHostsResponse { hosts }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        request: Request<pb::RevokeAgentRequest>,
+    ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
+        let admin = auth::require(&request, Role::Admin)?;
+        let name = request.into_inner().name;
+        let store = &self.shared.store;
+        let mut host = store
+            .host(&name)
+            .map_err(convert::store_error)?
+            .ok_or_else(|| Status::not_found(format!("no agent named {name:?}")))?;
+        store
+            .revoke(&mut host, &admin.name, crate::clock::now())
+            .map_err(convert::store_error)?;
+        store.flush().await.map_err(convert::store_error)?;
+        self.shared
+            .revoked
+            .write()
+            .expect("revoked lock")
+            .extend(host.serials.iter().cloned());
+        self.shared.fleet.kick(&name);
+        tracing::warn!(agent = %name, by = %admin.name, "agent revoked");
+        Ok(Response::new(pb::RevokeAgentResponse {}))
+    }
+
+    async fn plan(
+        &self,
+        request: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        auth::require(&request, Role::Admin)?;
+        let spec = convert::render(&self.shared, request.into_inner())?;
+        Ok(Response::new(pb::PlanResponse {
+            spec_json: serde_json::to_string(&spec).map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+
+    async fn apply(
+        &self,
+        request: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let admin = auth::require(&request, Role::Admin)?;
+        let spec = convert::render(&self.shared, request.into_inner())?;
+        let run = driver::start(&self.shared.drivers, spec, &admin.name)
+            .await
+            .map_err(convert::store_error)?;
+        tracing::info!(run, by = %admin.name, "run submitted");
+        Ok(Response::new(pb::ApplyResponse {
+            run_id: run.to_string(),
+        }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        auth::require(&request, Role::Admin)?;
+        let runs = self
+            .shared
+            .store
+            .runs()
+            .map_err(convert::store_error)?
+            .iter()
+            .map(convert::run_summary)
+            .collect();
+        Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::GetRunResponse>, Status> {
+        auth::require(&request, Role::Admin)?;
+        let run = convert::run_id(&request.into_inner().run_id)?;
+        let (meta, status) = self.status(run).await?;
+        Ok(Response::new(pb::GetRunResponse {
+            summary: Some(convert::run_summary(&meta)),
+            status_json: convert::json(&status)?,
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchEvent>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        auth::require(&request, Role::Admin)?;
+        let run = convert::run_id(&request.into_inner().run_id)?;
+        // Subscribe before the snapshot, so nothing falls between them.
+        let mut live = self.shared.fleet.run_ports(run).map(|p| p.watch.subscribe());
+        let (_, status) = self.status(run).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tx.send(Ok(pb::WatchEvent {
+            event: Some(pb::watch_event::Event::StatusJson(convert::json(&status)?)),
+        }))
+        .await
+        .ok();
+        let shutdown = self.shared.shutdown.clone();
+        if !status.state.is_final()
+            && let Some(mut live) = live.take()
+        {
+            tokio::spawn(async move {
+                loop {
+                    let item = tokio::select! {
+                        item = live.recv() => item,
+                        _ = shutdown.cancelled() => break,
+                        _ = tx.closed() => break,
+                    };
+                    let item = match item {
+                        Ok(item) => item,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(run, skipped = n, "a watcher fell behind");
+                            continue;
+                        }
+                        Err(_) => break,
+                    };
+                    let end = matches!(&item, WatchItem::Progress {
+                        progress: crate::rollout::Progress::Run { state }
+                    } if state.is_final());
+                    let Ok(json) = serde_json::to_string(&item) else { continue };
+                    let event = pb::WatchEvent {
+                        event: Some(pb::watch_event::Event::ProgressJson(json)),
+                    };
+                    if tx.send(Ok(event)).await.is_err() || end {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type LogsStream = BoxStream<pb::LogEntry>;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        auth::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let run = convert::run_id(&req.run_id)?;
+        let live = req
+            .follow
+            .then(|| self.shared.fleet.run_ports(run).map(|p| p.watch.subscribe()))
+            .flatten();
+        let entries = convert::logs(&self.shared, run, &req.host)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let shutdown = self.shared.shutdown.clone();
+        let spec = convert::spec_of(&self.shared, run)?;
+        let host = req.host;
+        tokio::spawn(async move {
+            for e in entries {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            let Some(mut live) = live else { return };
+            loop {
+                let item = tokio::select! {
+                    item = live.recv() => item,
+                    _ = shutdown.cancelled() => break,
+                    _ = tx.closed() => break,
+                };
+                match item {
+                    Ok(item) => {
+                        if let Some(entry) = convert::live_log(&spec, &host, item) {
+                            if tx.send(Ok(entry)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn control(
+        &self,
+        request: Request<pb::ControlRequest>,
+    ) -> Result<Response<pb::ControlResponse>, Status> {
+        let admin = auth::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let run = convert::run_id(&req.run_id)?;
+        let by = admin.name.clone();
+        let event = match pb::ControlAction::try_from(req.action) {
+            Ok(pb::ControlAction::Approve) => Event::Approve { by },
+            Ok(pb::ControlAction::Deny) => Event::Deny { by },
+            Ok(pb::ControlAction::Abort) => Event::Abort {
+                by,
+                backout: !req.no_backout,
+            },
+            Ok(pb::ControlAction::Pause) => Event::Pause { by },
+            Ok(pb::ControlAction::Resume) => Event::Resume { by },
+            _ => return Err(Status::invalid_argument("unknown control action")),
+        };
+        let Some(ports) = self.shared.fleet.run_ports(run) else {
+            let meta = self.shared.store.run(run).map_err(convert::store_error)?;
+            return Err(match meta {
+                Some(m) => Status::failed_precondition(format!(
+                    "run {run} has ended ({})",
+                    m.state.as_str()
+                )),
+                None => Status::not_found(format!("no run {run}")),
+            });
+        };
+        let (tx, rx) = oneshot::channel();
+        ports
+            .inbox
+            .send(DriverMsg::Control { event, reply: tx })
+            .await
+            .map_err(|_| Status::unavailable(format!("run {run} is shutting down")))?;
+        let state = rx
+            .await
+            .map_err(|_| Status::unavailable(format!("run {run} is shutting down")))?
+            .map_err(Status::failed_precondition)?;
+        tracing::info!(run, by = %admin.name, action = ?req.action, "control");
+        Ok(Response::new(pb::ControlResponse {
+            state: state.as_str().to_string(),
+        }))
+    }
+}

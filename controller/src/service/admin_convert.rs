@@ -1,0 +1,233 @@
+//! Conversions between `pb::` admin types and ours, and our errors as gRPC
+//! statuses.
+
+use std::sync::Arc;
+
+use modi_proto::v1 as pb;
+use tonic::Status;
+
+use crate::changeset;
+use crate::driver::{self, WatchItem};
+use crate::fleet::{full_id, Presence};
+use crate::rollout::{DispatchId, StepResult, Termination};
+use crate::server::Shared;
+use crate::spec::{HostInfo, RunSpec};
+use crate::store::{HostRecord, RunMeta, StoreError};
+
+/// Store failures are the controller's problem, not the caller's.
+pub fn store_error(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store failure");
+    Status::internal(e.to_string())
+}
+
+/// JSON for a `*_json` field.
+pub fn json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
+    serde_json::to_string(value).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// A run id as the operator typed it (`12` or `r12`).
+pub fn run_id(text: &str) -> Result<u64, Status> {
+    text.trim()
+        .trim_start_matches('r')
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("{text:?} is not a run id (expected a number, e.g. 12)")))
+}
+
+/// What templates and selectors see of a host.
+pub fn host_info(h: &HostRecord) -> HostInfo {
+    HostInfo {
+        name: h.name.clone(),
+        labels: h.labels.clone(),
+        facts: h.facts.clone(),
+    }
+}
+
+/// A host for `modi hosts`.
+pub fn host(h: &HostRecord, presence: Option<&Presence>) -> pb::Host {
+    pb::Host {
+        name: h.name.clone(),
+        labels: h.labels.clone(),
+        facts: h.facts.clone(),
+        connected: presence.is_some(),
+        last_seen_ms: presence.map_or(h.last_seen, |p| p.last_seen),
+        enrolled_at_ms: h.enrolled_at,
+        connected_since_ms: presence.map_or(0, |p| p.since),
+        revoked: h.revoked,
+    }
+}
+
+/// A run for `modi runs`.
+pub fn run_summary(m: &RunMeta) -> pb::RunSummary {
+    pb::RunSummary {
+        run_id: m.id.to_string(),
+        name: m.name.clone(),
+        state: m.state.as_str().to_string(),
+        created_at_ms: m.created_at,
+        finished_at_ms: m.finished_at.unwrap_or(0),
+        submitted_by: m.submitted_by.clone(),
+        hosts: m.hosts,
+    }
+}
+
+/// Validates and renders a changeset against the current inventory. A bad
+/// changeset is `invalid_argument` with every diagnostic, one per line.
+pub fn render(shared: &Shared, req: pb::PlanRequest) -> Result<RunSpec, Status> {
+    let sources = req
+        .sources
+        .ok_or_else(|| Status::invalid_argument("no changeset sent"))?;
+    let sources = changeset::Sources {
+        root: sources.root,
+        files: sources.files,
+    };
+    let inventory: Vec<HostInfo> = shared
+        .store
+        .hosts()
+        .map_err(store_error)?
+        .iter()
+        .filter(|h| !h.revoked)
+        .map(host_info)
+        .collect();
+    let cs = changeset::validate_with_inventory(&sources, &req.vars, &shared.config.vars)
+        .map_err(|d| Status::invalid_argument(d.to_string()))?;
+    changeset::render(&cs, &inventory, &shared.config.vars, &req.vars)
+        .map_err(|d| Status::invalid_argument(d.to_string()))
+}
+
+/// The rendered spec of a run, from its journal.
+pub fn spec_of(shared: &Shared, run: u64) -> Result<Arc<RunSpec>, Status> {
+    driver::replay(&shared.store, shared.judge.clone(), run)
+        .map_err(store_error)?
+        .map(|r| r.spec)
+        .ok_or_else(|| Status::not_found(format!("no run {run}")))
+}
+
+fn label(spec: &RunSpec, id: &DispatchId, step: &str) -> String {
+    let change = spec.changes.get(id.change).map_or("?", |c| c.name.as_str());
+    format!("{change} {}[{}]: {step}", id.phase, id.step)
+}
+
+fn host_of(spec: &RunSpec, id: &DispatchId) -> String {
+    spec.changes
+        .get(id.change)
+        .and_then(|c| c.hosts.get(id.host))
+        .map(|h| h.host.name.clone())
+        .unwrap_or_default()
+}
+
+fn change_of(spec: &RunSpec, id: &DispatchId) -> String {
+    spec.changes
+        .get(id.change)
+        .map(|c| c.name.clone())
+        .unwrap_or_default()
+}
+
+fn outcome(result: &StepResult) -> String {
+    match result.termination {
+        Some(Termination::Exited) | None => match result.exit_code {
+            Some(code) => format!("exit {code}"),
+            None => "no exit code".into(),
+        },
+        Some(Termination::TimedOut) => "timed out".into(),
+        Some(Termination::Cancelled) => "cancelled".into(),
+        Some(Termination::Lost) => "lost".into(),
+        Some(Termination::Unreachable) => "unreachable".into(),
+        Some(Termination::FailedToStart) => "failed to start".into(),
+    }
+}
+
+fn with_dropped(text: &str, dropped: u64) -> String {
+    if dropped == 0 {
+        text.to_string()
+    } else {
+        format!("{text}\n[... {dropped} more bytes not kept]\n")
+    }
+}
+
+fn finished_entry(spec: &RunSpec, run: u64, id: &DispatchId, host: &str, step: &str, r: &StepResult) -> pb::LogEntry {
+    pb::LogEntry {
+        host: host.to_string(),
+        change: change_of(spec, id),
+        dispatch_id: full_id(run, id),
+        step: label(spec, id, step),
+        stdout: with_dropped(&r.stdout, r.stdout_dropped),
+        stderr: with_dropped(&r.stderr, r.stderr_dropped),
+        finished: true,
+        exit_code: r.exit_code,
+        outcome: outcome(r),
+        duration_ms: r.duration_ms,
+    }
+}
+
+/// Every step of run `run` (of `host`, or all hosts if empty) with its
+/// output, from the journal.
+pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, Status> {
+    let replayed = driver::replay(&shared.store, shared.judge.clone(), run)
+        .map_err(store_error)?
+        .ok_or_else(|| Status::not_found(format!("no run {run}")))?;
+    if !host.is_empty()
+        && !replayed
+            .spec
+            .changes
+            .iter()
+            .any(|c| c.hosts.iter().any(|h| h.host.name == host))
+    {
+        return Err(Status::not_found(format!("run {run} has no host {host:?}")));
+    }
+    let spec = &replayed.spec;
+    Ok(replayed
+        .dispatches
+        .iter()
+        .filter(|(_, h, _)| host.is_empty() || h == host)
+        .map(|(id, h, step)| {
+            let step = driver::describe(step);
+            match replayed.results.get(id) {
+                Some(r) => finished_entry(spec, run, id, h, &step, r),
+                None => pb::LogEntry {
+                    host: h.clone(),
+                    change: change_of(spec, id),
+                    dispatch_id: full_id(run, id),
+                    step: label(spec, id, &step),
+                    outcome: "running".into(),
+                    ..Default::default()
+                },
+            }
+        })
+        .collect())
+}
+
+/// A live watch item as a log entry, if it concerns `host` (or any host
+/// when empty).
+pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem) -> Option<pb::LogEntry> {
+    let keep = |h: &str| host.is_empty() || h == host;
+    match item {
+        WatchItem::Dispatched { id, host: h, step } if keep(&h) => Some(pb::LogEntry {
+            change: change_of(spec, &id),
+            step: label(spec, &id, &step),
+            host: h,
+            outcome: "running".into(),
+            ..Default::default()
+        }),
+        WatchItem::Output { id, stderr, data } => {
+            let h = host_of(spec, &id);
+            keep(&h).then(|| pb::LogEntry {
+                change: change_of(spec, &id),
+                host: h,
+                stdout: if stderr { String::new() } else { data.clone() },
+                stderr: if stderr { data } else { String::new() },
+                ..Default::default()
+            })
+        }
+        WatchItem::Result { id, result } => {
+            let h = host_of(spec, &id);
+            keep(&h).then(|| {
+                let mut e = finished_entry(spec, 0, &id, &h, "", &result);
+                // The output was streamed already.
+                e.stdout.clear();
+                e.stderr.clear();
+                e.dispatch_id.clear();
+                e
+            })
+        }
+        _ => None,
+    }
+}

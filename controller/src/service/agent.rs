@@ -1,0 +1,150 @@
+//! `AgentService`: enrolment and the agents' sessions.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use modi_proto::identity::{self, Role};
+use modi_proto::v1 as pb;
+use pb::agent_message::Msg as Up;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth;
+use crate::server::Shared;
+use crate::store::{HostRecord, TokenRefused};
+
+/// How long a new session may take to say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent-facing service.
+pub struct AgentApi {
+    shared: Arc<Shared>,
+}
+
+impl AgentApi {
+    /// Serves from the controller's shared state.
+    pub fn new(shared: Arc<Shared>) -> AgentApi {
+        AgentApi { shared }
+    }
+}
+
+/// SHA-256 of a join token: all the store keeps of it.
+pub fn token_hash(token: &str) -> String {
+    identity::sha256_hex(token.as_bytes())
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let req = request.into_inner();
+        let store = &self.shared.store;
+        identity::valid_name(&req.name)
+            .map_err(|e| Status::invalid_argument(format!("agent name: {e}")))?;
+        let existing = store.host(&req.name).map_err(internal)?;
+        if let Some(h) = &existing
+            && !h.revoked
+        {
+            return Err(Status::already_exists(format!(
+                "an agent named {:?} is already enrolled; revoke it first (modi agents revoke {})",
+                req.name, req.name
+            )));
+        }
+        let now = crate::clock::now();
+        match store
+            .consume_token(&token_hash(&req.token), &req.name, now)
+            .map_err(internal)?
+        {
+            Ok(_) => {}
+            Err(refused @ (TokenRefused::Unknown | TokenRefused::Used(_) | TokenRefused::Expired)) => {
+                tracing::warn!(name = %req.name, reason = %refused, "enrolment refused");
+                return Err(Status::permission_denied(refused.to_string()));
+            }
+        }
+        let issued = self
+            .shared
+            .ca
+            .sign_csr(&req.csr_pem, Role::Agent, &req.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut host = existing.unwrap_or_else(|| HostRecord {
+            name: req.name.clone(),
+            ..HostRecord::default()
+        });
+        host.enrolled_at = now;
+        host.revoked = false;
+        host.serials.push(issued.serial);
+        store.put_host(&host).map_err(internal)?;
+        store.flush().await.map_err(internal)?;
+        tracing::info!(name = %req.name, "agent enrolled");
+        Ok(Response::new(pb::EnrollResponse {
+            cert_pem: issued.cert_pem,
+            ca_pem: self.shared.ca.cert_pem().to_string(),
+            name: req.name,
+        }))
+    }
+
+    type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let id = auth::require(&request, Role::Agent)?;
+        let name = id.name;
+        match self.shared.store.host(&name).map_err(internal)? {
+            Some(h) if !h.revoked => {}
+            Some(_) => return Err(Status::permission_denied(format!("agent {name:?} was revoked"))),
+            None => return Err(Status::permission_denied(format!("agent {name:?} is not enrolled"))),
+        }
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(Up::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
+        };
+        let fleet = self.shared.fleet.clone();
+        let (session, outbound) = fleet.connect(&name, &hello).map_err(internal)?;
+        tracing::info!(agent = %name, session, version = %hello.agent_version, "agent connected");
+        let shutdown = self.shared.shutdown.clone();
+        self.shared.tasks.spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = inbound.message() => msg,
+                    _ = shutdown.cancelled() => break,
+                };
+                match msg {
+                    Ok(Some(pb::AgentMessage { msg: Some(msg) })) => match msg {
+                        Up::Heartbeat(_) => fleet.heartbeat(&name, session),
+                        Up::Output(chunk) => fleet.output(&name, chunk),
+                        Up::Result(result) => {
+                            fleet.heartbeat(&name, session);
+                            fleet.result(&name, result).await
+                        }
+                        Up::Hello(_) => tracing::debug!(agent = %name, "extra Hello ignored"),
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(agent = %name, error = %status, "session stream error");
+                        break;
+                    }
+                }
+            }
+            tracing::info!(agent = %name, session, "agent disconnected");
+            fleet.disconnect(&name, session);
+        });
+        let stream = ReceiverStream::new(outbound).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
