@@ -87,7 +87,10 @@ impl Changeset {
     /// The hosts selector of each change, in order (for `modi plan` to
     /// show what would be selected).
     pub fn selectors(&self) -> Vec<(&str, &Selector)> {
-        self.changes.iter().map(|c| (c.name.as_str(), &c.hosts)).collect()
+        self.changes
+            .iter()
+            .map(|c| (c.name.as_str(), &c.hosts))
+            .collect()
     }
 }
 
@@ -96,7 +99,10 @@ impl Changeset {
 /// not need hosts. A variable that only the controller's inventory vars
 /// define is reported as undefined; use [`validate_with_inventory`] where
 /// they are known.
-pub fn validate(sources: &Sources, cli_vars: &BTreeMap<String, String>) -> Result<Changeset, Diagnostics> {
+pub fn validate(
+    sources: &Sources,
+    cli_vars: &BTreeMap<String, String>,
+) -> Result<Changeset, Diagnostics> {
     validate_with_inventory(sources, cli_vars, &serde_json::Map::new())
 }
 
@@ -112,7 +118,12 @@ pub fn validate_with_inventory(
     let root = &sources.root;
     let Some(def) = f.file(root) else {
         if !sources.files.contains_key(root) {
-            let loc = Location { file: root.clone(), line: 1, column: 1, path: String::new() };
+            let loc = Location {
+                file: root.clone(),
+                line: 1,
+                column: 1,
+                path: String::new(),
+            };
             diags.push(Diagnostic::new(loc, "the root file is not in the sources"));
         }
         diags.append(&mut f.diags);
@@ -121,7 +132,10 @@ pub fn validate_with_inventory(
     let mut chain = vec![root.clone()];
     f.changeset(&def, "", None, None, &mut chain);
     diags.append(&mut f.diags);
-    let outside = check::Outside { cli: cli_vars, inventory: inventory_vars };
+    let outside = check::Outside {
+        cli: cli_vars,
+        inventory: inventory_vars,
+    };
     diags.extend(check::check_changes(&f.changes, &outside));
     let cs = Changeset {
         name: def.name.clone(),
@@ -138,7 +152,10 @@ pub fn validate_with_inventory(
 fn check_cli_vars(cli_vars: &BTreeMap<String, String>) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for name in cli_vars.keys() {
-        let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let ok = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         let problem = if name == "host" {
             "`host` is reserved: templates see the host as `host`"
@@ -147,7 +164,12 @@ fn check_cli_vars(cli_vars: &BTreeMap<String, String>) -> Vec<Diagnostic> {
         } else {
             continue;
         };
-        let loc = Location { file: "<command line>".into(), line: 1, column: 1, path: format!("--var {name}") };
+        let loc = Location {
+            file: "<command line>".into(),
+            line: 1,
+            column: 1,
+            path: format!("--var {name}"),
+        };
         out.push(Diagnostic::new(loc, problem));
     }
     out

@@ -458,9 +458,15 @@ impl Driver {
         let state = self.engine.state();
         let run = self.run;
         match event {
-            Event::Approve { .. } | Event::Deny { .. } if state != RunState::AwaitingApproval => Err(
-                format!("run {run} is not waiting for approval (it is {})", state_name(state)),
-            ),
+            // A paused run may still have a gate open: the engine answers it.
+            Event::Approve { .. } | Event::Deny { .. }
+                if !matches!(state, RunState::AwaitingApproval | RunState::Paused) =>
+            {
+                Err(format!(
+                    "run {run} is not waiting for approval (it is {})",
+                    state_name(state)
+                ))
+            }
             Event::Pause { .. } if state == RunState::Paused => Err(format!("run {run} is already paused")),
             Event::Resume { .. } if state != RunState::Paused => {
                 Err(format!("run {run} is not paused (it is {})", state_name(state)))

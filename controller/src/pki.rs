@@ -372,8 +372,7 @@ mod tests {
         let der = modi_proto::tls::certs_from_pem("x", &issued.cert_pem).unwrap().remove(0);
         let id = identity::from_der(&der).unwrap();
         assert_eq!((id.role, id.name.as_str()), (Role::Agent, "web-1"));
-        let (_, parsed) =
-            <x509_parser::certificate::X509Certificate as x509_parser::prelude::FromDer>::from_der(&der).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
         let sans = parsed.subject_alternative_name().unwrap().unwrap();
         assert_eq!(sans.value.general_names.len(), 1, "only our identity URI");
     }

@@ -13,8 +13,10 @@
 //!   progress, ids, states, the [`Judge`] trait, the status snapshot.
 //! - `engine`: [`Engine`]: the run as a whole: the `requires` DAG,
 //!   changeset/group `on_failure`, abort/deny/pause, the run's end.
-//! - `change`: one change across its hosts: batches, `max_parallel`,
-//!   `pause`, gates, retries, per-change `on_failure`, mass backout.
+//! - `change`: one change across its hosts: retries and the per-change
+//!   `on_failure`; `change/schedule` (batches, `max_parallel`, `pause`,
+//!   approval gates) and `change/backout` (one host, or every host one at
+//!   a time; abort/deny; changeset-level backout of a concluded change).
 //! - `host`: one host's sequence (skip_if → check → apply → verify) and
 //!   its backout (backout check → restores → backout steps → backout
 //!   verify).
@@ -90,11 +92,13 @@
 //! with `backout_all` also, once none of its changes runs, backs out its
 //! concluded changes (the failed one's remaining hosts included) newest
 //! first, which is children before parents, one change at a time, inner
-//! groups first. Abort/deny: cancel the forward steps in flight, start
-//! nothing new, and unless `--no-backout` back out every host where a
-//! running change was applied (backouts already running go on; a later
-//! abort `--no-backout` stops them too). Pause: nothing is dispatched or
-//! started until resume; abort/deny ends a pause; gate timeouts still fire.
+//! groups first. Abort/deny (and a gate timeout): cancel the forward steps
+//! in flight, start nothing new, and unless `--no-backout` back out every
+//! host where a running change was applied, as for `backout_all` (each
+//! change one host at a time, changes side by side); backouts already
+//! running go on, and a later abort `--no-backout` stops them too. Pause:
+//! nothing is dispatched or started until resume (approvals are taken);
+//! abort/deny ends a pause; gate timeouts still fire.
 //!
 //! The run's final state: `bailed_out` if aborted or denied; else
 //! `success` if every change succeeded; else `backout_failed` if a change

@@ -1,1 +1,5 @@
+//! End-to-end tests: the real `modi` and `modi-agent` binaries on
+//! loopback. One test binary; the suites are listed here.
 
+mod foundation;
+mod refusals;

@@ -128,7 +128,7 @@ pub(crate) enum ActionDef {
     /// `argv:`.
     Argv(Vec<Tmpl>),
     /// `file:`.
-    File(FileDef),
+    File(Box<FileDef>),
     /// `run:` + `interact:`.
     Interact {
         /// The command.
@@ -147,8 +147,8 @@ pub(crate) struct FileDef {
     pub content: Tmpl,
     /// `mode`, already read as octal.
     pub mode: Option<u32>,
-    /// `owner`.
-    pub owner: Option<String>,
+    /// `owner` (a template; checked again once rendered).
+    pub owner: Option<Tmpl>,
     /// `validate` (shell-quoted interpolation; `file.tmp` available).
     pub validate: Option<Tmpl>,
 }
@@ -230,8 +230,17 @@ impl Phases {
 
     /// Every condition (`expect` and `when`).
     pub fn all_conds(&self) -> Vec<&Cond> {
-        let mut out: Vec<&Cond> = self.all_steps().into_iter().filter_map(|s| s.expect.as_ref()).collect();
-        out.extend(self.backout.iter().flatten().filter_map(|b| b.when.as_ref()));
+        let mut out: Vec<&Cond> = self
+            .all_steps()
+            .into_iter()
+            .filter_map(|s| s.expect.as_ref())
+            .collect();
+        out.extend(
+            self.backout
+                .iter()
+                .flatten()
+                .filter_map(|b| b.when.as_ref()),
+        );
         out
     }
 

@@ -39,7 +39,11 @@ impl Outside<'_> {
 
 /// Runs every check over `changes`.
 pub(crate) fn check_changes(changes: &[FlatChange], outside: &Outside<'_>) -> Vec<Diagnostic> {
-    let mut c = Checker { outside, diags: Vec::new(), scopes_done: BTreeSet::new() };
+    let mut c = Checker {
+        outside,
+        diags: Vec::new(),
+        scopes_done: BTreeSet::new(),
+    };
     for fc in changes {
         c.scope(&fc.scope);
         let mut names = outside.names(&fc.scope);
@@ -51,9 +55,13 @@ pub(crate) fn check_changes(changes: &[FlatChange], outside: &Outside<'_>) -> Ve
             for field in &cond.var_fields {
                 if !names.contains(field.as_str()) {
                     let hint = suggestion(field, names.iter().copied());
-                    c.diags.push(Diagnostic::new(cond.loc.clone(), format!(
-                        "`vars.{field}` is not defined{hint} (change `{}`)", fc.origin
-                    )));
+                    c.diags.push(Diagnostic::new(
+                        cond.loc.clone(),
+                        format!(
+                            "`vars.{field}` is not defined{hint} (change `{}`)",
+                            fc.origin
+                        ),
+                    ));
                 }
             }
         }
@@ -86,9 +94,13 @@ impl Checker<'_> {
                     && reported.insert(full.clone())
                 {
                     let hint = suggestion(f, known_fields.iter().copied());
-                    self.diags.push(Diagnostic::new(t.loc.clone(), format!(
-                        "`{root}` has no attribute `{f}`{hint} (it has: {})", known_fields.join(", ")
-                    )));
+                    self.diags.push(Diagnostic::new(
+                        t.loc.clone(),
+                        format!(
+                            "`{root}` has no attribute `{f}`{hint} (it has: {})",
+                            known_fields.join(", ")
+                        ),
+                    ));
                 }
                 continue;
             }
@@ -97,7 +109,9 @@ impl Checker<'_> {
             }
             let hint = suggestion(root, names.iter().copied().chain(["host"]));
             let msg = if hint.is_empty() {
-                format!("undefined variable `{root}`: not set in `vars`, `with`, a `foreach` item, the inventory or --var (change `{owner}`)")
+                format!(
+                    "undefined variable `{root}`: not set in `vars`, `with`, a `foreach` item, the inventory or --var (change `{owner}`)"
+                )
             } else {
                 format!("undefined variable `{root}`{hint} (change `{owner}`)")
             };
@@ -113,6 +127,7 @@ impl Checker<'_> {
             ActionDef::File(f) => {
                 plain.push(&f.path);
                 plain.push(&f.content);
+                plain.extend(&f.owner);
                 if let Some(v) = &f.validate {
                     self.tmpl(v, names, true, owner);
                 }
@@ -149,7 +164,9 @@ impl Checker<'_> {
                     let mut d = Vec::new();
                     for t in ts {
                         self.tmpl(t, &names, false, &scope.owner);
-                        d.extend(t.roots().filter(|r| scope.defs.contains_key(*r) && !self.outside.cli.contains_key(*r)));
+                        d.extend(t.roots().filter(|r| {
+                            scope.defs.contains_key(*r) && !self.outside.cli.contains_key(*r)
+                        }));
                     }
                     d.sort_unstable();
                     d.dedup();
@@ -202,9 +219,16 @@ impl Checker<'_> {
             let last = cycle[cycle.len() - 2];
             let loc = scope.defs[last].loc.clone();
             let msg = if cycle.len() == 2 {
-                format!("variable `{last}` refers to itself (change `{}`)", scope.owner)
+                format!(
+                    "variable `{last}` refers to itself (change `{}`)",
+                    scope.owner
+                )
             } else {
-                format!("variables refer to each other in a cycle: {} (change `{}`)", cycle.join(" -> "), scope.owner)
+                format!(
+                    "variables refer to each other in a cycle: {} (change `{}`)",
+                    cycle.join(" -> "),
+                    scope.owner
+                )
             };
             self.diags.push(Diagnostic::new(loc, msg));
         }

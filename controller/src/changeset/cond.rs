@@ -43,18 +43,48 @@ pub(crate) enum CondKind {
 impl CondKind {
     fn variables(self) -> &'static [&'static str] {
         match self {
-            CondKind::Expect => &["exit_code", "stdout", "stderr", "duration_ms", "vars", "host"],
+            CondKind::Expect => &[
+                "exit_code",
+                "stdout",
+                "stderr",
+                "duration_ms",
+                "vars",
+                "host",
+            ],
             CondKind::When => &["failure", "vars", "host"],
         }
     }
 }
 
 const HOST_FIELDS: &[&str] = &["name", "labels", "facts"];
-const FAILURE_FIELDS: &[&str] = &["phase", "step", "reason", "exit_code", "stdout", "stderr", "message"];
+const FAILURE_FIELDS: &[&str] = &[
+    "phase",
+    "step",
+    "reason",
+    "exit_code",
+    "stdout",
+    "stderr",
+    "message",
+];
 /// Identifiers CEL itself gives meaning to (type names, namespaces).
 const BUILTIN_IDENTS: &[&str] = &[
-    "int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type", "dyn",
-    "duration", "timestamp", "strings", "base64", "math", "optional",
+    "int",
+    "uint",
+    "double",
+    "bool",
+    "string",
+    "bytes",
+    "list",
+    "map",
+    "null_type",
+    "type",
+    "dyn",
+    "duration",
+    "timestamp",
+    "strings",
+    "base64",
+    "math",
+    "optional",
 ];
 
 /// A problem in a condition, at (line, column) inside the expression (both
@@ -83,7 +113,8 @@ fn walk(e: &IdedExpr, w: &mut Walk) {
         Expr::Call(c) => {
             let namespaced = matches!(&c.target, Some(t) if matches!(&t.expr, Expr::Ident(n) if BUILTIN_IDENTS.contains(&n.as_str())));
             if !namespaced {
-                w.calls.push((c.func_name.clone(), c.target.is_some(), e.id));
+                w.calls
+                    .push((c.func_name.clone(), c.target.is_some(), e.id));
             }
             if let Some(t) = &c.target {
                 walk(t, w);
@@ -94,7 +125,13 @@ fn walk(e: &IdedExpr, w: &mut Walk) {
             w.bound.insert(c.iter_var.clone());
             w.bound.extend(c.iter_var2.clone());
             w.bound.insert(c.accu_var.clone());
-            for x in [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
+            for x in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
                 walk(x, w);
             }
         }
@@ -118,7 +155,12 @@ fn walk_entry(e: &EntryExpr, w: &mut Walk) {
 /// Does CEL know a function of this name (as a global or a method)?
 fn function_exists(name: &str) -> bool {
     let ctx = Context::with_env(Arc::clone(env()));
-    for probe in [format!("{name}()"), format!("''.{name}()"), format!("[].{name}()"), format!("{{}}.{name}()")] {
+    for probe in [
+        format!("{name}()"),
+        format!("''.{name}()"),
+        format!("[].{name}()"),
+        format!("{{}}.{name}()"),
+    ] {
         let Ok(p) = env().compile(&probe) else {
             return true;
         };
@@ -145,14 +187,20 @@ fn position(p: &Program, expr: &str, id: u64) -> (u32, u32) {
 /// reads, for the caller to check against the namespace.
 pub(crate) fn check(expr: &str, kind: CondKind) -> Result<Vec<String>, Vec<CondError>> {
     if expr.trim().is_empty() {
-        return Err(vec![((1, 1), "empty condition: expected a CEL expression".into())]);
+        return Err(vec![(
+            (1, 1),
+            "empty condition: expected a CEL expression".into(),
+        )]);
     }
     let program = env().compile(expr).map_err(|errs| {
         errs.errors
             .iter()
             .map(|e| {
                 let (l, c) = e.pos;
-                ((l.max(1) as u32, c.max(1) as u32), format!("bad CEL: {}", e.msg))
+                (
+                    (l.max(1) as u32, c.max(1) as u32),
+                    format!("bad CEL: {}", e.msg),
+                )
             })
             .collect::<Vec<_>>()
     })?;
@@ -172,7 +220,10 @@ pub(crate) fn check(expr: &str, kind: CondKind) -> Result<Vec<String>, Vec<CondE
         let hint = suggestion(name, allowed.iter().copied());
         errors.push((
             position(&program, expr, *id),
-            format!("unknown variable `{name}`{hint} (a condition here sees: {})", allowed.join(", ")),
+            format!(
+                "unknown variable `{name}`{hint} (a condition here sees: {})",
+                allowed.join(", ")
+            ),
         ));
     }
     let mut var_fields = Vec::new();
@@ -195,7 +246,10 @@ pub(crate) fn check(expr: &str, kind: CondKind) -> Result<Vec<String>, Vec<CondE
             let hint = suggestion(field, fields.iter().copied());
             errors.push((
                 position(&program, expr, *id),
-                format!("`{root}` has no field `{field}`{hint} (it has: {})", fields.join(", ")),
+                format!(
+                    "`{root}` has no field `{field}`{hint} (it has: {})",
+                    fields.join(", ")
+                ),
             ));
         }
     }
@@ -203,10 +257,17 @@ pub(crate) fn check(expr: &str, kind: CondKind) -> Result<Vec<String>, Vec<CondE
     for (name, _, id) in &w.calls {
         let is_named = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
         if is_named && probed.insert(name.clone()) && !function_exists(name) {
-            errors.push((position(&program, expr, *id), format!("unknown function `{name}`")));
+            errors.push((
+                position(&program, expr, *id),
+                format!("unknown function `{name}`"),
+            ));
         }
     }
-    if errors.is_empty() { Ok(var_fields) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(var_fields)
+    } else {
+        Err(errors)
+    }
 }
 
 /// The real [`Judge`]: evaluates `expect` and `when` with CEL. Programs are
@@ -246,7 +307,11 @@ impl CelJudge {
         if let Some(p) = cache.get(expr) {
             return Ok(Arc::clone(p));
         }
-        let p = Arc::new(env().compile(expr).map_err(|e| format!("bad CEL `{expr}`: {e}"))?);
+        let p = Arc::new(
+            env()
+                .compile(expr)
+                .map_err(|e| format!("bad CEL `{expr}`: {e}"))?,
+        );
         cache.insert(expr.to_string(), Arc::clone(&p));
         Ok(p)
     }
@@ -286,7 +351,7 @@ fn exit_code_value(code: Option<i32>) -> Value {
     code.map_or(Value::Null, |c| Value::Int(i64::from(c)))
 }
 
-impl crate::rollout::Judge for CelJudge {
+impl Judge for CelJudge {
     fn passed(&self, step: &Step, host: &HostPlan, result: &StepResult) -> Result<bool, String> {
         if !matches!(result.termination, None | Some(Termination::Exited)) {
             return Ok(false);
@@ -300,14 +365,25 @@ impl crate::rollout::Judge for CelJudge {
                 ("exit_code", exit_code_value(result.exit_code)),
                 ("stdout", Value::from(result.stdout.clone())),
                 ("stderr", Value::from(result.stderr.clone())),
-                ("duration_ms", Value::Int(result.duration_ms.min(i64::MAX as u64) as i64)),
-                ("vars", to_cel(serde_json::Value::Object(host.vars.clone()))?),
+                (
+                    "duration_ms",
+                    Value::Int(result.duration_ms.min(i64::MAX as u64) as i64),
+                ),
+                (
+                    "vars",
+                    to_cel(serde_json::Value::Object(host.vars.clone()))?,
+                ),
                 ("host", host_value(host)?),
             ],
         )
     }
 
-    fn matches(&self, when: &Condition, host: &HostPlan, failure: &Failure) -> Result<bool, String> {
+    fn matches(
+        &self,
+        when: &Condition,
+        host: &HostPlan,
+        failure: &Failure,
+    ) -> Result<bool, String> {
         let failure = to_cel(serde_json::json!({
             "phase": failure.phase.as_str(),
             "step": failure.step,
@@ -321,17 +397,14 @@ impl crate::rollout::Judge for CelJudge {
             &when.expr,
             vec![
                 ("failure", failure),
-                ("vars", to_cel(serde_json::Value::Object(host.vars.clone()))?),
+                (
+                    "vars",
+                    to_cel(serde_json::Value::Object(host.vars.clone()))?,
+                ),
                 ("host", host_value(host)?),
             ],
         )
     }
-}
-
-/// Keeps the trait in scope for the docs above.
-#[allow(dead_code)]
-fn _judge_is_object_safe(j: &CelJudge) -> &dyn Judge {
-    j
 }
 
 #[cfg(test)]
@@ -361,7 +434,9 @@ mod tests {
 
     fn step(expect: Option<&str>) -> Step {
         Step {
-            action: StepAction::Run { command: "true".into() },
+            action: StepAction::Run {
+                command: "true".into(),
+            },
             timeout: None,
             env: Default::default(),
             cwd: None,
@@ -387,12 +462,21 @@ mod tests {
     #[test]
     fn without_expect_exit_zero_passes() {
         let j = CelJudge::new();
-        assert_eq!(j.passed(&step(None), &plan(), &result(Some(0), "")), Ok(true));
-        assert_eq!(j.passed(&step(None), &plan(), &result(Some(1), "")), Ok(false));
+        assert_eq!(
+            j.passed(&step(None), &plan(), &result(Some(0), "")),
+            Ok(true)
+        );
+        assert_eq!(
+            j.passed(&step(None), &plan(), &result(Some(1), "")),
+            Ok(false)
+        );
         assert_eq!(j.passed(&step(None), &plan(), &result(None, "")), Ok(false));
         let mut timed_out = result(Some(0), "");
         timed_out.termination = Some(Termination::TimedOut);
-        assert_eq!(j.passed(&step(Some("true")), &plan(), &timed_out), Ok(false));
+        assert_eq!(
+            j.passed(&step(Some("true")), &plan(), &timed_out),
+            Ok(false)
+        );
     }
 
     #[test]
@@ -401,22 +485,43 @@ mod tests {
         let p = plan();
         for (expr, want) in [
             (r#"exit_code == 0 && stdout.trim() == "active""#, true),
-            (r#"stdout.contains("act") && stdout.startsWith(" ") && stdout.matches("^ a")"#, true),
+            (
+                r#"stdout.contains("act") && stdout.startsWith(" ") && stdout.matches("^ a")"#,
+                true,
+            ),
             (r#"vars.version == "2.4.1" && vars.port == 8080"#, true),
-            (r#"host.name == "web-1" && host.labels.role == "web" && host.facts.os == "linux""#, true),
+            (
+                r#"host.name == "web-1" && host.labels.role == "web" && host.facts.os == "linux""#,
+                true,
+            ),
             (r#"stdout.trim().lowerAscii() == "inactive""#, false),
             ("duration_ms < 1000 && stderr == ''", true),
         ] {
-            assert_eq!(j.passed(&step(Some(expr)), &p, &result(Some(0), " active\n")), Ok(want), "{expr}");
+            assert_eq!(
+                j.passed(&step(Some(expr)), &p, &result(Some(0), " active\n")),
+                Ok(want),
+                "{expr}"
+            );
         }
     }
 
     #[test]
     fn non_bool_and_failing_evaluation_are_errors() {
         let j = CelJudge::new();
-        let err = j.passed(&step(Some("exit_code + 1")), &plan(), &result(Some(0), "")).unwrap_err();
-        assert!(err.contains("must give true or false, but gave the int 1"), "{err}");
-        let err = j.passed(&step(Some("host.labels.missing == 'x'")), &plan(), &result(Some(0), "")).unwrap_err();
+        let err = j
+            .passed(&step(Some("exit_code + 1")), &plan(), &result(Some(0), ""))
+            .unwrap_err();
+        assert!(
+            err.contains("must give true or false, but gave the int 1"),
+            "{err}"
+        );
+        let err = j
+            .passed(
+                &step(Some("host.labels.missing == 'x'")),
+                &plan(),
+                &result(Some(0), ""),
+            )
+            .unwrap_err();
         assert!(err.contains("cannot evaluate"), "{err}");
     }
 
@@ -437,25 +542,74 @@ mod tests {
             location: Location::default(),
         };
         let p = plan();
-        assert_eq!(j.matches(&when(r#"failure.phase == "verify" && failure.step == 1"#), &p, &f), Ok(true));
-        assert_eq!(j.matches(&when(r#"failure.reason == "timeout""#), &p, &f), Ok(false));
-        assert_eq!(j.matches(&when(r#"failure.exit_code == 3 && failure.stderr.contains("bo")"#), &p, &f), Ok(true));
+        assert_eq!(
+            j.matches(
+                &when(r#"failure.phase == "verify" && failure.step == 1"#),
+                &p,
+                &f
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            j.matches(&when(r#"failure.reason == "timeout""#), &p, &f),
+            Ok(false)
+        );
+        assert_eq!(
+            j.matches(
+                &when(r#"failure.exit_code == 3 && failure.stderr.contains("bo")"#),
+                &p,
+                &f
+            ),
+            Ok(true)
+        );
     }
 
     #[test]
     fn check_reports_syntax_unknown_names_and_functions() {
-        assert_eq!(check("vars.a == 1 && has(vars.b) && stdout != ''", CondKind::Expect), Ok(vec!["a".to_string()]));
+        assert_eq!(
+            check(
+                "vars.a == 1 && has(vars.b) && stdout != ''",
+                CondKind::Expect
+            ),
+            Ok(vec!["a".to_string()])
+        );
         assert!(check("[1, 2].exists(x, x > exit_code)", CondKind::Expect).is_ok());
-        assert!(check("int(stdout.trim()) > 2 && type(exit_code) == int", CondKind::Expect).is_ok());
-        let errs = |e: &str, k| check(e, k).unwrap_err().into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("|");
+        assert!(
+            check(
+                "int(stdout.trim()) > 2 && type(exit_code) == int",
+                CondKind::Expect
+            )
+            .is_ok()
+        );
+        let errs = |e: &str, k| {
+            check(e, k)
+                .unwrap_err()
+                .into_iter()
+                .map(|(_, m)| m)
+                .collect::<Vec<_>>()
+                .join("|")
+        };
         assert!(errs("exit_code == ", CondKind::Expect).starts_with("bad CEL"));
-        assert!(errs("exitcode == 0", CondKind::Expect).contains("unknown variable `exitcode`; did you mean `exit_code`?"));
-        assert!(errs("failure.phase == 'apply'", CondKind::Expect).contains("unknown variable `failure`"));
+        assert!(
+            errs("exitcode == 0", CondKind::Expect)
+                .contains("unknown variable `exitcode`; did you mean `exit_code`?")
+        );
+        assert!(
+            errs("failure.phase == 'apply'", CondKind::Expect)
+                .contains("unknown variable `failure`")
+        );
         assert!(errs("stdout == ''", CondKind::When).contains("unknown variable `stdout`"));
-        assert!(errs("host.label.x == 'a'", CondKind::Expect).contains("`host` has no field `label`; did you mean `labels`?"));
+        assert!(
+            errs("host.label.x == 'a'", CondKind::Expect)
+                .contains("`host` has no field `label`; did you mean `labels`?")
+        );
         assert!(errs("failure.phse == 'x'", CondKind::When).contains("did you mean `phase`?"));
-        assert!(errs("stdout.contain('x')", CondKind::Expect).contains("unknown function `contain`"));
-        let ((line, col), _) = check("exit_code == 0 &&\n  bogus", CondKind::Expect).unwrap_err().remove(0);
+        assert!(
+            errs("stdout.contain('x')", CondKind::Expect).contains("unknown function `contain`")
+        );
+        let ((line, col), _) = check("exit_code == 0 &&\n  bogus", CondKind::Expect)
+            .unwrap_err()
+            .remove(0);
         assert_eq!((line, col), (2, 3));
     }
 }

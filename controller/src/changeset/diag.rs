@@ -116,7 +116,16 @@ pub(crate) fn did_you_mean<'c>(
     let prefix = |c: &str| word.len() >= 3 && c.starts_with(word);
     candidates
         .into_iter()
-        .map(|c| (if prefix(c) { 1 } else { strsim::damerau_levenshtein(word, c) }, c))
+        .map(|c| {
+            (
+                if prefix(c) {
+                    1
+                } else {
+                    strsim::damerau_levenshtein(word, c)
+                },
+                c,
+            )
+        })
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -146,7 +155,10 @@ mod tests {
     #[test]
     fn displays_file_line_column_path_and_message() {
         let d = Diagnostic::new(at("a.yaml", 7, 9, "changes[0].retry"), "expected a mapping");
-        assert_eq!(d.to_string(), "a.yaml:7:9: changes[0].retry: expected a mapping");
+        assert_eq!(
+            d.to_string(),
+            "a.yaml:7:9: changes[0].retry: expected a mapping"
+        );
         let d = Diagnostic::new(at("a.yaml", 1, 1, ""), "empty file");
         assert_eq!(d.to_string(), "a.yaml:1:1: empty file");
     }
@@ -162,9 +174,15 @@ mod tests {
 
     #[test]
     fn suggests_close_names_only() {
-        assert_eq!(did_you_mean("retires", ["retry", "requires"]), Some("requires"));
+        assert_eq!(
+            did_you_mean("retires", ["retry", "requires"]),
+            Some("requires")
+        );
         assert_eq!(did_you_mean("verfy", ["verify", "apply"]), Some("verify"));
         assert_eq!(did_you_mean("zzz", ["verify", "apply"]), None);
-        assert_eq!(did_you_mean("backout", ["halt", "backout_all"]), Some("backout_all"));
+        assert_eq!(
+            did_you_mean("backout", ["halt", "backout_all"]),
+            Some("backout_all")
+        );
     }
 }

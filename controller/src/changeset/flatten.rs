@@ -53,7 +53,13 @@ pub(crate) struct Scope {
 impl Scope {
     fn layer(&mut self, defs: &[VarDef]) {
         for d in defs {
-            self.defs.insert(d.name.clone(), Entry { def: Def::Value(d.value.clone()), loc: d.loc.clone() });
+            self.defs.insert(
+                d.name.clone(),
+                Entry {
+                    def: Def::Value(d.value.clone()),
+                    loc: d.loc.clone(),
+                },
+            );
         }
     }
 }
@@ -164,14 +170,21 @@ impl<'a> Flattener<'a> {
             for (k, entry) in &imp.parent.defs {
                 if imp.explicit.contains(k) == explicit {
                     let def = Def::Import(Arc::clone(&imp.parent), k.clone());
-                    base.defs.insert(k.clone(), Entry { def, loc: entry.loc.clone() });
+                    base.defs.insert(
+                        k.clone(),
+                        Entry {
+                            def,
+                            loc: entry.loc.clone(),
+                        },
+                    );
                 }
             }
         };
         imports(&mut base, false);
         base.layer(&def.vars);
         imports(&mut base, true);
-        let templates: BTreeMap<&str, &TemplateDef> = def.templates.iter().map(|t| (t.name.as_str(), t)).collect();
+        let templates: BTreeMap<&str, &TemplateDef> =
+            def.templates.iter().map(|t| (t.name.as_str(), t)).collect();
         let mut units: BTreeMap<&str, Unit> = BTreeMap::new();
         for c in &def.changes {
             let unit = if let Some((target, loc)) = &c.include {
@@ -191,7 +204,10 @@ impl<'a> Flattener<'a> {
                     Some(_) => {}
                     None => {
                         let hint = suggestion(r, names.iter().copied());
-                        self.diags.push(Diagnostic::new(loc.clone(), format!("unknown change `{r}` in `requires`{hint}")));
+                        self.diags.push(Diagnostic::new(
+                            loc.clone(),
+                            format!("unknown change `{r}` in `requires`{hint}"),
+                        ));
                     }
                 }
             }
@@ -208,11 +224,21 @@ impl<'a> Flattener<'a> {
     /// Reports every `requires` cycle once, naming it, at the `requires`
     /// entry that closes it.
     fn cycles(&mut self, def: &ChangesetDef) {
-        let index: BTreeMap<&str, usize> = def.changes.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+        let index: BTreeMap<&str, usize> = def
+            .changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), i))
+            .collect();
         let edges: Vec<Vec<(usize, &Location)>> = def
             .changes
             .iter()
-            .map(|c| c.requires.iter().filter_map(|(r, l)| Some((*index.get(r.as_str())?, l))).collect())
+            .map(|c| {
+                c.requires
+                    .iter()
+                    .filter_map(|(r, l)| Some((*index.get(r.as_str())?, l)))
+                    .collect()
+            })
             .collect();
         let mut walk = CycleWalk {
             edges: &edges,
@@ -227,7 +253,10 @@ impl<'a> Flattener<'a> {
             }
         }
         for (cycle, loc) in walk.found {
-            let names: Vec<&str> = cycle.iter().map(|&i| def.changes[i].name.as_str()).collect();
+            let names: Vec<&str> = cycle
+                .iter()
+                .map(|&i| def.changes[i].name.as_str())
+                .collect();
             let msg = if names.len() == 2 {
                 format!("`{}` requires itself", names[0])
             } else {
@@ -250,7 +279,8 @@ impl<'a> Flattener<'a> {
     ) -> Unit {
         let resolved = resolve_include(&loc.file, target);
         if chain.contains(&resolved) {
-            self.diags.push(Diagnostic::new(loc.clone(), loop_message(chain, &resolved)));
+            self.diags
+                .push(Diagnostic::new(loc.clone(), loop_message(chain, &resolved)));
             return Unit::default();
         }
         if !self.sources.files.contains_key(&resolved) {
@@ -268,7 +298,12 @@ impl<'a> Flattener<'a> {
         scope.layer(&c.with);
         let import = Import {
             parent: Arc::new(scope),
-            explicit: c.vars.iter().chain(&c.with).map(|d| d.name.clone()).collect(),
+            explicit: c
+                .vars
+                .iter()
+                .chain(&c.with)
+                .map(|d| d.name.clone())
+                .collect(),
         };
         let g = self.groups.len();
         self.groups.push(GroupSpec {
@@ -279,12 +314,22 @@ impl<'a> Flattener<'a> {
         });
         let first = self.changes.len();
         chain.push(resolved);
-        let all = self.changeset(&nested, &format!("{prefix}{}/", c.name), Some(g), Some(&import), chain);
+        let all = self.changeset(
+            &nested,
+            &format!("{prefix}{}/", c.name),
+            Some(g),
+            Some(&import),
+            chain,
+        );
         chain.pop();
         let roots = (first..self.changes.len())
             .filter(|&i| self.changes[i].requires.iter().all(|&r| r < first))
             .collect();
-        Unit { roots, last: all.clone(), all }
+        Unit {
+            roots,
+            last: all.clone(),
+            all,
+        }
     }
 
     fn change(
@@ -306,7 +351,12 @@ impl<'a> Flattener<'a> {
                 Some(t) => {
                     self.use_template(c, t, &mut scope);
                     phases = c.phases.merged_with(&t.phases);
-                    params = t.params.iter().filter(|p| p.default.is_none()).map(|p| p.name.clone()).collect();
+                    params = t
+                        .params
+                        .iter()
+                        .filter(|p| p.default.is_none())
+                        .map(|p| p.name.clone())
+                        .collect();
                 }
                 None => {
                     let hint = suggestion(name, templates.keys().copied());
@@ -315,7 +365,10 @@ impl<'a> Flattener<'a> {
                     } else {
                         String::new()
                     };
-                    self.diags.push(Diagnostic::new(loc.clone(), format!("unknown template `{name}`{hint}{known}")));
+                    self.diags.push(Diagnostic::new(
+                        loc.clone(),
+                        format!("unknown template `{name}`{hint}{known}"),
+                    ));
                 }
             }
         }
@@ -341,17 +394,33 @@ impl<'a> Flattener<'a> {
         let Some(items) = &c.foreach else {
             let i = self.changes.len();
             self.changes.push(make(origin.clone(), scope));
-            return Unit { roots: vec![i], last: vec![i], all: vec![i] };
+            return Unit {
+                roots: vec![i],
+                last: vec![i],
+                all: vec![i],
+            };
         };
         let first = self.changes.len();
         for (k, (item, loc)) in items.iter().enumerate() {
             let mut s = scope.clone();
             if let VarValue::Map(entries) = item {
                 for (key, value) in entries {
-                    s.defs.insert(key.clone(), Entry { def: Def::Value(value.clone()), loc: loc.clone() });
+                    s.defs.insert(
+                        key.clone(),
+                        Entry {
+                            def: Def::Value(value.clone()),
+                            loc: loc.clone(),
+                        },
+                    );
                 }
             }
-            s.defs.insert("item".into(), Entry { def: Def::Value(item.clone()), loc: loc.clone() });
+            s.defs.insert(
+                "item".into(),
+                Entry {
+                    def: Def::Value(item.clone()),
+                    loc: loc.clone(),
+                },
+            );
             let mut fc = make(format!("{origin}[{k}]"), s);
             if k > 0 {
                 fc.requires.push(first + k - 1);
@@ -372,7 +441,10 @@ impl<'a> Flattener<'a> {
         for phase in c.phases.written() {
             if t.phases.written().contains(&phase) {
                 let at = phase_location(&c.phases, phase).unwrap_or_else(|| c.loc.clone());
-                let at = Location { path: format!("{}.{phase}", c.path), ..at };
+                let at = Location {
+                    path: format!("{}.{phase}", c.path),
+                    ..at
+                };
                 self.diags.push(Diagnostic::new(at, format!(
                     "template `{name}` already defines `{phase}`; a change using a template may only add the phases it lacks"
                 )));
@@ -382,16 +454,30 @@ impl<'a> Flattener<'a> {
         for w in &c.with {
             if !params.contains(&w.name.as_str()) {
                 let hint = suggestion(&w.name, params.iter().copied());
-                let list = if params.is_empty() { "none".to_string() } else { params.join(", ") };
-                self.diags.push(Diagnostic::new(w.loc.clone(), format!(
-                    "template `{name}` has no parameter `{}`{hint} (its parameters: {list})", w.name
-                )));
+                let list = if params.is_empty() {
+                    "none".to_string()
+                } else {
+                    params.join(", ")
+                };
+                self.diags.push(Diagnostic::new(
+                    w.loc.clone(),
+                    format!(
+                        "template `{name}` has no parameter `{}`{hint} (its parameters: {list})",
+                        w.name
+                    ),
+                ));
             }
         }
         for p in &t.params {
             match &p.default {
                 Some(v) => {
-                    scope.defs.insert(p.name.clone(), Entry { def: Def::Value(v.clone()), loc: p.loc.clone() });
+                    scope.defs.insert(
+                        p.name.clone(),
+                        Entry {
+                            def: Def::Value(v.clone()),
+                            loc: p.loc.clone(),
+                        },
+                    );
                 }
                 None => self.required_param(c, name, use_loc, &p.name),
             }

@@ -112,7 +112,12 @@ impl Jinja {
     }
 
     /// Renders `t` with `ctx`; an error points into the file.
-    pub fn render(&self, t: &Tmpl, escape: Escape, ctx: &Value) -> Result<String, (Location, String)> {
+    pub fn render(
+        &self,
+        t: &Tmpl,
+        escape: Escape,
+        ctx: &Value,
+    ) -> Result<String, (Location, String)> {
         if t.is_literal() {
             return Ok(t.src.clone());
         }
@@ -120,7 +125,8 @@ impl Jinja {
         let tmpl = env
             .template_from_named_str(&t.loc.path, &t.src)
             .map_err(|e| (error_location(t, &e), message(&e)))?;
-        tmpl.render(ctx).map_err(|e| (error_location(t, &e), message(&e)))
+        tmpl.render(ctx)
+            .map_err(|e| (error_location(t, &e), message(&e)))
     }
 
     /// Compiles `src` and lists the variables it reads (`host.name`,
@@ -150,9 +156,15 @@ impl Jinja {
 
 /// Errors a trial render reports: those no value could fix.
 fn is_static_error(msg: &str) -> bool {
-    ["unknown filter", "unknown test", "unknown function", "unknown method", "syntax error"]
-        .iter()
-        .any(|k| msg.starts_with(k))
+    [
+        "unknown filter",
+        "unknown test",
+        "unknown function",
+        "unknown method",
+        "syntax error",
+    ]
+    .iter()
+    .any(|k| msg.starts_with(k))
 }
 
 /// A value not known before render time (a host label, say): any attribute
@@ -258,15 +270,26 @@ mod tests {
 
     fn ctx(pairs: &[(&str, serde_json::Value)]) -> Value {
         to_value(&serde_json::Value::Object(
-            pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         ))
     }
 
     #[test]
     fn shell_output_quotes_every_value_and_safe_opts_out() {
-        let c = ctx(&[("x", "a b'c".into()), ("n", 3.into()), ("l", serde_json::json!(["a b", "c"]))]);
+        let c = ctx(&[
+            ("x", "a b'c".into()),
+            ("n", 3.into()),
+            ("l", serde_json::json!(["a b", "c"])),
+        ]);
         let out = jinja()
-            .render(&tmpl("echo {{ x }} {{ x | safe }} {{ n }} {{ l | args }} {{ '' }}"), Escape::Shell, &c)
+            .render(
+                &tmpl("echo {{ x }} {{ x | safe }} {{ n }} {{ l | args }} {{ '' }}"),
+                Escape::Shell,
+                &c,
+            )
             .unwrap();
         assert_eq!(out, r#"echo "a b'c" a b'c 3 'a b' c ''"#);
         let raw = jinja().render(&tmpl("{{ x }}"), Escape::Raw, &c).unwrap();
@@ -276,16 +299,24 @@ mod tests {
     #[test]
     fn null_and_nul_are_refused_in_commands() {
         let c = ctx(&[("x", serde_json::Value::Null), ("z", "a\0b".into())]);
-        let (_, msg) = jinja().render(&tmpl("echo {{ x }}"), Escape::Shell, &c).unwrap_err();
+        let (_, msg) = jinja()
+            .render(&tmpl("echo {{ x }}"), Escape::Shell, &c)
+            .unwrap_err();
         assert!(msg.contains("null value"), "{msg}");
-        let (_, msg) = jinja().render(&tmpl("echo {{ z }}"), Escape::Shell, &c).unwrap_err();
+        let (_, msg) = jinja()
+            .render(&tmpl("echo {{ z }}"), Escape::Shell, &c)
+            .unwrap_err();
         assert!(msg.contains("NUL byte"), "{msg}");
     }
 
     #[test]
     fn undefined_is_an_error_pointing_at_the_line() {
         let (loc, msg) = jinja()
-            .render(&tmpl("echo ok\necho {{ nope }}\n"), Escape::Shell, &ctx(&[]))
+            .render(
+                &tmpl("echo ok\necho {{ nope }}\n"),
+                Escape::Shell,
+                &ctx(&[]),
+            )
             .unwrap_err();
         assert_eq!((loc.line, loc.column), (11, 13), "{msg}");
         assert!(msg.starts_with("undefined variable"), "{msg}");
@@ -293,11 +324,27 @@ mod tests {
 
     #[test]
     fn analyze_lists_nested_names_and_trial_finds_unknown_filters() {
-        let names = jinja().analyze("{{ host.name }} {% for p in pkgs %}{{ p }}{% endfor %}").unwrap();
+        let names = jinja()
+            .analyze("{{ host.name }} {% for p in pkgs %}{{ p }}{% endfor %}")
+            .unwrap();
         assert_eq!(names.into_iter().collect::<Vec<_>>(), ["host.name", "pkgs"]);
-        let (_, msg) = jinja().trial(&tmpl("{{ host.labels.x | uppper }}"), Escape::Shell).unwrap();
+        let (_, msg) = jinja()
+            .trial(&tmpl("{{ host.labels.x | uppper }}"), Escape::Shell)
+            .unwrap();
         assert!(msg.starts_with("unknown filter"), "{msg}");
-        assert!(jinja().trial(&tmpl("{{ host.facts.cpus | int + 1 }}"), Escape::Shell).is_none());
+        assert!(
+            jinja()
+                .trial(&tmpl("{{ host.facts.cpus | int + 1 }}"), Escape::Shell)
+                .is_none()
+        );
         assert!(jinja().analyze("{{ x ").is_err());
+        for ok in [
+            "{% for k, v in host.labels | items %}{{ k }}{% endfor %}",
+            "{% for k, v in host.labels.items() %}{{ k }}{% endfor %}",
+            "{{ host.labels.get('zone', 'a') }}",
+            "{{ host.labels.keys() | list }}",
+        ] {
+            assert!(jinja().trial(&tmpl(ok), Escape::Shell).is_none(), "{ok}");
+        }
     }
 }

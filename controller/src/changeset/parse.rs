@@ -16,16 +16,57 @@ use super::selector::Selector;
 use super::yaml::{self, Map, Node, Reader, index_path, key_path};
 use crate::spec::{Approve, ChangesetFailure, Location, OnFailure, Retry, Rollout};
 
-const CHANGESET_KEYS: &[&str] = &["name", "description", "vars", "on_failure", "templates", "changes"];
-const CHANGE_KEYS: &[&str] = &[
-    "name", "description", "hosts", "requires", "rollout", "on_failure", "retry", "approve", "vars",
-    "skip_if", "check", "apply", "verify", "backout", "use", "with", "foreach", "include",
+const CHANGESET_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "vars",
+    "on_failure",
+    "templates",
+    "changes",
 ];
-const TEMPLATE_KEYS: &[&str] = &["description", "vars", "skip_if", "check", "apply", "verify", "backout"];
+const CHANGE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "hosts",
+    "requires",
+    "rollout",
+    "on_failure",
+    "retry",
+    "approve",
+    "vars",
+    "skip_if",
+    "check",
+    "apply",
+    "verify",
+    "backout",
+    "use",
+    "with",
+    "foreach",
+    "include",
+];
+const TEMPLATE_KEYS: &[&str] = &[
+    "description",
+    "vars",
+    "skip_if",
+    "check",
+    "apply",
+    "verify",
+    "backout",
+];
 /// Keys an `include` change may not have: the included changeset decides.
 const NOT_ON_INCLUDE: &[&str] = &[
-    "hosts", "rollout", "on_failure", "retry", "approve", "skip_if", "check", "apply", "verify",
-    "backout", "use", "foreach",
+    "hosts",
+    "rollout",
+    "on_failure",
+    "retry",
+    "approve",
+    "skip_if",
+    "check",
+    "apply",
+    "verify",
+    "backout",
+    "use",
+    "foreach",
 ];
 /// Names the namespace reserves.
 const RESERVED: &[&str] = &["host"];
@@ -67,19 +108,33 @@ impl Reader<'_> {
         let m = self.map(top, "", CHANGESET_KEYS)?;
         let name = self.required_name(&m, "", "changeset");
         let description = self.opt_string(&m, "", "description");
-        let vars = m.get("vars").map(|n| self.vars(n, "vars")).unwrap_or_default();
+        let vars = m
+            .get("vars")
+            .map(|n| self.vars(n, "vars"))
+            .unwrap_or_default();
         let on_failure = m
             .get("on_failure")
             .and_then(|n| self.changeset_failure(n, "on_failure"))
             .unwrap_or(ChangesetFailure::Halt);
-        let templates = m.get("templates").map(|n| self.templates(n)).unwrap_or_default();
+        let templates = m
+            .get("templates")
+            .map(|n| self.templates(n))
+            .unwrap_or_default();
         let mut changes = Vec::new();
         match m.get("changes") {
-            None => self.error(top, "changes", "missing `changes`: a changeset needs at least one change"),
+            None => self.error(
+                top,
+                "changes",
+                "missing `changes`: a changeset needs at least one change",
+            ),
             Some(n) => {
                 if let Some(items) = self.list(n, "changes") {
                     if items.is_empty() {
-                        self.error(n, "changes", "expected at least one change, found an empty list");
+                        self.error(
+                            n,
+                            "changes",
+                            "expected at least one change, found an empty list",
+                        );
                     }
                     let mut seen: BTreeMap<String, u32> = BTreeMap::new();
                     for (i, item) in items.iter().enumerate() {
@@ -88,8 +143,17 @@ impl Reader<'_> {
                         };
                         if let Some(line) = seen.get(&c.name) {
                             let p = key_path(&c.path, "name");
-                            let loc = Location { path: p, ..c.loc.clone() };
-                            self.error_at(loc, format!("duplicate change name `{}` (first defined on line {line})", c.name));
+                            let loc = Location {
+                                path: p,
+                                ..c.loc.clone()
+                            };
+                            self.error_at(
+                                loc,
+                                format!(
+                                    "duplicate change name `{}` (first defined on line {line})",
+                                    c.name
+                                ),
+                            );
                         } else {
                             seen.insert(c.name.clone(), c.loc.line);
                         }
@@ -111,7 +175,11 @@ impl Reader<'_> {
     fn required_name(&mut self, m: &Map<'_>, path: &str, what: &str) -> Option<String> {
         let p = key_path(path, "name");
         let Some(n) = m.get("name") else {
-            self.error(m.node, &p, format!("missing `name`: every {what} needs one"));
+            self.error(
+                m.node,
+                &p,
+                format!("missing `name`: every {what} needs one"),
+            );
             return None;
         };
         let name = self.string(n, &p)?;
@@ -175,7 +243,11 @@ impl Reader<'_> {
     /// A variable name: usable in templates as `{{ name }}`.
     fn var_name(&mut self, key_node: &Node, path: &str, name: &str) -> bool {
         if RESERVED.contains(&name) {
-            self.error(key_node, path, format!("`{name}` is reserved: templates see the host as `host`"));
+            self.error(
+                key_node,
+                path,
+                format!("`{name}` is reserved: templates see the host as `host`"),
+            );
             return false;
         }
         if !ident_re().is_match(name) {
@@ -199,7 +271,11 @@ impl Reader<'_> {
                 continue;
             }
             if let Some(value) = self.var_value(v, &p) {
-                out.push(VarDef { name: k, value, loc: self.loc(kn, &p) });
+                out.push(VarDef {
+                    name: k,
+                    value,
+                    loc: self.loc(kn, &p),
+                });
             }
         }
         out
@@ -227,17 +303,33 @@ impl Reader<'_> {
                         if !self.var_name(pk, &p, &k) {
                             continue;
                         }
-                        let default = if yaml::is_null(v) { None } else { self.var_value(v, &p) };
-                        params.push(Param { name: k, default, loc: self.loc(pk, &p) });
+                        let default = if yaml::is_null(v) {
+                            None
+                        } else {
+                            self.var_value(v, &p)
+                        };
+                        params.push(Param {
+                            name: k,
+                            default,
+                            loc: self.loc(pk, &p),
+                        });
                     }
                 }
             }
             let phases = self.phases(&b, &path);
             if phases.apply.is_none() {
-                self.error(body, &key_path(&path, "apply"), "a template needs `apply`: the change itself");
+                self.error(
+                    body,
+                    &key_path(&path, "apply"),
+                    "a template needs `apply`: the change itself",
+                );
             }
             let _ = self.opt_string(&b, &path, "description");
-            out.push(TemplateDef { name, params, phases });
+            out.push(TemplateDef {
+                name,
+                params,
+                phases,
+            });
         }
         out
     }
@@ -250,7 +342,11 @@ impl Reader<'_> {
             let p = key_path(path, "include");
             let s = self.string(n, &p)?;
             if s.trim().is_empty() {
-                self.error(n, &p, "expected a changeset file path, found an empty string");
+                self.error(
+                    n,
+                    &p,
+                    "expected a changeset file path, found an empty string",
+                );
                 return None;
             }
             Some((s, self.loc(n, &p)))
@@ -293,24 +389,44 @@ impl Reader<'_> {
             .unwrap_or_else(Rollout::default);
         if rollout.max_failures.is_some() && on_failure != OnFailure::Continue {
             let n = m.get("rollout").expect("rollout was read");
-            let at = self.any_map(n, "").and_then(|rm| rm.key_node("max_failures")).unwrap_or(n);
-            self.error(at, &key_path(path, "rollout.max_failures"), "`max_failures` only applies with `on_failure: continue`");
+            let at = self
+                .any_map(n, "")
+                .and_then(|rm| rm.key_node("max_failures"))
+                .unwrap_or(n);
+            self.error(
+                at,
+                &key_path(path, "rollout.max_failures"),
+                "`max_failures` only applies with `on_failure: continue`",
+            );
         }
         let use_ = m.get("use").and_then(|n| {
             let p = key_path(path, "use");
             Some((self.string(n, &p)?, self.loc(n, &p)))
         });
-        let with = m.get("with").map(|n| self.vars(n, &key_path(path, "with"))).unwrap_or_default();
+        let with = m
+            .get("with")
+            .map(|n| self.vars(n, &key_path(path, "with")))
+            .unwrap_or_default();
         if let Some(kn) = m.key_node("with")
             && !m.has("use")
             && !m.has("include")
         {
-            self.error(kn, &key_path(path, "with"), "`with` sets a template's parameters: it needs `use` (or `include`)");
+            self.error(
+                kn,
+                &key_path(path, "with"),
+                "`with` sets a template's parameters: it needs `use` (or `include`)",
+            );
         }
-        let foreach = m.get("foreach").map(|n| self.foreach(n, &key_path(path, "foreach")));
+        let foreach = m
+            .get("foreach")
+            .map(|n| self.foreach(n, &key_path(path, "foreach")));
         let phases = self.phases(&m, path);
         if phases.apply.is_none() && !m.has("use") && !m.has("include") {
-            self.error(node, &key_path(path, "apply"), "a change needs `apply` (or `use` a template, or `include` a changeset)");
+            self.error(
+                node,
+                &key_path(path, "apply"),
+                "a change needs `apply` (or `use` a template, or `include` a changeset)",
+            );
         }
         Some(ChangeDef {
             name: name?,
@@ -328,7 +444,10 @@ impl Reader<'_> {
                 .get("approve")
                 .map(|n| self.approve(n, &key_path(path, "approve")))
                 .unwrap_or_else(Approve::default),
-            vars: m.get("vars").map(|n| self.vars(n, &key_path(path, "vars"))).unwrap_or_default(),
+            vars: m
+                .get("vars")
+                .map(|n| self.vars(n, &key_path(path, "vars")))
+                .unwrap_or_default(),
             phases,
             use_,
             with,
@@ -357,7 +476,9 @@ impl Reader<'_> {
                 return None;
             }
         };
-        parsed.map_err(|e| self.error(node, path, format!("bad selector: {e}"))).ok()
+        parsed
+            .map_err(|e| self.error(node, path, format!("bad selector: {e}")))
+            .ok()
     }
 
     fn foreach(&mut self, node: &Node, path: &str) -> Vec<(VarValue, Location)> {
@@ -365,7 +486,11 @@ impl Reader<'_> {
             return Vec::new();
         };
         if items.is_empty() {
-            self.error(node, path, "expected at least one item, found an empty list");
+            self.error(
+                node,
+                path,
+                "expected at least one item, found an empty list",
+            );
         }
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {

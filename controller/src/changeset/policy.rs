@@ -8,7 +8,9 @@ use regex::Regex;
 use saphyr::{ScalarOwned, YamlDataOwned};
 
 use super::yaml::{Node, Reader, index_path, key_path};
-use crate::spec::{Amount, Approve, ApproveAt, ChangesetFailure, OnFailure, Retry, Rollout, RolloutMode};
+use crate::spec::{
+    Amount, Approve, ApproveAt, ChangesetFailure, OnFailure, Retry, Rollout, RolloutMode,
+};
 
 const DURATION: &str = "a duration like 500ms, 10s, 2m or 1h";
 
@@ -18,7 +20,8 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     if t.chars().all(|c| c.is_ascii_digit()) {
         return Err(format!("`{t}` has no unit; expected {DURATION}"));
     }
-    humantime::parse_duration(t).map_err(|e| format!("bad duration `{t}` ({e}); expected {DURATION}"))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("bad duration `{t}` ({e}); expected {DURATION}"))
 }
 
 /// `"25%"` → 25.
@@ -30,8 +33,20 @@ fn parse_percent(text: &str) -> Option<u32> {
 fn owner_re() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
-        Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$").expect("valid regex")
+        Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
+            .expect("valid regex")
     })
+}
+
+/// `user` or `user:group`.
+pub(crate) fn check_owner(owner: &str) -> Result<(), String> {
+    if owner_re().is_match(owner) {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad owner `{owner}`: expected `user` or `user:group`"
+        ))
+    }
 }
 
 /// Parses a file mode written as octal digits: `"0644"`, `0644`, `644`,
@@ -101,35 +116,57 @@ impl Reader<'_> {
             return Some(s);
         }
         let hint = super::diag::suggestion(&s, choices.iter().copied());
-        self.error(node, path, format!("expected one of {}, found `{s}`{hint}", choices.join(" | ")));
+        self.error(
+            node,
+            path,
+            format!("expected one of {}, found `{s}`{hint}", choices.join(" | ")),
+        );
         None
     }
 
     /// `on_failure` of a change.
     pub fn on_failure(&mut self, node: &Node, path: &str) -> Option<OnFailure> {
-        Some(match self.choice(node, path, &["halt", "continue", "backout_all"])?.as_str() {
-            "continue" => OnFailure::Continue,
-            "backout_all" => OnFailure::BackoutAll,
-            _ => OnFailure::Halt,
-        })
+        Some(
+            match self
+                .choice(node, path, &["halt", "continue", "backout_all"])?
+                .as_str()
+            {
+                "continue" => OnFailure::Continue,
+                "backout_all" => OnFailure::BackoutAll,
+                _ => OnFailure::Halt,
+            },
+        )
     }
 
     /// `on_failure` of a changeset.
     pub fn changeset_failure(&mut self, node: &Node, path: &str) -> Option<ChangesetFailure> {
-        Some(match self.choice(node, path, &["halt", "backout_all"])?.as_str() {
-            "backout_all" => ChangesetFailure::BackoutAll,
-            _ => ChangesetFailure::Halt,
-        })
+        Some(
+            match self.choice(node, path, &["halt", "backout_all"])?.as_str() {
+                "backout_all" => ChangesetFailure::BackoutAll,
+                _ => ChangesetFailure::Halt,
+            },
+        )
     }
 
     /// `rollout:`.
     pub fn rollout(&mut self, node: &Node, path: &str) -> Rollout {
         let mut out = Rollout::default();
-        let Some(m) = self.map(node, path, &["mode", "batches", "max_parallel", "max_failures", "pause"]) else {
+        let Some(m) = self.map(
+            node,
+            path,
+            &["mode", "batches", "max_parallel", "max_failures", "pause"],
+        ) else {
             return out;
         };
         if let Some(n) = m.get("mode") {
-            out.mode = match self.choice(n, &key_path(path, "mode"), &["serial", "parallel", "rolling"]).as_deref() {
+            out.mode = match self
+                .choice(
+                    n,
+                    &key_path(path, "mode"),
+                    &["serial", "parallel", "rolling"],
+                )
+                .as_deref()
+            {
                 Some("parallel") => RolloutMode::Parallel,
                 Some("rolling") => RolloutMode::Rolling,
                 _ => RolloutMode::Serial,
@@ -141,7 +178,11 @@ impl Reader<'_> {
             if out.mode != RolloutMode::Rolling && mode_given {
                 self.error(n, &p, "`batches` only applies to `mode: rolling`");
             } else if out.mode != RolloutMode::Rolling {
-                self.error(n, &p, "`batches` only applies to `mode: rolling` (the default mode is serial)");
+                self.error(
+                    n,
+                    &p,
+                    "`batches` only applies to `mode: rolling` (the default mode is serial)",
+                );
             }
             if let Some(items) = self.list(n, &p) {
                 if items.is_empty() {
@@ -159,11 +200,19 @@ impl Reader<'_> {
         if let Some(n) = m.get("max_parallel") {
             let p = key_path(path, "max_parallel");
             if out.mode == RolloutMode::Serial {
-                self.error(n, &p, "`max_parallel` does not apply to `mode: serial` (one host at a time)");
+                self.error(
+                    n,
+                    &p,
+                    "`max_parallel` does not apply to `mode: serial` (one host at a time)",
+                );
             }
             match self.int(n, &p) {
                 Some(i) if i >= 1 => out.max_parallel = u32::try_from(i).ok(),
-                Some(i) => self.error(n, &p, format!("expected 1 or more hosts at once, found {i}")),
+                Some(i) => self.error(
+                    n,
+                    &p,
+                    format!("expected 1 or more hosts at once, found {i}"),
+                ),
                 None => {}
             }
         }
@@ -173,7 +222,11 @@ impl Reader<'_> {
         if let Some(n) = m.get("pause") {
             let p = key_path(path, "pause");
             if out.mode == RolloutMode::Parallel {
-                self.error(n, &p, "`pause` does not apply to `mode: parallel` (there is one batch)");
+                self.error(
+                    n,
+                    &p,
+                    "`pause` does not apply to `mode: parallel` (there is one batch)",
+                );
             }
             out.pause = self.duration(n, &p);
         }
@@ -191,14 +244,24 @@ impl Reader<'_> {
                 let p = key_path(path, "max_retries");
                 match self.int(n, &p) {
                     Some(i) if i >= -1 => out.max_retries = i,
-                    Some(i) => self.error(n, &p, format!("expected -1 (retry forever), 0 or more, found {i}")),
+                    Some(i) => self.error(
+                        n,
+                        &p,
+                        format!("expected -1 (retry forever), 0 or more, found {i}"),
+                    ),
                     None => {}
                 }
             }
-            None => self.error(node, &key_path(path, "max_retries"), "missing `max_retries` (how many tries after the first; -1 = forever)"),
+            None => self.error(
+                node,
+                &key_path(path, "max_retries"),
+                "missing `max_retries` (how many tries after the first; -1 = forever)",
+            ),
         }
         if let Some(n) = m.get("delay") {
-            out.delay = self.duration(n, &key_path(path, "delay")).unwrap_or_default();
+            out.delay = self
+                .duration(n, &key_path(path, "delay"))
+                .unwrap_or_default();
         }
         out
     }
@@ -223,7 +286,11 @@ impl Reader<'_> {
                         out.at = at(&s);
                     }
                 }
-                None => self.error(node, &key_path(path, "at"), "missing `at` (once | each_batch | each_host)"),
+                None => self.error(
+                    node,
+                    &key_path(path, "at"),
+                    "missing `at` (once | each_batch | each_host)",
+                ),
             }
             if let Some(n) = m.get("timeout") {
                 let p = key_path(path, "timeout");
@@ -235,7 +302,9 @@ impl Reader<'_> {
             return out;
         }
         Approve {
-            at: self.choice(node, path, &AT).map_or(ApproveAt::None, |s| at(&s)),
+            at: self
+                .choice(node, path, &AT)
+                .map_or(ApproveAt::None, |s| at(&s)),
             timeout: None,
         }
     }
@@ -247,7 +316,11 @@ impl Reader<'_> {
             YamlDataOwned::Value(ScalarOwned::String(s)) => s.clone(),
             _ => {
                 let found = Self::describe(node);
-                self.error(node, path, format!("expected a mode like \"0644\", found {found}"));
+                self.error(
+                    node,
+                    path,
+                    format!("expected a mode like \"0644\", found {found}"),
+                );
                 return None;
             }
         };
@@ -260,15 +333,17 @@ impl Reader<'_> {
         }
     }
 
-    /// A file owner: `user` or `user:group`.
-    pub fn owner(&mut self, node: &Node, path: &str) -> Option<String> {
-        let s = self.scalar_text(node, path)?;
-        if owner_re().is_match(&s) {
-            Some(s)
-        } else {
-            self.error(node, path, format!("bad owner `{s}`: expected `user` or `user:group`"));
-            None
+    /// A file owner: `user` or `user:group` (a template: checked here when
+    /// it is literal, by `render` once rendered otherwise).
+    pub fn owner(&mut self, node: &Node, path: &str) -> Option<super::ast::Tmpl> {
+        let t = self.template(node, path, super::jinja::Escape::Raw, true)?;
+        if t.is_literal()
+            && let Err(e) = check_owner(&t.src)
+        {
+            self.error(node, path, e);
+            return None;
         }
+        Some(t)
     }
 }
 
@@ -284,7 +359,11 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration("10 parsecs").unwrap_err().contains("bad duration"));
+        assert!(
+            parse_duration("10 parsecs")
+                .unwrap_err()
+                .contains("bad duration")
+        );
     }
 
     #[test]

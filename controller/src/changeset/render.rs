@@ -19,8 +19,8 @@ use super::diag::{Diagnostic, Diagnostics, finish};
 use super::flatten::{Def, FlatChange, Scope};
 use super::jinja::{Escape, jinja, to_value};
 use crate::spec::{
-    BackoutSpec, ChangeSpec, Condition, Exchange, FILE_TMP_PLACEHOLDER, FileSpec, HostInfo, HostPlan, Location,
-    RunSpec, Step, StepAction,
+    BackoutSpec, ChangeSpec, Condition, Exchange, FILE_TMP_PLACEHOLDER, FileSpec, HostInfo,
+    HostPlan, Location, RunSpec, Step, StepAction,
 };
 
 type Failure = (Location, String);
@@ -112,7 +112,13 @@ impl Eval<'_> {
         }
         let entry = &scope.defs[key];
         if visiting.iter().any(|k| k == key) {
-            return Err((entry.loc.clone(), format!("variables refer to each other in a cycle: {} -> {key}", visiting.join(" -> "))));
+            return Err((
+                entry.loc.clone(),
+                format!(
+                    "variables refer to each other in a cycle: {} -> {key}",
+                    visiting.join(" -> ")
+                ),
+            ));
         }
         let value = match &entry.def {
             Def::Import(parent, name) => {
@@ -126,12 +132,19 @@ impl Eval<'_> {
                 let mut ts = Vec::new();
                 v.templates(&mut ts);
                 visiting.push(key.to_string());
-                for dep in ts.iter().flat_map(|t| t.roots()).filter(|r| scope.defs.contains_key(*r)) {
+                for dep in ts
+                    .iter()
+                    .flat_map(|t| t.roots())
+                    .filter(|r| scope.defs.contains_key(*r))
+                {
                     if dep != key || visiting.len() > 1 {
                         self.key(scope, dep, out, visiting)?;
                     } else {
                         visiting.pop();
-                        return Err((entry.loc.clone(), format!("variable `{key}` refers to itself")));
+                        return Err((
+                            entry.loc.clone(),
+                            format!("variable `{key}` refers to itself"),
+                        ));
                     }
                 }
                 visiting.pop();
@@ -147,7 +160,11 @@ impl Eval<'_> {
     fn namespace(&self, defs: &Map<String, Json>) -> Map<String, Json> {
         let mut ns = self.base.clone();
         ns.extend(defs.iter().map(|(k, v)| (k.clone(), v.clone())));
-        ns.extend(self.cli.iter().map(|(k, v)| (k.clone(), Json::String(v.clone()))));
+        ns.extend(
+            self.cli
+                .iter()
+                .map(|(k, v)| (k.clone(), Json::String(v.clone()))),
+        );
         ns
     }
 }
@@ -159,7 +176,11 @@ fn render_value(v: &VarValue, ctx: &Value) -> Result<Json, Failure> {
         VarValue::Int(i) => Json::from(*i),
         VarValue::Float(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
         VarValue::Str(t) => Json::String(jinja().render(t, Escape::Raw, ctx)?),
-        VarValue::List(l) => Json::Array(l.iter().map(|x| render_value(x, ctx)).collect::<Result<_, _>>()?),
+        VarValue::List(l) => Json::Array(
+            l.iter()
+                .map(|x| render_value(x, ctx))
+                .collect::<Result<_, _>>()?,
+        ),
         VarValue::Map(m) => Json::Object(
             m.iter()
                 .map(|(k, x)| Ok((k.clone(), render_value(x, ctx)?)))
@@ -176,7 +197,11 @@ fn render_host(
 ) -> Result<HostPlan, Failure> {
     let mut base = inventory_vars.clone();
     base.insert("host".into(), host_json(host));
-    let mut eval = Eval { base, cli, memo: BTreeMap::new() };
+    let mut eval = Eval {
+        base,
+        cli,
+        memo: BTreeMap::new(),
+    };
     let defs = eval.scope(&fc.scope)?;
     let ns = eval.namespace(&defs);
     let ctx = to_value(&Json::Object(ns.clone()));
@@ -206,7 +231,10 @@ struct StepRenderer<'a> {
 }
 
 fn condition(c: &Cond) -> Condition {
-    Condition { expr: c.expr.clone(), location: c.loc.clone() }
+    Condition {
+        expr: c.expr.clone(),
+        location: c.loc.clone(),
+    }
 }
 
 impl StepRenderer<'_> {
@@ -223,7 +251,11 @@ impl StepRenderer<'_> {
     }
 
     fn steps(&self, steps: Option<&[StepDef]>) -> Result<Vec<Step>, Failure> {
-        steps.unwrap_or_default().iter().map(|s| self.step(s)).collect()
+        steps
+            .unwrap_or_default()
+            .iter()
+            .map(|s| self.step(s))
+            .collect()
     }
 
     fn backout(&self, b: &BackoutDef) -> Result<BackoutSpec, Failure> {
@@ -238,27 +270,41 @@ impl StepRenderer<'_> {
 
     fn step(&self, s: &StepDef) -> Result<Step, Failure> {
         let action = match &s.action {
-            ActionDef::Run(t) => StepAction::Run { command: self.shell(t)? },
+            ActionDef::Run(t) => StepAction::Run {
+                command: self.shell(t)?,
+            },
             ActionDef::Argv(a) => {
                 let argv: Vec<String> = a.iter().map(|t| self.raw(t)).collect::<Result<_, _>>()?;
                 if argv[0].is_empty() {
-                    return Err((a[0].loc.clone(), "the program (argv[0]) rendered to an empty string".into()));
+                    return Err((
+                        a[0].loc.clone(),
+                        "the program (argv[0]) rendered to an empty string".into(),
+                    ));
                 }
                 StepAction::Argv { argv }
             }
             ActionDef::File(f) => {
                 let path = self.raw(&f.path)?;
                 if path.trim().is_empty() {
-                    return Err((f.path.loc.clone(), "the file path rendered to an empty string".into()));
+                    return Err((
+                        f.path.loc.clone(),
+                        "the file path rendered to an empty string".into(),
+                    ));
                 }
                 let validate = match &f.validate {
                     Some(v) => {
                         let file = Value::from(BTreeMap::from([
-                            ("tmp".to_string(), Value::from_safe_string(FILE_TMP_PLACEHOLDER.to_string())),
+                            (
+                                "tmp".to_string(),
+                                Value::from_safe_string(FILE_TMP_PLACEHOLDER.to_string()),
+                            ),
                             ("path".to_string(), Value::from(path.clone())),
                         ]));
-                        let mut ns: BTreeMap<String, Value> =
-                            self.ns.iter().map(|(k, v)| (k.clone(), to_value(v))).collect();
+                        let mut ns: BTreeMap<String, Value> = self
+                            .ns
+                            .iter()
+                            .map(|(k, v)| (k.clone(), to_value(v)))
+                            .collect();
                         ns.insert("file".into(), file);
                         let ctx = Value::from(ns);
                         Some(jinja().render(v, Escape::Shell, &ctx)?)
@@ -269,7 +315,14 @@ impl StepRenderer<'_> {
                     path,
                     content: self.raw(&f.content)?,
                     mode: f.mode,
-                    owner: f.owner.clone(),
+                    owner: match &f.owner {
+                        Some(t) => {
+                            let owner = self.raw(t)?;
+                            super::policy::check_owner(&owner).map_err(|e| (t.loc.clone(), e))?;
+                            Some(owner)
+                        }
+                        None => None,
+                    },
                     validate,
                 })
             }

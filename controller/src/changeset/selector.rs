@@ -66,8 +66,7 @@ pub enum Op {
     NotIn(Vec<String>),
 }
 
-const EXPECTED: &str =
-    "expected `all`, host names (`web-1,web-2`) or label expressions (`key=value`, `key!=value`, `key in (a,b)`, comma = and)";
+const EXPECTED: &str = "expected `all`, host names (`web-1,web-2`) or label expressions (`key=value`, `key!=value`, `key in (a,b)`, comma = and)";
 
 fn name_re() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
@@ -82,7 +81,8 @@ fn key_re() -> &'static Regex {
 fn set_re() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
-        Regex::new(r"^(?P<key>\S+)\s+(?P<op>in|notin)\s*\((?P<vals>[^()]*)\)$").expect("valid regex")
+        Regex::new(r"^(?P<key>\S+)\s+(?P<op>in|notin)\s*\((?P<vals>[^()]*)\)$")
+            .expect("valid regex")
     })
 }
 
@@ -92,7 +92,9 @@ fn check_value(v: &str, term: &str) -> Result<String, String> {
         return Err(format!("`{term}`: empty value"));
     }
     if v.chars().any(|c| c.is_whitespace() || "=!(),".contains(c)) {
-        return Err(format!("`{term}`: bad value `{v}` (no spaces, `=`, `!`, `(`, `)` or `,`)"));
+        return Err(format!(
+            "`{term}`: bad value `{v}` (no spaces, `=`, `!`, `(`, `)` or `,`)"
+        ));
     }
     Ok(v.to_string())
 }
@@ -153,7 +155,9 @@ impl Selector {
                 return Err(format!("empty term in `{text}`; {EXPECTED}"));
             }
             if t == "all" {
-                return Err(format!("`all` cannot be combined with other terms in `{text}`"));
+                return Err(format!(
+                    "`all` cannot be combined with other terms in `{text}`"
+                ));
             }
             if let Some(c) = set_re().captures(t) {
                 let key = parse_key(&c["key"], t)?;
@@ -161,7 +165,11 @@ impl Selector {
                     .split(',')
                     .map(|v| check_value(v, t))
                     .collect::<Result<Vec<_>, _>>()?;
-                let op = if &c["op"] == "in" { Op::In(vals) } else { Op::NotIn(vals) };
+                let op = if &c["op"] == "in" {
+                    Op::In(vals)
+                } else {
+                    Op::NotIn(vals)
+                };
                 terms.push(Term { key, op });
             } else if let Some((k, v)) = t.split_once("!=") {
                 terms.push(Term {
@@ -176,7 +184,9 @@ impl Selector {
             } else if name_re().is_match(t) {
                 names.push(t.to_string());
             } else {
-                return Err(format!("`{t}` is not a host name or a label expression; {EXPECTED}"));
+                return Err(format!(
+                    "`{t}` is not a host name or a label expression; {EXPECTED}"
+                ));
             }
         }
         match (names.is_empty(), terms.is_empty()) {
@@ -197,7 +207,9 @@ impl Selector {
         for n in list {
             let n = n.trim().to_string();
             if !name_re().is_match(&n) {
-                return Err(format!("`{n}` is not a host name (letters, digits, `_`, `.`, `-`)"));
+                return Err(format!(
+                    "`{n}` is not a host name (letters, digits, `_`, `.`, `-`)"
+                ));
             }
             if !out.contains(&n) {
                 out.push(n);
@@ -210,7 +222,7 @@ impl Selector {
     pub fn matches(&self, host: &HostInfo) -> bool {
         match self {
             Selector::All => true,
-            Selector::Names(names) => names.iter().any(|n| *n == host.name),
+            Selector::Names(names) => names.contains(&host.name),
             Selector::Terms(terms) => terms.iter().all(|t| t.matches(host)),
         }
     }
@@ -224,7 +236,8 @@ impl Selector {
                 .filter_map(|n| inventory.iter().find(|h| h.name == *n))
                 .collect(),
             _ => {
-                let mut out: Vec<&HostInfo> = inventory.iter().filter(|h| self.matches(h)).collect();
+                let mut out: Vec<&HostInfo> =
+                    inventory.iter().filter(|h| self.matches(h)).collect();
                 out.sort_by(|a, b| a.name.cmp(&b.name));
                 out
             }
@@ -290,8 +303,14 @@ mod tests {
     fn host(name: &str, labels: &[(&str, &str)], facts: &[(&str, &str)]) -> HostInfo {
         HostInfo {
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            facts: facts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            facts: facts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -299,7 +318,11 @@ mod tests {
         vec![
             host("web-2", &[("role", "web"), ("dc", "a")], &[("os", "linux")]),
             host("db-1", &[("role", "db"), ("dc", "b")], &[("os", "linux")]),
-            host("web-1", &[("role", "web"), ("dc", "b")], &[("os", "freebsd")]),
+            host(
+                "web-1",
+                &[("role", "web"), ("dc", "b")],
+                &[("os", "freebsd")],
+            ),
             host("bare", &[], &[]),
         ]
     }
@@ -347,7 +370,12 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for text in ["all", "web-1,web-2", "role=web,dc!=a", "dc in (a,b),facts.os notin (x)"] {
+        for text in [
+            "all",
+            "web-1,web-2",
+            "role=web,dc!=a",
+            "dc in (a,b),facts.os notin (x)",
+        ] {
             let sel = Selector::parse(text).unwrap();
             assert_eq!(sel.to_string(), text);
             assert_eq!(Selector::parse(&sel.to_string()).unwrap(), sel);

@@ -117,7 +117,10 @@ pub fn collect_sources(
                 column: 1,
                 path: String::new(),
             };
-            diags.push(Diagnostic::new(loc, format!("cannot read the changeset: {e}")));
+            diags.push(Diagnostic::new(
+                loc,
+                format!("cannot read the changeset: {e}"),
+            ));
         }
     }
     finish(sources, diags)
@@ -157,7 +160,10 @@ fn follow(
                 follow(&resolved, text, read, sources, chain, diags);
                 chain.pop();
             }
-            Err(e) => diags.push(Diagnostic::new(loc, format!("cannot read included file `{resolved}`: {e}"))),
+            Err(e) => diags.push(Diagnostic::new(
+                loc,
+                format!("cannot read included file `{resolved}`: {e}"),
+            )),
         }
     }
 }
@@ -168,7 +174,10 @@ mod tests {
 
     #[test]
     fn include_paths_are_relative_to_the_including_file() {
-        assert_eq!(resolve_include("examples/nested.yaml", "db-migrate.yaml"), "examples/db-migrate.yaml");
+        assert_eq!(
+            resolve_include("examples/nested.yaml", "db-migrate.yaml"),
+            "examples/db-migrate.yaml"
+        );
         assert_eq!(resolve_include("nested.yaml", "sub/x.yaml"), "sub/x.yaml");
         assert_eq!(resolve_include("a/b/c.yaml", "../d.yaml"), "a/d.yaml");
         assert_eq!(resolve_include("a/c.yaml", "../../d.yaml"), "../d.yaml");
@@ -177,7 +186,10 @@ mod tests {
     }
 
     fn reader(files: &[(&str, &str)]) -> impl FnMut(&str) -> std::io::Result<String> {
-        let files: BTreeMap<String, String> = files.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let files: BTreeMap<String, String> = files
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |p: &str| {
             files
                 .get(p)
@@ -189,27 +201,43 @@ mod tests {
     #[test]
     fn follows_includes_once_each() {
         let mut read = reader(&[
-            ("top/a.yaml", "changes:\n  - name: x\n    include: b.yaml\n  - name: y\n    include: sub/c.yaml\n"),
-            ("top/b.yaml", "changes:\n  - name: z\n    include: sub/c.yaml\n"),
+            (
+                "top/a.yaml",
+                "changes:\n  - name: x\n    include: b.yaml\n  - name: y\n    include: sub/c.yaml\n",
+            ),
+            (
+                "top/b.yaml",
+                "changes:\n  - name: z\n    include: sub/c.yaml\n",
+            ),
             ("top/sub/c.yaml", "name: c\n"),
         ]);
         let s = collect_sources("top/a.yaml", &mut read).unwrap();
-        assert_eq!(s.files.keys().collect::<Vec<_>>(), ["top/a.yaml", "top/b.yaml", "top/sub/c.yaml"]);
+        assert_eq!(
+            s.files.keys().collect::<Vec<_>>(),
+            ["top/a.yaml", "top/b.yaml", "top/sub/c.yaml"]
+        );
     }
 
     #[test]
     fn loops_and_missing_files_point_at_the_include() {
         let mut read = reader(&[
-            ("a.yaml", "changes:\n  - name: x\n    include: b.yaml\n  - name: y\n    include: gone.yaml\n"),
+            (
+                "a.yaml",
+                "changes:\n  - name: x\n    include: b.yaml\n  - name: y\n    include: gone.yaml\n",
+            ),
             ("b.yaml", "changes:\n  - name: z\n    include: a.yaml\n"),
         ]);
-        let err = collect_sources("a.yaml", &mut read).unwrap_err().to_string();
+        let err = collect_sources("a.yaml", &mut read)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "a.yaml:5:14: cannot read included file `gone.yaml`: not found\n\
              b.yaml:3:14: include loop: a.yaml -> b.yaml -> a.yaml"
         );
-        let err = collect_sources("nope.yaml", &mut read).unwrap_err().to_string();
+        let err = collect_sources("nope.yaml", &mut read)
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "nope.yaml:1:1: cannot read the changeset: not found");
     }
 }

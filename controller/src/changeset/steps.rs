@@ -25,7 +25,13 @@ fn env_name_re() -> &'static Regex {
 impl Reader<'_> {
     /// A template string; `lenient` also takes numbers and booleans as text.
     /// Syntax errors and unknown filters are reported here.
-    pub fn template(&mut self, node: &Node, path: &str, escape: Escape, lenient: bool) -> Option<Tmpl> {
+    pub fn template(
+        &mut self,
+        node: &Node,
+        path: &str,
+        escape: Escape,
+        lenient: bool,
+    ) -> Option<Tmpl> {
         let src = if lenient {
             self.scalar_text(node, path)?
         } else {
@@ -62,7 +68,11 @@ impl Reader<'_> {
         let quoted = self.is_quoted(node);
         let multiline = !quoted && self.raw(node).contains('\n');
         match cond::check(&expr, kind) {
-            Ok(var_fields) => Some(Cond { expr, loc, var_fields }),
+            Ok(var_fields) => Some(Cond {
+                expr,
+                loc,
+                var_fields,
+            }),
             Err(errors) => {
                 for ((line, col), msg) in errors {
                     let mut at = loc.clone();
@@ -83,7 +93,11 @@ impl Reader<'_> {
     pub fn steps(&mut self, node: &Node, path: &str) -> Option<Vec<StepDef>> {
         let items = self.list(node, path)?;
         if items.is_empty() {
-            self.error(node, path, "empty list: expected at least one step (or leave the key out)");
+            self.error(
+                node,
+                path,
+                "empty list: expected at least one step (or leave the key out)",
+            );
         }
         let steps: Vec<StepDef> = items
             .iter()
@@ -96,7 +110,10 @@ impl Reader<'_> {
     /// One step.
     pub fn step(&mut self, node: &Node, path: &str) -> Option<StepDef> {
         let m = self.map(node, path, STEP_KEYS)?;
-        let kinds: Vec<&str> = ["run", "argv", "file"].into_iter().filter(|k| m.has(k)).collect();
+        let kinds: Vec<&str> = ["run", "argv", "file"]
+            .into_iter()
+            .filter(|k| m.has(k))
+            .collect();
         match kinds.as_slice() {
             [] => {
                 self.error(node, path, "a step needs one of `run`, `argv` or `file`");
@@ -117,18 +134,32 @@ impl Reader<'_> {
         if let Some(kn) = m.key_node("interact")
             && kind != "run"
         {
-            self.error(kn, &key_path(path, "interact"), format!("`interact` goes with `run`, not `{kind}`"));
+            self.error(
+                kn,
+                &key_path(path, "interact"),
+                format!("`interact` goes with `run`, not `{kind}`"),
+            );
+        }
+        if let Some(kn) = m.key_node("stdin")
+            && m.has("interact")
+        {
+            self.error(kn, &key_path(path, "stdin"), "`stdin` cannot be used with `interact`: the program's input is the `send` texts");
         }
         if kind == "file" {
             for k in ["stdin", "env", "cwd"] {
                 if let Some(kn) = m.key_node(k) {
-                    self.error(kn, &key_path(path, k), format!("`{k}` is not used by a `file` step"));
+                    self.error(
+                        kn,
+                        &key_path(path, k),
+                        format!("`{k}` is not used by a `file` step"),
+                    );
                 }
             }
         }
         let action = match kind {
             "run" => {
-                let run = self.template(m.get("run")?, &key_path(path, "run"), Escape::Shell, false);
+                let run =
+                    self.template(m.get("run")?, &key_path(path, "run"), Escape::Shell, false);
                 match m.get("interact") {
                     Some(n) => ActionDef::Interact {
                         run: run?,
@@ -138,7 +169,9 @@ impl Reader<'_> {
                 }
             }
             "argv" => ActionDef::Argv(self.argv(m.get("argv")?, &key_path(path, "argv"))?),
-            _ => ActionDef::File(self.file(m.get("file")?, &key_path(path, "file"))?),
+            _ => ActionDef::File(Box::new(
+                self.file(m.get("file")?, &key_path(path, "file"))?,
+            )),
         };
         Some(StepDef {
             action,
@@ -154,7 +187,12 @@ impl Reader<'_> {
         })
     }
 
-    fn positive_duration(&mut self, m: &Map<'_>, path: &str, key: &str) -> Option<std::time::Duration> {
+    fn positive_duration(
+        &mut self,
+        m: &Map<'_>,
+        path: &str,
+        key: &str,
+    ) -> Option<std::time::Duration> {
         let n = m.get(key)?;
         let p = key_path(path, key);
         let d = self.duration(n, &p)?;
@@ -181,7 +219,13 @@ impl Reader<'_> {
         for (k, kn, v) in env.entries {
             let vp = key_path(&p, &k);
             if !env_name_re().is_match(&k) {
-                self.error(kn, &vp, format!("bad environment variable name `{k}`: expected letters, digits and `_`"));
+                self.error(
+                    kn,
+                    &vp,
+                    format!(
+                        "bad environment variable name `{k}`: expected letters, digits and `_`"
+                    ),
+                );
                 continue;
             }
             if let Some(t) = self.template(v, &vp, Escape::Raw, true) {
@@ -194,7 +238,11 @@ impl Reader<'_> {
     fn argv(&mut self, node: &Node, path: &str) -> Option<Vec<Tmpl>> {
         let items = self.list(node, path)?;
         if items.is_empty() {
-            self.error(node, path, "expected the program and its arguments, found an empty list");
+            self.error(
+                node,
+                path,
+                "expected the program and its arguments, found an empty list",
+            );
             return None;
         }
         let out: Vec<Tmpl> = items
@@ -206,11 +254,19 @@ impl Reader<'_> {
     }
 
     fn file(&mut self, node: &Node, path: &str) -> Option<FileDef> {
-        let m = self.map(node, path, &["path", "content", "mode", "owner", "validate"])?;
+        let m = self.map(
+            node,
+            path,
+            &["path", "content", "mode", "owner", "validate"],
+        )?;
         let required = |this: &mut Self, key: &str| {
             let got = m.get(key);
             if got.is_none() {
-                this.error(node, &key_path(path, key), format!("a `file` step needs `{key}`"));
+                this.error(
+                    node,
+                    &key_path(path, key),
+                    format!("a `file` step needs `{key}`"),
+                );
             }
             got
         };
@@ -220,11 +276,19 @@ impl Reader<'_> {
         if let Some(t) = &file_path
             && t.src.trim().is_empty()
         {
-            self.error(path_node?, &key_path(path, "path"), "expected a file path, found an empty string");
+            self.error(
+                path_node?,
+                &key_path(path, "path"),
+                "expected a file path, found an empty string",
+            );
         }
         let content = self.template(content_node?, &key_path(path, "content"), Escape::Raw, true);
-        let mode = m.get("mode").and_then(|n| self.mode(n, &key_path(path, "mode")));
-        let owner = m.get("owner").and_then(|n| self.owner(n, &key_path(path, "owner")));
+        let mode = m
+            .get("mode")
+            .and_then(|n| self.mode(n, &key_path(path, "mode")));
+        let owner = m
+            .get("owner")
+            .and_then(|n| self.owner(n, &key_path(path, "owner")));
         let validate = m
             .get("validate")
             .map(|n| self.template(n, &key_path(path, "validate"), Escape::Shell, false));
@@ -251,20 +315,32 @@ impl Reader<'_> {
             let expect = match m.get("expect") {
                 Some(n) => self.regex(n, &key_path(&p, "expect")),
                 None => {
-                    self.error(item, &key_path(&p, "expect"), "missing `expect`: the regex to wait for");
+                    self.error(
+                        item,
+                        &key_path(&p, "expect"),
+                        "missing `expect`: the regex to wait for",
+                    );
                     None
                 }
             };
             let send = match m.get("send") {
                 Some(n) => self.template(n, &key_path(&p, "send"), Escape::Raw, true),
                 None => {
-                    self.error(item, &key_path(&p, "send"), "missing `send`: the text to answer with (add \\n yourself)");
+                    self.error(
+                        item,
+                        &key_path(&p, "send"),
+                        "missing `send`: the text to answer with (add \\n yourself)",
+                    );
                     None
                 }
             };
             let timeout = self.positive_duration(&m, &p, "timeout");
             if let (Some(expect), Some(send)) = (expect, send) {
-                out.push(ExchangeDef { expect, send, timeout });
+                out.push(ExchangeDef {
+                    expect,
+                    send,
+                    timeout,
+                });
             }
         }
         (out.len() == items.len()).then_some(out)
@@ -275,7 +351,13 @@ impl Reader<'_> {
         match Regex::new(&s) {
             Ok(_) => Some(s),
             Err(e) => {
-                let detail = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                let detail = e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
                 self.error(node, path, format!("bad regex `{s}`: {detail}"));
                 None
             }
@@ -290,13 +372,17 @@ impl Reader<'_> {
         }
         let items = self.list(node, path)?;
         if items.is_empty() {
-            self.error(node, path, "empty backout: expected steps or procedures (or leave `backout` out)");
+            self.error(
+                node,
+                path,
+                "empty backout: expected steps or procedures (or leave `backout` out)",
+            );
             return None;
         }
         let is_procedure = |n: &Node| match &n.data {
-            YamlDataOwned::Mapping(m) => m.keys().any(|k| {
-                k.data.as_str().is_some_and(|k| BACKOUT_KEYS.contains(&k))
-            }),
+            YamlDataOwned::Mapping(m) => m
+                .keys()
+                .any(|k| k.data.as_str().is_some_and(|k| BACKOUT_KEYS.contains(&k))),
             _ => false,
         };
         if !items.iter().any(is_procedure) {
@@ -342,7 +428,9 @@ impl Reader<'_> {
         let check = phase(self, "check");
         let steps = phase(self, "steps");
         let verify = phase(self, "verify");
-        let when = m.get("when").and_then(|n| self.cond(n, &key_path(path, "when"), CondKind::When));
+        let when = m
+            .get("when")
+            .and_then(|n| self.cond(n, &key_path(path, "when"), CondKind::When));
         Some(BackoutDef {
             when,
             check,
@@ -357,16 +445,18 @@ impl Reader<'_> {
         // A phase that is written but unreadable still counts as written, so
         // one mistake does not cascade into "no `apply`".
         let steps = |this: &mut Self, key: &str| {
-            m.get(key).map(|n| this.steps(n, &key_path(path, key)).unwrap_or_default())
+            m.get(key)
+                .map(|n| this.steps(n, &key_path(path, key)).unwrap_or_default())
         };
         Phases {
             skip_if: steps(self, "skip_if"),
             check: steps(self, "check"),
             apply: steps(self, "apply"),
             verify: steps(self, "verify"),
-            backout: m
-                .get("backout")
-                .map(|n| self.backout(n, &key_path(path, "backout")).unwrap_or_default()),
+            backout: m.get("backout").map(|n| {
+                self.backout(n, &key_path(path, "backout"))
+                    .unwrap_or_default()
+            }),
         }
     }
 }

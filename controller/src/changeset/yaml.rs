@@ -50,7 +50,9 @@ pub(crate) fn load(file: &str, text: &str) -> Result<Option<Node>, Diagnostic> {
             ),
         ));
     }
-    Ok(docs.pop().filter(|d| !matches!(d.data, YamlDataOwned::Value(ScalarOwned::Null))))
+    Ok(docs
+        .pop()
+        .filter(|d| !matches!(d.data, YamlDataOwned::Value(ScalarOwned::Null))))
 }
 
 /// The entries of a mapping node, in file order.
@@ -128,7 +130,11 @@ impl<'a> Reader<'a> {
         let last = self.offsets.len() - 1;
         let start = self.offsets[node.span.start.index().min(last)];
         let end = self.offsets[node.span.end.index().min(last)];
-        if start <= end { &self.text[start..end] } else { "" }
+        if start <= end {
+            &self.text[start..end]
+        } else {
+            ""
+        }
     }
 
     /// Is `node` a quoted scalar (so its content starts one column later)?
@@ -167,7 +173,10 @@ impl<'a> Reader<'a> {
             } else {
                 let hint = suggestion(&key, allowed.iter().copied());
                 let msg = if hint.is_empty() {
-                    format!("unknown key `{key}` (expected one of: {})", allowed.join(", "))
+                    format!(
+                        "unknown key `{key}` (expected one of: {})",
+                        allowed.join(", ")
+                    )
                 } else {
                     format!("unknown key `{key}`{hint}")
                 };
@@ -250,7 +259,9 @@ impl<'a> Reader<'a> {
     /// each with its node.
     pub fn names<'n>(&mut self, node: &'n Node, path: &str) -> Vec<(String, &'n Node, String)> {
         match &node.data {
-            YamlDataOwned::Value(ScalarOwned::String(s)) => vec![(s.clone(), node, path.to_string())],
+            YamlDataOwned::Value(ScalarOwned::String(s)) => {
+                vec![(s.clone(), node, path.to_string())]
+            }
             YamlDataOwned::Sequence(items) => {
                 let mut out = Vec::new();
                 for (i, item) in items.iter().enumerate() {
@@ -286,7 +297,10 @@ mod tests {
         let top = r.map(&doc, "", &["a", "b"]).unwrap();
         let b = r.map(top.get("b").unwrap(), "b", &["c"]).unwrap();
         let c = r.list(b.get("c").unwrap(), "b.c").unwrap();
-        assert_eq!(r.loc(&c[1], &index_path("b.c", 1)).to_string(), "f.yaml:3:10 (b.c[1])");
+        assert_eq!(
+            r.loc(&c[1], &index_path("b.c", 1)).to_string(),
+            "f.yaml:3:10 (b.c[1])"
+        );
         assert!(r.is_quoted(&c[1]));
         assert!(!r.is_quoted(&c[0]));
         assert!(r.diags.is_empty());

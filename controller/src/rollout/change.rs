@@ -12,12 +12,18 @@
 //! is running any more. `on_failure: backout_all`, an abort/deny with
 //! backout, and a changeset-level `backout_all` all use it.
 
+mod backout;
+mod schedule;
+
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::spec::{ApproveAt, ChangeSpec, OnFailure};
+use crate::spec::{ChangeSpec, OnFailure};
 
-use super::host::{left_state, BackoutStart, HostRun, Outcome};
+use schedule::{Gate, GateFor};
+
+use super::host::{HostRun, Outcome, left_state};
 use super::model::{
     Action, AlertKind, DispatchId, Failure, FailureReason, HostState, Judge, Millis, Progress,
     RunState, StepResult,
@@ -58,31 +64,6 @@ impl Ctx {
     }
 }
 
-/// What an approval gate stands before.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum GateFor {
-    /// The change's first host (`approve: once`).
-    Change,
-    /// A batch (`approve: each_batch`).
-    Batch(usize),
-    /// A host (`approve: each_host`).
-    Host(usize),
-}
-
-/// An open approval gate.
-#[derive(Clone, Debug)]
-pub(super) struct Gate {
-    /// What it stands before.
-    pub what: GateFor,
-    /// Run-wide sequence number when it opened (approvals answer the
-    /// oldest gate first).
-    pub opened: u64,
-    /// When it times out (a deny), if `approve.timeout` is set.
-    pub deadline: Option<Millis>,
-    /// For people.
-    pub label: String,
-}
-
 /// One change of the run.
 #[derive(Debug)]
 pub(super) struct ChangeRun {
@@ -96,7 +77,7 @@ pub(super) struct ChangeRun {
     pause_until: Option<Millis>,
     /// The open approval gate, if any.
     pub gate: Option<Gate>,
-    approved: Vec<GateFor>,
+    approved: BTreeSet<GateFor>,
     failed_hosts: usize,
     stop_new: bool,
     /// Why the change is being backed out everywhere, once it is.
@@ -127,7 +108,7 @@ impl ChangeRun {
             next_in_batch: 0,
             pause_until: None,
             gate: None,
-            approved: Vec::new(),
+            approved: BTreeSet::new(),
             failed_hosts: 0,
             stop_new: false,
             mass: None,
@@ -210,15 +191,14 @@ impl ChangeRun {
             .min()
     }
 
-    /// Answers the open gate with an approval.
-    pub fn approve(&mut self) {
-        if let Some(gate) = self.gate.take() {
-            self.approved.push(gate.what);
-        }
-    }
-
     /// Handles the result of the step `id`, in flight on this change.
-    pub fn on_step(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, id: DispatchId, result: StepResult) {
+    pub fn on_step(
+        &mut self,
+        spec: &ChangeSpec,
+        ctx: &mut Ctx,
+        id: DispatchId,
+        result: StepResult,
+    ) {
         let h = id.host;
         let judge = Arc::clone(&ctx.judge);
         let (verdict, outcome) = self.hosts[h].finish(&spec.hosts[h], &*judge, id, &result);
@@ -276,7 +256,8 @@ impl ChangeRun {
                 progressed |= self.schedule(spec, ctx);
             }
             for h in 0..self.hosts.len() {
-                if let Some((id, step)) = self.hosts[h].take_dispatch(self.index, h, &spec.hosts[h]) {
+                if let Some((id, step)) = self.hosts[h].take_dispatch(self.index, h, &spec.hosts[h])
+                {
                     ctx.out.push(Action::Dispatch {
                         id,
                         host: spec.hosts[h].host.name.clone(),
@@ -287,103 +268,6 @@ impl ChangeRun {
             }
         }
         progressed | self.try_conclude(ctx)
-    }
-
-    /// The run bails out (abort, deny, approval timeout) while this change
-    /// runs: cancel forward steps in flight (backout steps too without
-    /// `backout`), start nothing new, and with `backout` back out every host
-    /// where it was applied. A second bail without backout after one with
-    /// it stops the backouts too.
-    pub fn bail(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, backout: bool, why: &str) {
-        match self.bail {
-            Some(false) => return,
-            Some(true) if backout => return,
-            Some(true) => {
-                self.bail = Some(false);
-                self.stop_backouts(spec, ctx);
-                return;
-            }
-            None => {}
-        }
-        self.bail = Some(backout);
-        self.halt();
-        if backout {
-            self.mass = Some(why.to_string());
-        } else {
-            self.stop_backouts(spec, ctx);
-        }
-        for h in 0..self.hosts.len() {
-            let host = &mut self.hosts[h];
-            if let Some(id) = host.in_flight {
-                if !id.phase.is_backout() && !host.cancel_sent {
-                    host.cancel_sent = true;
-                    cancel(ctx, spec, id);
-                }
-            }
-            match host.state {
-                HostState::RetryPending => {
-                    host.retry_at = None;
-                    host.queued = backout && host.applied && !host.backed_out;
-                    self.set_state(ctx, h, HostState::Cancelled);
-                }
-                HostState::Running if host.in_flight.is_none() => {
-                    let failure = host.synthetic_failure(format!("stopped: {why}"));
-                    host.stop();
-                    self.attempt_failed(spec, ctx, h, failure);
-                }
-                HostState::Success | HostState::Skipped => {
-                    host.queued = backout && host.applied && !host.backed_out;
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Stops every backout of this change: queued hosts are left as they
-    /// are, backout steps in flight are cancelled, a backout waiting for
-    /// its next step ends `backout_failed`.
-    pub fn stop_backouts(&mut self, spec: &ChangeSpec, ctx: &mut Ctx) {
-        for h in 0..self.hosts.len() {
-            let host = &mut self.hosts[h];
-            host.queued = false;
-            match host.in_flight {
-                Some(id) if id.phase.is_backout() => {
-                    if !host.cancel_sent {
-                        host.cancel_sent = true;
-                        cancel(ctx, spec, id);
-                    }
-                }
-                None if host.state == HostState::BackingOut => {
-                    host.stop();
-                    self.backout_interrupted(spec, ctx, h);
-                }
-                _ => {}
-            }
-        }
-        if self.reopened {
-            self.bail = Some(false);
-        }
-    }
-
-    /// A changeset-level backout of this concluded change: back out, one
-    /// at a time, every host where it was applied and that is not already
-    /// backed out. Returns false (and stays concluded) if there is none.
-    pub fn reopen(&mut self, why: &str) -> bool {
-        let mut any = false;
-        for host in &mut self.hosts {
-            if host.applied
-                && !host.backed_out
-                && matches!(host.state, HostState::Success | HostState::Skipped)
-            {
-                host.queued = true;
-                any = true;
-            }
-        }
-        if any {
-            self.reopened = true;
-            self.mass = Some(why.to_string());
-        }
-        any
     }
 
     fn halt(&mut self) {
@@ -482,215 +366,6 @@ impl ChangeRun {
         }
     }
 
-    /// `on_failure: backout_all` fired: stop, end pending retries, and
-    /// queue every host where the change was applied.
-    fn enter_mass(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, why: String) {
-        self.mass = Some(why);
-        self.halt();
-        for h in 0..self.hosts.len() {
-            let host = &mut self.hosts[h];
-            match host.state {
-                HostState::RetryPending => {
-                    host.retry_at = None;
-                    self.final_failure(spec, ctx, h);
-                }
-                HostState::Success | HostState::Skipped => {
-                    host.queued = host.applied && !host.backed_out;
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Starts the mass backout of the next queued host (newest completion
-    /// first) once no host of the change is running or backing out.
-    fn drive_mass(&mut self, spec: &ChangeSpec, ctx: &mut Ctx) -> bool {
-        let Some(why) = self.mass.clone() else {
-            return false;
-        };
-        let busy = self.hosts.iter().any(|h| {
-            matches!(
-                h.state,
-                HostState::Running | HostState::RetryPending | HostState::BackingOut
-            )
-        });
-        if busy || self.bail == Some(false) {
-            return false;
-        }
-        let next = (0..self.hosts.len())
-            .filter(|&h| self.hosts[h].queued)
-            .max_by_key(|&h| (self.hosts[h].completed, h));
-        let Some(h) = next else {
-            return false;
-        };
-        let host = &mut self.hosts[h];
-        host.queued = false;
-        let failure = match &host.failure {
-            Some(failure) => failure.clone(),
-            None => {
-                let failure = host.synthetic_failure(why);
-                host.failure = Some(failure.clone());
-                failure
-            }
-        };
-        let left = host.state;
-        self.back_out(spec, ctx, h, &failure, left);
-        true
-    }
-
-    /// Backs host `h` out for `failure`, or leaves it in `left`.
-    fn back_out(
-        &mut self,
-        spec: &ChangeSpec,
-        ctx: &mut Ctx,
-        h: usize,
-        failure: &Failure,
-        left: HostState,
-    ) {
-        let judge = Arc::clone(&ctx.judge);
-        match self.hosts[h].begin_backout(&spec.hosts[h], &*judge, failure) {
-            BackoutStart::Started => self.set_state(ctx, h, HostState::BackingOut),
-            BackoutStart::Done => self.set_state(ctx, h, HostState::BackoutOk),
-            BackoutStart::NotApplied => self.set_state(ctx, h, left),
-            BackoutStart::NoProcedure => {
-                self.set_state(ctx, h, left);
-                let message = format!(
-                    "host {} of change {} was left as it is: no backout procedure matches ({})",
-                    spec.hosts[h].host.name, spec.name, failure.message
-                );
-                ctx.alert(AlertKind::FailedNoBackout, spec, h, message);
-            }
-        }
-    }
-
-    fn backout_ended(
-        &mut self,
-        spec: &ChangeSpec,
-        ctx: &mut Ctx,
-        h: usize,
-        result: Result<(), Failure>,
-    ) {
-        match result {
-            Ok(()) => self.set_state(ctx, h, HostState::BackoutOk),
-            Err(failure) => {
-                self.set_state(ctx, h, HostState::BackoutFailed);
-                let message = format!(
-                    "backout of host {} in change {} failed: {}",
-                    spec.hosts[h].host.name, spec.name, failure.message
-                );
-                ctx.alert(AlertKind::BackoutFailed, spec, h, message);
-            }
-        }
-    }
-
-    fn backout_interrupted(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, h: usize) {
-        let failure = self.hosts[h].synthetic_failure("interrupted by abort --no-backout".into());
-        self.backout_ended(spec, ctx, h, Err(failure));
-    }
-
-    /// Opens gates, waits out pauses, starts batches and hosts.
-    fn schedule(&mut self, spec: &ChangeSpec, ctx: &mut Ctx) -> bool {
-        let mut progressed = false;
-        let cap = spec
-            .rollout
-            .max_parallel
-            .map_or(usize::MAX, |m| (m as usize).max(1));
-        while let Some(batch) = self.batches.get(self.batch).cloned() {
-            if !self.batch_open {
-                if let Some(until) = self.pause_until {
-                    if ctx.now < until {
-                        break;
-                    }
-                    self.pause_until = None;
-                    progressed = true;
-                }
-                let gate = match spec.approve.at {
-                    ApproveAt::Once if self.batch == 0 => Some(GateFor::Change),
-                    ApproveAt::EachBatch => Some(GateFor::Batch(self.batch)),
-                    _ => None,
-                };
-                if let Some(gate) = gate {
-                    if !self.approved.contains(&gate) {
-                        return progressed | self.open_gate(spec, ctx, gate, &batch);
-                    }
-                }
-                self.batch_open = true;
-                self.next_in_batch = 0;
-                ctx.progress(Progress::Batch {
-                    change: self.index,
-                    batch: self.batch,
-                    hosts: batch.clone(),
-                });
-                progressed = true;
-            }
-            while self.next_in_batch < batch.len() {
-                let busy = batch[..self.next_in_batch]
-                    .iter()
-                    .filter(|&&h| !self.hosts[h].state.is_final())
-                    .count();
-                if busy >= cap {
-                    break;
-                }
-                let h = batch[self.next_in_batch];
-                let gate = GateFor::Host(h);
-                if spec.approve.at == ApproveAt::EachHost && !self.approved.contains(&gate) {
-                    return progressed | self.open_gate(spec, ctx, gate, &batch);
-                }
-                self.next_in_batch += 1;
-                self.start_host(spec, ctx, h, 0);
-                progressed = true;
-            }
-            let done = self.next_in_batch == batch.len()
-                && batch.iter().all(|&h| self.hosts[h].state.is_final());
-            if !done {
-                break;
-            }
-            self.batch += 1;
-            self.batch_open = false;
-            progressed = true;
-            if let (Some(pause), true) = (spec.rollout.pause, self.batch < self.batches.len()) {
-                self.pause_until = Some(ctx.now.saturating_add(millis(pause)));
-            }
-        }
-        progressed
-    }
-
-    fn open_gate(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, what: GateFor, batch: &[usize]) -> bool {
-        if self.gate.is_some() {
-            return false;
-        }
-        let names = |hosts: &[usize]| {
-            hosts
-                .iter()
-                .map(|&h| spec.hosts[h].host.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let label = match what {
-            GateFor::Change => format!("change {}: {} hosts", spec.name, spec.hosts.len()),
-            GateFor::Batch(b) => format!(
-                "batch {} of {} of change {}: {}",
-                b + 1,
-                self.batches.len(),
-                spec.name,
-                names(batch)
-            ),
-            GateFor::Host(h) => format!("host {} of change {}", names(&[h]), spec.name),
-        };
-        let opened = ctx.tick();
-        self.gate = Some(Gate {
-            what,
-            opened,
-            deadline: spec.approve.timeout.map(|t| ctx.now.saturating_add(millis(t))),
-            label: label.clone(),
-        });
-        ctx.progress(Progress::AwaitingApproval {
-            change: self.index,
-            gate: label,
-        });
-        true
-    }
-
     /// Concludes the change once every host is final, nothing is in
     /// flight or queued, and nothing more will start.
     fn try_conclude(&mut self, ctx: &mut Ctx) -> bool {
@@ -748,13 +423,6 @@ impl ChangeRun {
             RunState::TotalFailure
         }
     }
-}
-
-fn cancel(ctx: &mut Ctx, spec: &ChangeSpec, id: DispatchId) {
-    ctx.out.push(Action::Cancel {
-        id,
-        host: spec.hosts[id.host].host.name.clone(),
-    });
 }
 
 fn millis(d: Duration) -> Millis {

@@ -363,12 +363,14 @@ impl Engine {
             let blocked = self.bail.is_some()
                 || self.unsatisfiable[c]
                 || self.chains[c].iter().any(|&s| self.scopes[s].halted)
-                || requires.iter().filter_map(required).any(|r| {
-                    r.concluded.is_some_and(|s| s != RunState::Success)
-                });
-            let ready = requires.iter().map(required).all(|r| {
-                r.is_some_and(|r| r.concluded == Some(RunState::Success) && !r.reopened)
-            });
+                || requires
+                    .iter()
+                    .filter_map(required)
+                    .any(|r| r.concluded.is_some_and(|s| s != RunState::Success));
+            let ready = requires
+                .iter()
+                .map(required)
+                .all(|r| r.is_some_and(|r| r.concluded == Some(RunState::Success) && !r.reopened));
             if blocked {
                 self.changes[c].cancel(ctx);
                 progressed = true;
@@ -487,11 +489,18 @@ impl Engine {
     fn try_conclude(&mut self, ctx: &mut Ctx) {
         let pending = self.concluded.is_some()
             || !self.started
-            || self.changes.iter().any(|c| c.concluded.is_none() || c.reopened)
+            || self
+                .changes
+                .iter()
+                .any(|c| c.concluded.is_none() || c.reopened)
             || self.changes.iter().any(|c| c.in_flight().next().is_some())
             || self.cs_active.is_some()
             || !self.cs_queue.is_empty()
-            || self.scopes.iter().any(|s| s.backout == ScopeBackout::Wanted);
+            || (self.bail != Some(false)
+                && self
+                    .scopes
+                    .iter()
+                    .any(|s| s.backout == ScopeBackout::Wanted));
         if pending {
             return;
         }
@@ -570,7 +579,12 @@ fn unsatisfiable(spec: &RunSpec) -> Vec<bool> {
     loop {
         let mut changed = false;
         for c in 0..n {
-            if !resolved[c] && spec.changes[c].requires.iter().all(|&r| r < n && resolved[r]) {
+            if !resolved[c]
+                && spec.changes[c]
+                    .requires
+                    .iter()
+                    .all(|&r| r < n && resolved[r])
+            {
                 resolved[c] = true;
                 changed = true;
             }

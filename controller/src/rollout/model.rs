@@ -47,9 +47,7 @@ impl Phase {
             Phase::BackoutVerify => "backout_verify",
         }
     }
-}
 
-impl Phase {
     /// Is this a step of a backout (backout check, restore, backout steps,
     /// backout verify) rather than of the forward sequence?
     pub fn is_backout(self) -> bool {
@@ -189,7 +187,8 @@ pub trait Judge: Send + Sync {
     /// `Err` carries a message; the step then fails `condition_failed`.
     fn passed(&self, step: &Step, host: &HostPlan, result: &StepResult) -> Result<bool, String>;
     /// Does a backout's `when` match this failure?
-    fn matches(&self, when: &Condition, host: &HostPlan, failure: &Failure) -> Result<bool, String>;
+    fn matches(&self, when: &Condition, host: &HostPlan, failure: &Failure)
+    -> Result<bool, String>;
 }
 
 /// DESIGN.md's host states.
@@ -242,7 +241,10 @@ impl HostState {
     pub fn is_final(self) -> bool {
         !matches!(
             self,
-            HostState::Pending | HostState::Running | HostState::RetryPending | HostState::BackingOut
+            HostState::Pending
+                | HostState::Running
+                | HostState::RetryPending
+                | HostState::BackingOut
         )
     }
 }
@@ -369,6 +371,9 @@ pub enum AlertKind {
 }
 
 /// What the engine asks the driver to do.
+// `Dispatch` carries a whole `Step`; actions are short-lived and moved once,
+// so boxing it would only add an allocation per dispatch.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum Action {

@@ -74,11 +74,7 @@ const CASES: &[(&str, &str)] = files![
     "zero_timeout.yaml",
 ];
 
-const INCLUDED: &[(&str, &str)] = files![
-    "inc/broken.yaml",
-    "inc/loop_b.yaml",
-    "inc/ok.yaml",
-];
+const INCLUDED: &[(&str, &str)] = files!["inc/broken.yaml", "inc/loop_b.yaml", "inc/ok.yaml",];
 
 fn run(name: &str) -> Diagnostics {
     let files: BTreeMap<&str, &str> = CASES.iter().chain(INCLUDED).copied().collect();
@@ -125,6 +121,9 @@ fn every_malformed_changeset_is_reported_exactly() {
 
 #[test]
 fn several_errors_in_one_file_are_all_reported() {
-    let (name, _) = CASES.iter().find(|(n, _)| *n == "multiple_errors.yaml").expect("in the corpus");
+    let (name, _) = CASES
+        .iter()
+        .find(|(n, _)| *n == "multiple_errors.yaml")
+        .expect("in the corpus");
     assert!(run(name).len() >= 5);
 }

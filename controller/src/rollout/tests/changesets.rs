@@ -1,5 +1,6 @@
 //! The `requires` DAG, changeset-level `on_failure` and included groups.
 
+use super::policies::{positions, rich};
 use super::sim::*;
 use crate::rollout::{Action, HostState, Millis, Phase, Progress, RunState};
 use crate::spec::{ChangeSpec, ChangesetFailure, GroupSpec, OnFailure};
@@ -52,7 +53,9 @@ fn changes_start_when_their_requires_succeeded_and_independent_ones_run_at_once(
     assert_eq!(first_dispatch(&sim, 3), Some(0), "d runs beside a");
     assert_eq!(first_dispatch(&sim, 1), Some(a_done));
     assert_eq!(first_dispatch(&sim, 2), Some(a_done), "b and c at once");
-    let bc_done = reached(&sim, 1, Success).max(reached(&sim, 2, Success)).unwrap();
+    let bc_done = reached(&sim, 1, Success)
+        .max(reached(&sim, 2, Success))
+        .unwrap();
     assert_eq!(first_dispatch(&sim, 4), Some(bc_done));
     assert_eq!(sim.engine.state(), Success);
 }
@@ -184,7 +187,10 @@ fn nested_groups_pass_a_failure_up_to_the_top_level_policy() {
     spec.on_failure = ChangesetFailure::BackoutAll;
     grouped(
         &mut spec,
-        vec![(None, ChangesetFailure::Halt), (Some(0), ChangesetFailure::Halt)],
+        vec![
+            (None, ChangesetFailure::Halt),
+            (Some(0), ChangesetFailure::Halt),
+        ],
     );
     let mut sim = Sim::new(spec);
     sim.script(at(3, 0, Phase::Apply, 0), Outcome::Fail(1));
@@ -216,7 +222,11 @@ fn an_inner_group_backout_runs_before_the_outer_one() {
     let mut sim = Sim::new(spec);
     sim.script(at(2, 0, Phase::Apply, 0), Outcome::Fail(1));
     sim.run_to_end();
-    assert_eq!(backed_out_changes(&sim), [2, 1, 0], "b's own, then the group, then the top");
+    assert_eq!(
+        backed_out_changes(&sim),
+        [2, 1, 0],
+        "b's own, then the group, then the top"
+    );
     assert_eq!(sim.change_state(2), TotalFailure);
     assert_eq!(sim.engine.state(), BackoutOk);
 }
@@ -237,4 +247,58 @@ fn impossible_requires_are_cancelled_instead_of_hanging() {
         assert_eq!(sim.change_state(c), Cancelled, "change {c}");
     }
     assert_eq!(sim.engine.state(), PartialFailure);
+}
+
+/// Changeset-level and group-level `backout_all` against a failure at every
+/// position of the failing change: what was done is put back.
+#[test]
+fn changeset_and_group_backout_all_at_every_position() {
+    for grouped_run in [false, true] {
+        for (name, scripts, end) in positions() {
+            let mut a = rich(1, OnFailure::Halt);
+            a.name = "a".into();
+            a.requires = vec![0];
+            let mut b = rich(2, OnFailure::Halt);
+            b.name = "b".into();
+            b.requires = vec![1];
+            let mut spec = run_spec(vec![requiring("x", 1, &[]), a, b]);
+            if grouped_run {
+                spec.changes[1].group = Some(0);
+                spec.changes[2].group = Some(0);
+                grouped(&mut spec, vec![(None, ChangesetFailure::BackoutAll)]);
+            } else {
+                spec.on_failure = ChangesetFailure::BackoutAll;
+            }
+            let mut sim = Sim::new(spec);
+            for &(phase, step, outcome) in &scripts {
+                sim.script(at(2, 1, phase, step), outcome);
+            }
+            sim.script(
+                Rule {
+                    phase: Some(Phase::SkipIf),
+                    ..Rule::default()
+                },
+                Outcome::Fail(1),
+            );
+            sim.run_to_end();
+            let what = format!("{name} (group: {grouped_run})");
+            assert_eq!(sim.host_states(2), [HostState::BackoutOk, end], "{what}");
+            assert_eq!(sim.host_states(1), [HostState::BackoutOk], "{what}");
+            let b_state = if end == HostState::BackoutFailed {
+                BackoutFailed
+            } else {
+                BackoutOk
+            };
+            assert_eq!(sim.change_state(2), b_state, "{what}");
+            assert_eq!(sim.change_state(1), BackoutOk, "{what}");
+            let x_state = if grouped_run { Success } else { BackoutOk };
+            assert_eq!(sim.change_state(0), x_state, "{what}");
+            let run = match (b_state, grouped_run) {
+                (BackoutFailed, _) => BackoutFailed,
+                (_, true) => PartialFailure,
+                (_, false) => BackoutOk,
+            };
+            assert_eq!(sim.engine.state(), run, "{what}");
+        }
+    }
 }

@@ -36,7 +36,14 @@ fn hanging() -> Sim {
     c.rollout.max_parallel = Some(3);
     each_host(&mut c, |h| h.apply = vec![run("a0"), run("sleep 1000")]);
     let mut sim = Sim::new(run_spec(vec![c]));
-    sim.script(Rule { phase: Some(Phase::Apply), step: Some(1), ..Rule::default() }, Outcome::Hang);
+    sim.script(
+        Rule {
+            phase: Some(Phase::Apply),
+            step: Some(1),
+            ..Rule::default()
+        },
+        Outcome::Hang,
+    );
     sim.start();
     sim.run_until(1_500);
     sim
@@ -57,7 +64,13 @@ fn max_concurrent(sim: &Sim, c: usize) -> usize {
     let mut busy = BTreeSet::new();
     let mut max = 0;
     for (_, p) in sim.progress() {
-        if let Progress::Host { change, host, state, .. } = p {
+        if let Progress::Host {
+            change,
+            host,
+            state,
+            ..
+        } = p
+        {
             if change != c {
                 continue;
             }
@@ -79,11 +92,28 @@ fn abort_cancels_steps_in_flight_and_backs_out_where_applied() {
     let actions = sim.feed(abort(true));
     let cancelled = cancels(&actions);
     assert_eq!(cancelled.len(), 3);
-    assert!(cancelled.iter().all(|id| id.phase == Phase::Apply && id.step == 1));
-    assert!(actions.iter().any(|a| matches!(a, Action::Alert { kind: AlertKind::BailedOut, .. })));
+    assert!(
+        cancelled
+            .iter()
+            .all(|id| id.phase == Phase::Apply && id.step == 1)
+    );
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Alert {
+            kind: AlertKind::BailedOut,
+            ..
+        }
+    )));
     sim.run_to_end();
-    assert_eq!(sim.host_states(0), [BackoutOk, BackoutOk, BackoutOk, Cancelled]);
-    assert_eq!(sim.backout_order(0), [2, 1, 0], "reverse completion, one at a time");
+    assert_eq!(
+        sim.host_states(0),
+        [BackoutOk, BackoutOk, BackoutOk, Cancelled]
+    );
+    assert_eq!(
+        sim.backout_order(0),
+        [2, 1, 0],
+        "reverse completion, one at a time"
+    );
     assert_eq!(sim.failure(0, 0).unwrap().reason, FailureReason::Cancelled);
     assert!(sim.steps_of(0, 3).is_empty(), "nothing new started");
     assert_eq!(sim.change_state(0), RunState::BailedOut);
@@ -105,7 +135,13 @@ fn abort_without_backout_leaves_hosts_as_they_are() {
 #[test]
 fn a_second_abort_is_ignored_unless_it_stops_the_backouts() {
     let mut sim = hanging();
-    sim.script(Rule { phase: Some(Phase::Backout), ..Rule::default() }, Outcome::Hang);
+    sim.script(
+        Rule {
+            phase: Some(Phase::Backout),
+            ..Rule::default()
+        },
+        Outcome::Hang,
+    );
     sim.feed(abort(true));
     assert!(sim.feed(abort(true)).is_empty());
     sim.run();
@@ -115,7 +151,10 @@ fn a_second_abort_is_ignored_unless_it_stops_the_backouts() {
     assert_eq!(cancelled.len(), 1);
     assert_eq!(cancelled[0].phase, Phase::Backout);
     sim.run_to_end();
-    assert_eq!(sim.host_states(0), [Cancelled, Cancelled, BackoutFailed, Cancelled]);
+    assert_eq!(
+        sim.host_states(0),
+        [Cancelled, Cancelled, BackoutFailed, Cancelled]
+    );
     assert_eq!(sim.alerts(AlertKind::BackoutFailed).len(), 1);
     assert_eq!(sim.alerts(AlertKind::BailedOut).len(), 1);
 }
@@ -130,7 +169,10 @@ fn abort_lets_a_running_backout_finish() {
     sim.run_until(1_500);
     assert_eq!(sim.host_state(0, 0), BackingOut);
     let actions = sim.feed(abort(true));
-    assert!(cancels(&actions).is_empty(), "backout steps are not cancelled");
+    assert!(
+        cancels(&actions).is_empty(),
+        "backout steps are not cancelled"
+    );
     sim.run_to_end();
     assert_eq!(sim.host_states(0), [BackoutOk, Cancelled]);
     assert_eq!(sim.dispatched_steps(0, 0, Phase::Backout).len(), 2);
@@ -144,7 +186,9 @@ fn pause_stops_at_the_next_step_boundary_until_resume() {
     sim.start();
     sim.now = 500;
     let actions = sim.feed(pause());
-    assert!(actions.contains(&Action::Progress(Progress::Run { state: RunState::Paused })));
+    assert!(actions.contains(&Action::Progress(Progress::Run {
+        state: RunState::Paused
+    })));
     assert_eq!(sim.change_state(0), RunState::Paused);
     assert!(sim.feed(pause()).is_empty(), "already paused");
     sim.run();
@@ -277,4 +321,50 @@ fn nothing_happens_before_start_and_start_is_once() {
     assert!(sim.start().is_empty());
     sim.run_to_end();
     assert!(sim.feed(Event::Timer).is_empty());
+}
+
+#[test]
+fn the_engine_is_send() {
+    fn send<T: Send>() {}
+    send::<crate::rollout::Engine>();
+}
+
+#[test]
+fn pause_is_ignored_while_bailing_out() {
+    let mut sim = hanging();
+    sim.feed(abort(true));
+    assert!(sim.feed(pause()).is_empty());
+    sim.run_to_end();
+    assert_eq!(sim.engine.state(), RunState::BailedOut);
+}
+
+#[test]
+fn the_run_finished_alert_counts_changes_and_hosts() {
+    let mut sim = Sim::new(run_spec(vec![change("a", 3), change("b", 1)]));
+    sim.script(at(0, 1, Phase::Apply, 0), Outcome::Fail(1));
+    sim.run_to_end();
+    let finished = sim.alerts(AlertKind::RunFinished);
+    assert_eq!(
+        finished[0].2,
+        "run test ended partial_failure: changes: 1 partial_failure, 1 success; \
+         hosts: 1 backout_ok, 1 cancelled, 2 success"
+    );
+}
+
+#[test]
+fn a_batch_waits_for_its_hosts_backouts() {
+    let mut c = change("c", 4);
+    c.on_failure = crate::spec::OnFailure::Continue;
+    c.rollout.mode = RolloutMode::Rolling;
+    c.rollout.batches = vec![Amount::Count(2)];
+    c.hosts[0].backout = vec![backout(None, 0, 3, 0)];
+    let mut sim = Sim::new(run_spec(vec![c]));
+    sim.script(at(0, 0, Phase::Apply, 0), Outcome::Fail(1));
+    sim.run_to_end();
+    let second = sim.progress().into_iter().find_map(|(t, p)| match p {
+        Progress::Batch { batch: 1, .. } => Some(t),
+        _ => None,
+    });
+    assert_eq!(second, Some(4 * STEP_MS), "after h0's three backout steps");
+    assert_eq!(sim.host_states(0), [BackoutOk, Success, Success, Success]);
 }

@@ -50,7 +50,11 @@ fn approve_once_waits_before_the_first_host_only() {
     assert_eq!(sim.engine.state(), RunState::AwaitingApproval);
     assert_eq!(sim.change_state(0), RunState::AwaitingApproval);
     assert!(sim.dispatches().is_empty());
-    assert_eq!(sim.engine.next_deadline(), None, "no timeout: waits forever");
+    assert_eq!(
+        sim.engine.next_deadline(),
+        None,
+        "no timeout: waits forever"
+    );
     let labels = approve_all(&mut sim);
     assert_eq!(labels, ["change gated: 3 hosts"]);
     assert_eq!(sim.host_states(0), [HostState::Success; 3]);
@@ -97,11 +101,21 @@ fn deny_at_the_first_gate_bails_out_with_nothing_done() {
     sim.start();
     sim.run();
     let actions = sim.feed(deny());
-    assert!(actions.iter().any(|a| matches!(a, Action::Alert { kind: AlertKind::BailedOut, .. })));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Alert {
+            kind: AlertKind::BailedOut,
+            ..
+        }
+    )));
     sim.run_to_end();
     assert_eq!(sim.change_state(0), RunState::BailedOut);
     assert_eq!(sim.host_states(0), [HostState::Cancelled; 2]);
-    assert_eq!(sim.change_state(1), RunState::Success, "independent: ran before the deny");
+    assert_eq!(
+        sim.change_state(1),
+        RunState::Success,
+        "independent: ran before the deny"
+    );
     assert_eq!(sim.engine.state(), RunState::BailedOut);
     assert_eq!(sim.alerts(AlertKind::BailedOut).len(), 1);
 }
@@ -119,7 +133,11 @@ fn deny_at_a_later_batch_backs_out_what_the_change_applied() {
     sim.run_to_end();
     assert_eq!(
         sim.host_states(0),
-        [HostState::BackoutOk, HostState::Cancelled, HostState::Cancelled]
+        [
+            HostState::BackoutOk,
+            HostState::Cancelled,
+            HostState::Cancelled
+        ]
     );
     assert_eq!(sim.change_state(0), RunState::BailedOut);
     assert_eq!(sim.engine.state(), RunState::BailedOut);
@@ -136,13 +154,20 @@ fn a_gate_that_times_out_is_a_deny() {
     assert_eq!(sim.engine.next_deadline(), Some(STEP_MS + 3_600_000));
     sim.run_to_end();
     let bailed_at = sim.actions.iter().find_map(|(t, a)| match a {
-        Action::Alert { kind: AlertKind::BailedOut, message, .. } => Some((*t, message.clone())),
+        Action::Alert {
+            kind: AlertKind::BailedOut,
+            message,
+            ..
+        } => Some((*t, message.clone())),
         _ => None,
     });
     let (t, message) = bailed_at.unwrap();
     assert_eq!(t, STEP_MS + 3_600_000);
     assert!(message.contains("timed out"), "{message}");
-    assert_eq!(sim.host_states(0), [HostState::BackoutOk, HostState::Cancelled]);
+    assert_eq!(
+        sim.host_states(0),
+        [HostState::BackoutOk, HostState::Cancelled]
+    );
     assert_eq!(sim.engine.state(), RunState::BailedOut);
 }
 
@@ -200,7 +225,39 @@ fn deny_cancels_steps_in_flight_in_other_changes() {
     let actions = sim.feed(deny());
     assert!(actions.iter().any(|a| matches!(a, Action::Cancel { .. })));
     sim.run_to_end();
-    assert_eq!(sim.host_state(0, 0), HostState::BackoutOk, "applied: backed out");
+    assert_eq!(
+        sim.host_state(0, 0),
+        HostState::BackoutOk,
+        "applied: backed out"
+    );
     assert_eq!(sim.change_state(0), RunState::BailedOut);
     assert_eq!(sim.change_state(1), RunState::BailedOut);
+}
+
+#[test]
+fn a_gate_times_out_even_while_paused() {
+    let mut c = gated(1, ApproveAt::Once);
+    c.approve.timeout = Some(secs(10));
+    let mut sim = Sim::new(run_spec(vec![c]));
+    sim.start();
+    sim.feed(Event::Pause { by: "dan".into() });
+    assert_eq!(sim.engine.state(), RunState::Paused);
+    assert_eq!(sim.change_state(0), RunState::AwaitingApproval);
+    assert_eq!(sim.engine.next_deadline(), Some(10_000));
+    sim.run_to_end();
+    assert_eq!(sim.engine.state(), RunState::BailedOut);
+}
+
+#[test]
+fn an_approval_given_while_paused_takes_effect_at_resume() {
+    let mut sim = Sim::new(run_spec(vec![gated(1, ApproveAt::Once)]));
+    sim.start();
+    sim.feed(Event::Pause { by: "dan".into() });
+    let actions = sim.feed(approve());
+    assert!(!actions.iter().any(|a| matches!(a, Action::Dispatch { .. })));
+    assert_eq!(sim.change_state(0), RunState::Paused);
+    let actions = sim.feed(Event::Resume { by: "dan".into() });
+    assert!(actions.iter().any(|a| matches!(a, Action::Dispatch { .. })));
+    sim.run_to_end();
+    assert_eq!(sim.engine.state(), RunState::Success);
 }

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use super::sim::*;
 use crate::rollout::{Action, Event, HostState, Phase, Progress, RunState};
 use crate::spec::{
-    Amount, Approve, ApproveAt, ChangeSpec, ChangesetFailure, HostPlan, OnFailure, Retry,
-    Rollout, RolloutMode, RunSpec,
+    Amount, Approve, ApproveAt, ChangeSpec, ChangesetFailure, HostPlan, OnFailure, Retry, Rollout,
+    RolloutMode, RunSpec,
 };
 
 #[derive(Clone, Debug)]
@@ -36,12 +36,15 @@ enum Control {
     Pause(usize),
 }
 
+/// A scripted outcome: (change, host, phase, step, attempt, outcome).
+type Failing = (usize, Option<usize>, Phase, usize, Option<u32>, Outcome);
+
 #[derive(Clone, Debug)]
 struct Scenario {
     changes: Vec<Plan>,
     changeset: ChangesetFailure,
     /// (change, host, phase, step, attempt, outcome)
-    failures: Vec<(usize, Option<usize>, Phase, usize, Option<u32>, Outcome)>,
+    failures: Vec<Failing>,
     /// (event number, control)
     controls: Vec<(usize, Control)>,
     /// Deny the n-th gate (approve the others).
@@ -51,24 +54,33 @@ struct Scenario {
 }
 
 fn amount() -> impl Strategy<Value = Amount> {
-    prop_oneof![(0u32..4).prop_map(Amount::Count), (0u32..=100).prop_map(Amount::Percent)]
+    prop_oneof![
+        (0u32..4).prop_map(Amount::Count),
+        (0u32..=100).prop_map(Amount::Percent)
+    ]
 }
 
 fn plan(fleet: usize) -> impl Strategy<Value = Plan> {
     let rollout = (
-        prop_oneof![Just(RolloutMode::Serial), Just(RolloutMode::Parallel), Just(RolloutMode::Rolling)],
+        prop_oneof![
+            Just(RolloutMode::Serial),
+            Just(RolloutMode::Parallel),
+            Just(RolloutMode::Rolling)
+        ],
         proptest::collection::vec(amount(), 0..3),
         proptest::option::of(1u32..5),
         proptest::option::of(amount()),
         proptest::option::of(0u64..3),
     )
-        .prop_map(|(mode, batches, max_parallel, max_failures, pause)| Rollout {
-            mode,
-            max_parallel,
-            batches,
-            max_failures,
-            pause: pause.map(secs),
-        });
+        .prop_map(
+            |(mode, batches, max_parallel, max_failures, pause)| Rollout {
+                mode,
+                max_parallel,
+                batches,
+                max_failures,
+                pause: pause.map(secs),
+            },
+        );
     let steps = (
         any::<bool>(),
         any::<bool>(),
@@ -88,7 +100,11 @@ fn plan(fleet: usize) -> impl Strategy<Value = Plan> {
         proptest::sample::subsequence((0..fleet).collect::<Vec<_>>(), 1..=fleet),
         any::<u8>(),
         rollout,
-        prop_oneof![Just(OnFailure::Halt), Just(OnFailure::Continue), Just(OnFailure::BackoutAll)],
+        prop_oneof![
+            Just(OnFailure::Halt),
+            Just(OnFailure::Continue),
+            Just(OnFailure::BackoutAll)
+        ],
         prop_oneof![3 => Just(0i64), 2 => Just(1), 1 => Just(2)],
         prop_oneof![
             6 => Just(ApproveAt::None),
@@ -99,16 +115,18 @@ fn plan(fleet: usize) -> impl Strategy<Value = Plan> {
         steps,
         (whens, (0usize..2, 0usize..2, 0usize..2)),
     )
-        .prop_map(|(hosts, requires, rollout, on_failure, retries, approve, steps, backout)| Plan {
-            hosts,
-            requires,
-            rollout,
-            on_failure,
-            retries,
-            approve,
-            steps,
-            backout,
-        })
+        .prop_map(
+            |(hosts, requires, rollout, on_failure, retries, approve, steps, backout)| Plan {
+                hosts,
+                requires,
+                rollout,
+                on_failure,
+                retries,
+                approve,
+                steps,
+                backout,
+            },
+        )
 }
 
 fn outcome() -> impl Strategy<Value = Outcome> {
@@ -152,21 +170,26 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             ];
             (
                 proptest::collection::vec(plan(fleet), 1..=4),
-                prop_oneof![Just(ChangesetFailure::Halt), Just(ChangesetFailure::BackoutAll)],
+                prop_oneof![
+                    Just(ChangesetFailure::Halt),
+                    Just(ChangesetFailure::BackoutAll)
+                ],
                 proptest::collection::vec(failure, 0..12),
                 proptest::collection::vec((0usize..120, control), 0..2),
                 proptest::option::weighted(0.2, 0usize..4),
                 proptest::collection::vec(0..fleet, 0..3),
             )
         })
-        .prop_map(|(changes, changeset, failures, controls, deny_gate, skipped)| Scenario {
-            changes,
-            changeset,
-            failures,
-            controls,
-            deny_gate,
-            skipped,
-        })
+        .prop_map(
+            |(changes, changeset, failures, controls, deny_gate, skipped)| Scenario {
+                changes,
+                changeset,
+                failures,
+                controls,
+                deny_gate,
+                skipped,
+            },
+        )
 }
 
 fn build(s: &Scenario) -> RunSpec {
@@ -188,7 +211,13 @@ fn build(s: &Scenario) -> RunSpec {
                     apply: apply
                         .iter()
                         .enumerate()
-                        .map(|(k, &is_file)| if is_file { file(&format!("/f{k}")) } else { run("x") })
+                        .map(|(k, &is_file)| {
+                            if is_file {
+                                file(&format!("/f{k}"))
+                            } else {
+                                run("x")
+                            }
+                        })
                         .collect(),
                     verify: if *verify { vec![run("verify")] } else { vec![] },
                     backout: backouts.clone(),
@@ -233,9 +262,22 @@ fn drive(s: &Scenario) -> (Sim, bool) {
         sim.script(rule, outcome);
     }
     for &h in &s.skipped {
-        sim.script(Rule { host: Some(h), phase: Some(Phase::SkipIf), ..Rule::default() }, Outcome::Pass);
+        sim.script(
+            Rule {
+                host: Some(h),
+                phase: Some(Phase::SkipIf),
+                ..Rule::default()
+            },
+            Outcome::Pass,
+        );
     }
-    sim.script(Rule { phase: Some(Phase::SkipIf), ..Rule::default() }, Outcome::Fail(1));
+    sim.script(
+        Rule {
+            phase: Some(Phase::SkipIf),
+            ..Rule::default()
+        },
+        Outcome::Fail(1),
+    );
     sim.start();
     let mut no_backout = false;
     let mut resume_at = None;
@@ -248,7 +290,10 @@ fn drive(s: &Scenario) -> (Sim, bool) {
             match control {
                 Control::Abort(backout) => {
                     no_backout |= !backout;
-                    sim.feed(Event::Abort { by: "prop".into(), backout });
+                    sim.feed(Event::Abort {
+                        by: "prop".into(),
+                        backout,
+                    });
                 }
                 Control::Pause(k) => {
                     sim.feed(Event::Pause { by: "prop".into() });
@@ -283,10 +328,10 @@ fn drive(s: &Scenario) -> (Sim, bool) {
 fn first_final(sim: &Sim) -> BTreeMap<usize, (usize, RunState)> {
     let mut out = BTreeMap::new();
     for (i, (_, a)) in sim.actions.iter().enumerate() {
-        if let Action::Progress(Progress::Change { change, state }) = a {
-            if state.is_final() {
-                out.entry(*change).or_insert((i, *state));
-            }
+        if let Action::Progress(Progress::Change { change, state }) = a
+            && state.is_final()
+        {
+            out.entry(*change).or_insert((i, *state));
         }
     }
     out
@@ -295,7 +340,10 @@ fn first_final(sim: &Sim) -> BTreeMap<usize, (usize, RunState)> {
 fn is_failure(state: RunState) -> bool {
     matches!(
         state,
-        RunState::PartialFailure | RunState::TotalFailure | RunState::BackoutOk | RunState::BackoutFailed
+        RunState::PartialFailure
+            | RunState::TotalFailure
+            | RunState::BackoutOk
+            | RunState::BackoutFailed
     )
 }
 
@@ -306,26 +354,43 @@ fn check(s: &Scenario, sim: &Sim, no_backout: bool) {
     let finals = first_final(sim);
     for (c, change) in status.changes.iter().enumerate() {
         assert!(change.state.is_final(), "change {c} not final");
-        assert!(change.hosts.iter().all(|h| h.state.is_final()), "change {c} has unfinished hosts");
+        assert!(
+            change.hosts.iter().all(|h| h.state.is_final()),
+            "change {c} has unfinished hosts"
+        );
     }
 
     // A change starts only after all its requires succeeded; after a change
     // failed, no change starts (changeset halt and backout_all both halt).
-    let first_failure = finals.values().filter(|(_, s)| is_failure(*s)).map(|(i, _)| *i).min();
+    let first_failure = finals
+        .values()
+        .filter(|(_, s)| is_failure(*s))
+        .map(|(i, _)| *i)
+        .min();
     let mut started = BTreeSet::new();
     for (i, (_, a)) in sim.actions.iter().enumerate() {
-        let Action::Progress(Progress::Change { change, state }) = a else { continue };
+        let Action::Progress(Progress::Change { change, state }) = a else {
+            continue;
+        };
         if !started.insert(*change) || *state == RunState::Cancelled {
             continue;
         }
         for &r in &spec.changes[*change].requires {
-            let done = finals.get(&r).is_some_and(|&(at, s)| at < i && s == RunState::Success);
+            let done = finals
+                .get(&r)
+                .is_some_and(|&(at, s)| at < i && s == RunState::Success);
             assert!(done, "change {change} started before change {r} succeeded");
         }
-        assert!(first_failure.is_none_or(|f| f > i), "change {change} started after a failure");
+        assert!(
+            first_failure.is_none_or(|f| f > i),
+            "change {change} started after a failure"
+        );
     }
     for id in sim.dispatches() {
-        assert!(started.contains(&id.change), "{id} dispatched before its change started");
+        assert!(
+            started.contains(&id.change),
+            "{id} dispatched before its change started"
+        );
     }
 
     for (c, change) in spec.changes.iter().enumerate() {
@@ -336,9 +401,15 @@ fn check(s: &Scenario, sim: &Sim, no_backout: bool) {
             .flat_map(|(b, hosts)| hosts.iter().map(move |&h| (h, b)))
             .collect();
         let biggest = batches.iter().map(Vec::len).max().unwrap_or(0);
-        let cap = change.rollout.max_parallel.map_or(biggest, |m| (m as usize).max(1).min(biggest));
+        let cap = change
+            .rollout
+            .max_parallel
+            .map_or(biggest, |m| (m as usize).max(1).min(biggest));
         let limit = match change.on_failure {
-            OnFailure::Continue => change.rollout.max_failures.map_or(usize::MAX, |m| m.of(change.hosts.len())),
+            OnFailure::Continue => change
+                .rollout
+                .max_failures
+                .map_or(usize::MAX, |m| m.of(change.hosts.len())),
             _ => 0,
         };
         let mut states = vec![HostState::Pending; change.hosts.len()];
@@ -347,7 +418,15 @@ fn check(s: &Scenario, sim: &Sim, no_backout: bool) {
         let mut completion: BTreeMap<usize, usize> = BTreeMap::new();
         let mut after_running = vec![false; change.hosts.len()];
         for (i, (_, a)) in sim.actions.iter().enumerate() {
-            let Action::Progress(Progress::Host { change: hc, host, state, .. }) = a else { continue };
+            let Action::Progress(Progress::Host {
+                change: hc,
+                host,
+                state,
+                ..
+            }) = a
+            else {
+                continue;
+            };
             if *hc != c {
                 continue;
             }
@@ -357,13 +436,23 @@ fn check(s: &Scenario, sim: &Sim, no_backout: bool) {
                 // halt (or max_failures) has been reached.
                 let b = batch_of[&h];
                 for (&other, &ob) in &batch_of {
-                    assert!(ob >= b || states[other].is_final(), "change {c}: host {h} started before batch {ob} ended");
+                    assert!(
+                        ob >= b || states[other].is_final(),
+                        "change {c}: host {h} started before batch {ob} ended"
+                    );
                 }
-                assert!(failed.len() <= limit, "change {c}: host {h} started after the change halted");
+                assert!(
+                    failed.len() <= limit,
+                    "change {c}: host {h} started after the change halted"
+                );
             }
             if matches!(
                 state,
-                HostState::Failed | HostState::Lost | HostState::BackingOut | HostState::BackoutOk | HostState::BackoutFailed
+                HostState::Failed
+                    | HostState::Lost
+                    | HostState::BackingOut
+                    | HostState::BackoutOk
+                    | HostState::BackoutFailed
             ) {
                 failed.insert(h);
             }
@@ -372,7 +461,12 @@ fn check(s: &Scenario, sim: &Sim, no_backout: bool) {
             } else if after_running[h]
                 && matches!(
                     state,
-                    HostState::Success | HostState::Skipped | HostState::RetryPending | HostState::Failed | HostState::Lost | HostState::Cancelled
+                    HostState::Success
+                        | HostState::Skipped
+                        | HostState::RetryPending
+                        | HostState::Failed
+                        | HostState::Lost
+                        | HostState::Cancelled
                 )
             {
                 after_running[h] = false;
@@ -380,25 +474,36 @@ fn check(s: &Scenario, sim: &Sim, no_backout: bool) {
             }
             if state == HostState::BackingOut {
                 if change.on_failure == OnFailure::BackoutAll {
-                    let busy = states.iter().filter(|s| **s == HostState::BackingOut).count();
+                    let busy = states
+                        .iter()
+                        .filter(|s| **s == HostState::BackingOut)
+                        .count();
                     assert_eq!(busy, 0, "change {c}: two hosts backing out at once");
                 }
                 backing_out.push(h);
             }
             states[h] = state;
-            let busy = states.iter().filter(|s| !s.is_final() && **s != HostState::Pending).count();
+            let busy = states
+                .iter()
+                .filter(|s| !s.is_final() && **s != HostState::Pending)
+                .count();
             assert!(busy <= cap, "change {c}: {busy} hosts at once, cap {cap}");
         }
         // backout_all: reverse completion order.
         if change.on_failure == OnFailure::BackoutAll {
             let order: Vec<usize> = backing_out.iter().map(|h| completion[h]).collect();
-            assert!(order.windows(2).all(|w| w[0] > w[1]), "change {c}: backouts {backing_out:?} not in reverse completion order {order:?}");
+            assert!(
+                order.windows(2).all(|w| w[0] > w[1]),
+                "change {c}: backouts {backing_out:?} not in reverse completion order {order:?}"
+            );
         }
         // Wherever the change was backed out everywhere (its backout_all,
         // an abort or deny), every host where apply started was backed out.
         let everywhere = match finals.get(&c) {
             Some((_, RunState::BailedOut)) => true,
-            Some((_, RunState::BackoutOk | RunState::BackoutFailed)) => change.on_failure == OnFailure::BackoutAll,
+            Some((_, RunState::BackoutOk | RunState::BackoutFailed)) => {
+                change.on_failure == OnFailure::BackoutAll
+            }
             _ => false,
         };
         let changeset = s.changeset == ChangesetFailure::BackoutAll && first_failure.is_some();
@@ -423,7 +528,10 @@ fn check(s: &Scenario, sim: &Sim, no_backout: bool) {
     } else if status.changes.iter().all(|c| c.state == RunState::Success) {
         assert_eq!(run, RunState::Success);
     } else {
-        assert!(!matches!(run, RunState::Success | RunState::BailedOut), "{run:?}");
+        assert!(
+            !matches!(run, RunState::Success | RunState::BailedOut),
+            "{run:?}"
+        );
     }
 }
 
@@ -435,33 +543,4 @@ proptest! {
         let (sim, no_backout) = drive(&s);
         check(&s, &sim, no_backout);
     }
-}
-
-#[test]
-fn tmp_tally() {
-    use proptest::strategy::ValueTree;
-    use proptest::test_runner::TestRunner;
-    let mut runner = TestRunner::deterministic();
-    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..400 {
-        let s = scenario().new_tree(&mut runner).unwrap().current();
-        let (sim, nb) = drive(&s);
-        check(&s, &sim, nb);
-        *tally.entry(format!("run {:?}", sim.engine.state())).or_default() += 1;
-        for c in sim.engine.status().changes {
-            *tally.entry(format!("change {:?}", c.state)).or_default() += 1;
-            for h in c.hosts { *tally.entry(format!("host {:?}", h.state)).or_default() += 1; }
-        }
-        for (c, ch) in sim.spec.changes.iter().enumerate() {
-            if ch.on_failure == OnFailure::BackoutAll && sim.backout_order(c).len() >= 2 {
-                *tally.entry("backout_all orders checked".into()).or_default() += 1;
-            }
-        }
-        let bo = sim.dispatches().iter().filter(|d| d.phase.is_backout()).count();
-        *tally.entry("backout dispatches".into()).or_default() += bo;
-        *tally.entry("events".into()).or_default() += sim.log.len();
-        *tally.entry("gates".into()).or_default() += sim.progress().iter().filter(|(_, p)| matches!(p, Progress::AwaitingApproval{..})).count();
-        *tally.entry("retries".into()).or_default() += sim.dispatches().iter().filter(|d| d.attempt > 0).count();
-    }
-    eprintln!("{tally:#?}");
 }

@@ -25,14 +25,28 @@ fn a_host_runs_check_apply_verify_in_order() {
     sim.run_to_end();
     assert_eq!(
         sim.steps_of(0, 0),
-        vec![(Check, 0, 0), (Apply, 0, 0), (Apply, 1, 0), (Apply, 2, 0), (Verify, 0, 0)]
+        vec![
+            (Check, 0, 0),
+            (Apply, 0, 0),
+            (Apply, 1, 0),
+            (Apply, 2, 0),
+            (Verify, 0, 0)
+        ]
     );
-    assert_eq!(sim.history(0, 0), vec![HostState::Running, HostState::Success]);
+    assert_eq!(
+        sim.history(0, 0),
+        vec![HostState::Running, HostState::Success]
+    );
     assert_eq!(sim.change_state(0), RunState::Success);
     assert_eq!(sim.engine.state(), RunState::Success);
     let status = sim.engine.status();
     assert_eq!(status.changes[0].hosts[0].steps.len(), 5);
-    assert!(status.changes[0].hosts[0].steps.iter().all(|s| s.passed == Some(true)));
+    assert!(
+        status.changes[0].hosts[0]
+            .steps
+            .iter()
+            .all(|s| s.passed == Some(true))
+    );
 }
 
 #[test]
@@ -104,7 +118,12 @@ fn a_failed_apply_step_runs_the_whole_backout_with_restores() {
         sim.run_to_end();
         let mut want: Vec<_> = (0..=k).map(|s| (Apply, s, 0)).collect();
         want.insert(0, (Check, 0, 0));
-        want.extend([(BackoutCheck, 0, 0), (Restore, 0, 0), (Backout, 0, 0), (BackoutVerify, 0, 0)]);
+        want.extend([
+            (BackoutCheck, 0, 0),
+            (Restore, 0, 0),
+            (Backout, 0, 0),
+            (BackoutVerify, 0, 0),
+        ]);
         assert_eq!(sim.steps_of(0, 0), want, "apply step {k} fails");
         let restore = &sim.dispatched_steps(0, 0, Restore)[0];
         match &restore.action {
@@ -116,7 +135,11 @@ fn a_failed_apply_step_runs_the_whole_backout_with_restores() {
         }
         assert_eq!(
             sim.history(0, 0),
-            vec![HostState::Running, HostState::BackingOut, HostState::BackoutOk]
+            vec![
+                HostState::Running,
+                HostState::BackingOut,
+                HostState::BackoutOk
+            ]
         );
         let failure = sim.failure(0, 0).unwrap();
         assert_eq!((failure.phase, failure.step), (Apply, k));
@@ -185,7 +208,9 @@ fn a_failure_at_each_backout_position_is_backout_failed() {
 #[test]
 fn no_matching_procedure_leaves_the_host_and_alerts() {
     let mut c = full_change();
-    each_host(&mut c, |h| h.backout = vec![backout(Some("failure.phase == \"check\""), 0, 1, 0)]);
+    each_host(&mut c, |h| {
+        h.backout = vec![backout(Some("failure.phase == \"check\""), 0, 1, 0)]
+    });
     let mut sim = Sim::new(run_spec(vec![c]));
     sim.script(at(0, 0, Apply, 1), Outcome::Fail(1));
     sim.run_to_end();
@@ -231,7 +256,9 @@ fn a_lost_step_is_a_failure_with_reason_lost() {
     assert_eq!(sim.dispatched_steps(0, 0, Backout).len(), 2);
     assert_eq!(sim.host_state(0, 0), HostState::BackoutOk);
     // No procedure for a lost verify... the host ends `lost`, with an alert.
-    each_host(&mut c, |h| h.backout = vec![backout(Some("false"), 0, 1, 0)]);
+    each_host(&mut c, |h| {
+        h.backout = vec![backout(Some("false"), 0, 1, 0)]
+    });
     let mut sim = Sim::new(run_spec(vec![c]));
     sim.script(at(0, 0, Verify, 0), Outcome::Lost);
     sim.run_to_end();
@@ -247,11 +274,24 @@ fn an_unreachable_host_fails_at_once_and_nothing_is_backed_out() {
     c.on_failure = crate::spec::OnFailure::Continue;
     c.retry.max_retries = 3;
     let mut sim = Sim::new(run_spec(vec![c]));
-    sim.script(Rule { host: Some(0), ..Rule::default() }, Outcome::Unreachable);
+    sim.script(
+        Rule {
+            host: Some(0),
+            ..Rule::default()
+        },
+        Outcome::Unreachable,
+    );
     sim.run_to_end();
-    assert_eq!(sim.steps_of(0, 0), vec![(Check, 0, 0)], "not retried, not backed out");
+    assert_eq!(
+        sim.steps_of(0, 0),
+        vec![(Check, 0, 0)],
+        "not retried, not backed out"
+    );
     assert_eq!(sim.host_state(0, 0), HostState::Failed);
-    assert_eq!(sim.failure(0, 0).unwrap().reason, FailureReason::Unreachable);
+    assert_eq!(
+        sim.failure(0, 0).unwrap().reason,
+        FailureReason::Unreachable
+    );
     assert_eq!(sim.host_state(0, 1), HostState::Success, "the run went on");
     assert_eq!(sim.change_state(0), RunState::PartialFailure);
     assert_eq!(sim.engine.state(), RunState::PartialFailure);
@@ -261,7 +301,13 @@ fn an_unreachable_host_fails_at_once_and_nothing_is_backed_out() {
 fn unreachable_after_apply_started_still_backs_out() {
     let mut sim = Sim::new(run_spec(vec![full_change()]));
     sim.script(at(0, 0, Apply, 1), Outcome::Unreachable);
-    sim.script(Rule { phase: Some(BackoutCheck), ..Rule::default() }, Outcome::Unreachable);
+    sim.script(
+        Rule {
+            phase: Some(BackoutCheck),
+            ..Rule::default()
+        },
+        Outcome::Unreachable,
+    );
     sim.run_to_end();
     assert_eq!(sim.steps_of(0, 0).last(), Some(&(BackoutCheck, 0, 0)));
     assert_eq!(sim.host_state(0, 0), HostState::BackoutFailed);
@@ -274,9 +320,17 @@ fn results_are_judged_by_termination_then_expect() {
         (Outcome::FailToStart, None, Some(FailureReason::NonzeroExit)),
         (Outcome::Fail(3), None, Some(FailureReason::NonzeroExit)),
         (Outcome::Fail(3), Some("exit_code == 3"), None),
-        (Outcome::Pass, Some("exit_code == 3"), Some(FailureReason::ConditionFailed)),
+        (
+            Outcome::Pass,
+            Some("exit_code == 3"),
+            Some(FailureReason::ConditionFailed),
+        ),
         (Outcome::Out(0, "ok\n"), Some("stdout == \"ok\""), None),
-        (Outcome::Pass, Some("error"), Some(FailureReason::ConditionFailed)),
+        (
+            Outcome::Pass,
+            Some("error"),
+            Some(FailureReason::ConditionFailed),
+        ),
     ];
     for (outcome, expect, want) in cases {
         let mut c = change("c", 1);
@@ -290,10 +344,14 @@ fn results_are_judged_by_termination_then_expect() {
         let step = &status.changes[0].hosts[0].steps[0];
         assert_eq!(step.reason, want, "{outcome:?} with {expect:?}");
         assert_eq!(step.passed, Some(want.is_none()));
-        if want.is_some() {
+        if let Some(want) = want {
             let failure = sim.failure(0, 0).unwrap();
-            assert_eq!(failure.reason, want.unwrap());
-            assert!(failure.message.contains("c0.h0.apply.0.a0"), "{}", failure.message);
+            assert_eq!(failure.reason, want);
+            assert!(
+                failure.message.contains("c0.h0.apply.0.a0"),
+                "{}",
+                failure.message
+            );
         }
     }
 }

@@ -374,7 +374,8 @@ impl Sim {
 
     fn enqueue(&mut self, id: DispatchId, after: Millis, result: StepResult) {
         self.seq += 1;
-        self.queue.insert((self.now + after, self.seq), (id, result));
+        self.queue
+            .insert((self.now + after, self.seq), (id, result));
     }
 
     /// Delivers the next result or fires the next deadline, whichever is
@@ -432,9 +433,16 @@ impl Sim {
 
     /// Asserts the run is over and replays deterministically.
     pub fn check_end(&self) {
-        assert!(self.engine.is_finished(), "not finished: {:?}", self.engine.status());
+        assert!(
+            self.engine.is_finished(),
+            "not finished: {:?}",
+            self.engine.status()
+        );
         assert!(self.engine.state().is_final());
-        assert!(self.queue.is_empty() && self.hanging.is_empty(), "steps left in flight");
+        assert!(
+            self.queue.is_empty() && self.hanging.is_empty(),
+            "steps left in flight"
+        );
         assert_eq!(self.engine.next_deadline(), None);
         self.check_replay();
         self.check_unique_ids();
@@ -533,7 +541,10 @@ impl Sim {
             .into_iter()
             .filter_map(|(_, p)| match p {
                 Progress::Host {
-                    change, host, state, ..
+                    change,
+                    host,
+                    state,
+                    ..
                 } if change == c && host == h => Some(state),
                 _ => None,
             })

@@ -1,0 +1,157 @@
+//! Fan-out benchmark: starts a real controller and N real agents on
+//! loopback, applies a parallel change whose one step is `true` a few
+//! times, and prints JSON with the wall time from submit to every result
+//! journaled, and each agent's idle resident memory.
+//!
+//! `cargo run --release -p modi-tests --bin fanout-bench -- --agents 50`
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Parser;
+use modi_controller::cli::Client;
+use modi_controller::config::CliConfig;
+use modi_controller::driver::WatchItem;
+use modi_controller::rollout::{Progress, RunStatus};
+use modi_proto::v1 as pb;
+use modi_tests::{bin_dir, rss_kib, Agent, Controller};
+
+#[derive(Parser)]
+struct Args {
+    /// Number of agents.
+    #[arg(long, default_value_t = 10)]
+    agents: usize,
+    /// Runs to time.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+const CHANGESET: &str = r#"
+name: fanout
+changes:
+  - name: noop
+    hosts: all
+    rollout: { mode: parallel }
+    apply:
+      - run: "true"
+"#;
+
+/// Builds the binaries this benchmark starts, in its own profile.
+fn build_binaries() {
+    let release = bin_dir().ends_with("release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--locked", "-p", "modi-controller", "-p", "modi-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("cargo build");
+    assert!(status.success(), "building modi and modi-agent failed");
+}
+
+/// Submits the changeset and waits until the run is final: every result
+/// journaled (the driver journals a result before the engine ends a run).
+async fn one_run(client: &Client, file: &PathBuf) -> (f64, String) {
+    let sources = modi_controller::changeset::collect_sources(&file.to_string_lossy(), &mut |p| {
+        std::fs::read_to_string(p)
+    })
+    .expect("sources");
+    let request = pb::PlanRequest {
+        sources: Some(pb::Sources {
+            root: sources.root,
+            files: sources.files,
+        }),
+        vars: Default::default(),
+    };
+    let started = Instant::now();
+    let run = client.admin().apply(request).await.expect("apply").into_inner().run_id;
+    let mut stream = client
+        .admin()
+        .watch(pb::GetRunRequest { run_id: run.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut state = String::new();
+    while let Some(event) = stream.message().await.expect("watch stream") {
+        match event.event {
+            Some(pb::watch_event::Event::StatusJson(json)) => {
+                let status: RunStatus = serde_json::from_str(&json).expect("status");
+                if status.state.is_final() {
+                    state = status.state.as_str().into();
+                    break;
+                }
+            }
+            Some(pb::watch_event::Event::ProgressJson(json)) => {
+                if let Ok(WatchItem::Progress {
+                    progress: Progress::Run { state: s },
+                }) = serde_json::from_str(&json)
+                    && s.is_final()
+                {
+                    state = s.as_str().into();
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    (started.elapsed().as_secs_f64() * 1000.0, state)
+}
+
+fn main() {
+    let args = Args::parse();
+    build_binaries();
+    let ctl = Controller::start();
+    let names: Vec<String> = (0..args.agents).map(|i| format!("bench-{i:03}")).collect();
+    let mut agents: Vec<Agent> = names.iter().map(|n| Agent::enrol(&ctl, n, &[])).collect();
+    for a in &mut agents {
+        a.start();
+    }
+    modi_tests::eventually!(
+        60,
+        ctl.hosts().iter().filter(|h| h["connected"] == true).count() == args.agents,
+        "all {} agents connect",
+        args.agents
+    );
+    let file = ctl.changeset("fanout.yaml", CHANGESET);
+    let cli = CliConfig::load(&ctl.cli_config).expect("cli config");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut times = Vec::new();
+    rt.block_on(async {
+        let client = Client::from_config(&cli).expect("client");
+        // One untimed run warms connections and caches.
+        let (_, state) = one_run(&client, &file).await;
+        assert_eq!(state, "success", "warm-up run");
+        for _ in 0..args.rounds {
+            let (ms, state) = one_run(&client, &file).await;
+            assert_eq!(state, "success");
+            times.push(ms);
+        }
+    });
+    // Idle: nothing in flight, heartbeats only.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let rss: Vec<u64> = agents
+        .iter()
+        .filter_map(|a| a.pid().and_then(rss_kib))
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let mean_rss = rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64;
+    let report = serde_json::json!({
+        "agents": args.agents,
+        "rounds": args.rounds,
+        "profile": if bin_dir().ends_with("release") { "release" } else { "debug" },
+        "submit_to_all_journaled_ms": {
+            "min": times.first(),
+            "median": median,
+            "max": times.last(),
+            "all": times,
+        },
+        "agent_idle_rss_kib": {
+            "max": rss.iter().max(),
+            "mean": mean_rss,
+            "min": rss.iter().min(),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+}
