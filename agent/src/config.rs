@@ -156,9 +156,16 @@ mod tests {
         let path = dir.path().join(CONFIG_FILE);
         std::fs::write(&path, "controller = \"http://x:1\"\nname = \"a\"\n").unwrap();
         let err = AgentConfig::load(&path).unwrap_err().to_string();
-        assert!(err.contains("agent.toml") && err.contains("`controller`"), "{err}");
+        assert!(
+            err.contains("agent.toml") && err.contains("`controller`"),
+            "{err}"
+        );
 
-        std::fs::write(&path, "controller = \"https://x:1\"\nname = \"a\"\ncolour = 1\n").unwrap();
+        std::fs::write(
+            &path,
+            "controller = \"https://x:1\"\nname = \"a\"\ncolour = 1\n",
+        )
+        .unwrap();
         let err = AgentConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("colour") && err.contains("line 3"), "{err}");
 

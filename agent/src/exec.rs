@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use modi_proto::v1 as pb;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
@@ -115,10 +115,7 @@ impl Executor {
                 self.run_command(cmd, step, &ctx).await
             }
             Some(pb::step::Action::Argv(argv)) => {
-                let (program, args) = argv
-                    .args
-                    .split_first()
-                    .ok_or("argv step with no program")?;
+                let (program, args) = argv.args.split_first().ok_or("argv step with no program")?;
                 let mut cmd = Command::new(program);
                 cmd.args(args);
                 self.run_command(cmd, step, &ctx).await
@@ -288,7 +285,10 @@ pub(crate) async fn wait_or_kill(child: &mut Child, ctx: &Ctx<'_>) -> Ended {
 /// TERM the group, KILL it after the grace period, reap the child.
 pub(crate) async fn kill_group(child: &mut Child, pgid: Pid) {
     let _ = killpg(pgid, Signal::SIGTERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(KILL_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.start_kill();
     }
     // Whatever else is left in the group goes too.

@@ -56,7 +56,15 @@ mod tests {
     #[test]
     fn facts_hold_what_the_controller_shows() {
         let facts = gather();
-        for key in ["hostname", "os", "arch", "kernel", "cpus", "memory_bytes", "agent_version"] {
+        for key in [
+            "hostname",
+            "os",
+            "arch",
+            "kernel",
+            "cpus",
+            "memory_bytes",
+            "agent_version",
+        ] {
             assert!(facts.contains_key(key), "missing {key}: {facts:?}");
         }
         assert!(facts["cpus"].parse::<usize>().unwrap() >= 1);

@@ -24,8 +24,8 @@ pub mod journal;
 pub mod session;
 
 pub use config::AgentConfig;
-pub use enroll::{join, JoinError, JoinRequest};
-pub use session::{run, RunError};
+pub use enroll::{JoinError, JoinRequest, join};
+pub use session::{RunError, run};
 
 /// A gRPC status and all its sources, `: `-separated, for people. tonic's
 /// transport errors keep the real reason (a refused certificate, a

@@ -7,11 +7,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use modi_agent::{config, AgentConfig, JoinError, JoinRequest};
+use modi_agent::{AgentConfig, JoinError, JoinRequest, config};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "modi-agent", version, about = "modi's agent: runs changes on this host")]
+#[command(
+    name = "modi-agent",
+    version,
+    about = "modi's agent: runs changes on this host"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -148,7 +152,7 @@ fn main() -> ExitCode {
 }
 
 async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {

@@ -224,18 +224,22 @@ impl Agent {
         match msg.msg {
             Some(Down::Run(step)) => self.start(step, out_tx).await,
             Some(Down::Cancel(c)) => {
-                if let Some(token) = self.running.lock().expect("running lock").get(&c.dispatch_id) {
+                if let Some(token) = self
+                    .running
+                    .lock()
+                    .expect("running lock")
+                    .get(&c.dispatch_id)
+                {
                     tracing::info!(id = %c.dispatch_id, "cancelling");
                     token.cancel();
                 }
             }
-            Some(Down::Ack(ack)) => {
-                if journal::valid_id(&ack.dispatch_id) {
-                    if let Err(e) = self.journal.ack(&ack.dispatch_id) {
-                        tracing::error!(id = %ack.dispatch_id, error = %e, "cannot forget an acked result");
-                    }
+            Some(Down::Ack(ack)) if journal::valid_id(&ack.dispatch_id) => {
+                if let Err(e) = self.journal.ack(&ack.dispatch_id) {
+                    tracing::error!(id = %ack.dispatch_id, error = %e, "cannot forget an acked result");
                 }
             }
+            Some(Down::Ack(_)) => {}
             None => {}
         }
     }
@@ -290,7 +294,9 @@ impl Agent {
                     // Killed by our own shutdown: leave it unrecorded, so
                     // the next start reports it lost instead of claiming a
                     // cancel nobody asked for.
-                    if shutdown.is_cancelled() && result.termination == pb::Termination::Cancelled as i32 {
+                    if shutdown.is_cancelled()
+                        && result.termination == pb::Termination::Cancelled as i32
+                    {
                         running.lock().expect("running lock").remove(&id);
                         return;
                     }

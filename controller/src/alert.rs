@@ -70,10 +70,12 @@ impl Alerts {
         let body = serde_json::to_vec(&event).expect("alerts serialize");
         if let Some(url) = self.webhook.clone() {
             let body = body.clone();
-            self.tasks.spawn(async move { post_with_retries(url, body).await });
+            self.tasks
+                .spawn(async move { post_with_retries(url, body).await });
         }
         if let Some(command) = self.command.clone() {
-            self.tasks.spawn(async move { run_command(command, body).await });
+            self.tasks
+                .spawn(async move { run_command(command, body).await });
         }
     }
 }

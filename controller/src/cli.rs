@@ -25,7 +25,11 @@ pub use output::Output;
 
 /// `modi`: the controller and its operator CLI.
 #[derive(Debug, Parser)]
-#[command(name = "modi", version, about = "modi: safe, reversible changes across a fleet")]
+#[command(
+    name = "modi",
+    version,
+    about = "modi: safe, reversible changes across a fleet"
+)]
 pub struct Cli {
     /// The CLI config (default: $XDG_CONFIG_HOME/modi/cli.toml, written by
     /// `modi init`).

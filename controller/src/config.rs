@@ -163,10 +163,18 @@ impl ControllerConfig {
             why: why.to_string(),
         };
         if file.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid("listen", &file.listen, "expected IP:PORT, e.g. 0.0.0.0:7443"));
+            return Err(invalid(
+                "listen",
+                &file.listen,
+                "expected IP:PORT, e.g. 0.0.0.0:7443",
+            ));
         }
         if !file.advertise.starts_with("https://") {
-            return Err(invalid("advertise", &file.advertise, "expected an https:// URL"));
+            return Err(invalid(
+                "advertise",
+                &file.advertise,
+                "expected an https:// URL",
+            ));
         }
         let token_ttl = match &file.token_ttl {
             Some(v) => duration(path, "token_ttl", v)?,
@@ -179,7 +187,11 @@ impl ControllerConfig {
         if let Some(w) = &file.alerts.webhook
             && !(w.starts_with("http://") || w.starts_with("https://"))
         {
-            return Err(invalid("alerts.webhook", w, "expected an http:// or https:// URL"));
+            return Err(invalid(
+                "alerts.webhook",
+                w,
+                "expected an http:// or https:// URL",
+            ));
         }
         let vars = serde_json::to_value(&file.vars)
             .ok()
@@ -282,8 +294,13 @@ mod tests {
         let write = |s: &str| std::fs::write(&path, s).unwrap();
         write("listen = \"nope\"\nadvertise = \"https://x:1\"\n");
         let e = ControllerConfig::load(&path).unwrap_err().to_string();
-        assert!(e.contains("controller.toml") && e.contains("`listen`") && e.contains("\"nope\""), "{e}");
-        write("listen = \"127.0.0.1:1\"\nadvertise = \"https://x:1\"\nagent_lost_after = \"soon\"\n");
+        assert!(
+            e.contains("controller.toml") && e.contains("`listen`") && e.contains("\"nope\""),
+            "{e}"
+        );
+        write(
+            "listen = \"127.0.0.1:1\"\nadvertise = \"https://x:1\"\nagent_lost_after = \"soon\"\n",
+        );
         let e = ControllerConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("`agent_lost_after`"), "{e}");
         write("listen = \"127.0.0.1:1\"\nadvertise = \"https://x:1\"\nbogus = 1\n");

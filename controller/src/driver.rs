@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{AlertEvent, Alerts};
-use crate::fleet::{full_id, Fleet, RunPorts};
+use crate::fleet::{Fleet, RunPorts, full_id};
 use crate::rollout::{
     Action, DispatchId, Engine, Event, Judge, Millis, Progress, RunState, RunStatus, StepResult,
     Termination,
@@ -157,7 +157,9 @@ pub async fn start(ctx: &Context, spec: RunSpec, submitted_by: &str) -> Result<u
         },
         JournalEntry {
             at: now,
-            record: Record::Event { event: Event::Start },
+            record: Record::Event {
+                event: Event::Start,
+            },
         },
     ];
     ctx.store.append(run, 0, &entries)?;
@@ -205,7 +207,11 @@ pub struct InFlight {
 }
 
 /// Replays run `run`'s journal. `None` if there is no such run.
-pub fn replay(store: &Store, judge: Arc<dyn Judge>, run: u64) -> Result<Option<Replayed>, StoreError> {
+pub fn replay(
+    store: &Store,
+    judge: Arc<dyn Judge>,
+    run: u64,
+) -> Result<Option<Replayed>, StoreError> {
     let journal = store.journal(run)?;
     let mut entries = journal.into_iter();
     let Some(first) = entries.next() else {
@@ -412,7 +418,11 @@ impl Driver {
                 events.push(Event::Timer);
             }
             self.journal(
-                events.iter().cloned().map(|event| Record::Event { event }).collect(),
+                events
+                    .iter()
+                    .cloned()
+                    .map(|event| Record::Event { event })
+                    .collect(),
                 now,
             )
             .await?;
@@ -467,10 +477,13 @@ impl Driver {
                     state_name(state)
                 ))
             }
-            Event::Pause { .. } if state == RunState::Paused => Err(format!("run {run} is already paused")),
-            Event::Resume { .. } if state != RunState::Paused => {
-                Err(format!("run {run} is not paused (it is {})", state_name(state)))
+            Event::Pause { .. } if state == RunState::Paused => {
+                Err(format!("run {run} is already paused"))
             }
+            Event::Resume { .. } if state != RunState::Paused => Err(format!(
+                "run {run} is not paused (it is {})",
+                state_name(state)
+            )),
             _ if state.is_final() => Err(format!("run {run} has ended ({})", state_name(state))),
             _ => Ok(()),
         }
@@ -539,7 +552,11 @@ impl Driver {
         self.ctx.store.put_run(&self.meta)?;
         self.ctx.store.flush().await?;
         self.ctx.fleet.unregister_run(self.run);
-        tracing::info!(run = self.run, state = state_name(self.meta.state), "run finished");
+        tracing::info!(
+            run = self.run,
+            state = state_name(self.meta.state),
+            "run finished"
+        );
         Ok(())
     }
 }

@@ -103,7 +103,12 @@ fn now() -> Millis {
 
 impl Fleet {
     /// An empty fleet.
-    pub fn new(store: Store, lost_after: Duration, tasks: TaskTracker, shutdown: CancellationToken) -> Fleet {
+    pub fn new(
+        store: Store,
+        lost_after: Duration,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Fleet {
         Fleet {
             state: Arc::default(),
             store,
@@ -301,6 +306,7 @@ impl Fleet {
                 s.tx.try_send(pb::ControllerMessage {
                     msg: Some(Down::Run(msg.clone())),
                 })
+                .is_ok()
             });
             state.inflight.insert(
                 msg.dispatch_id.clone(),
@@ -312,7 +318,7 @@ impl Fleet {
                     cancelled: false,
                 },
             );
-            matches!(sent, Some(Ok(())))
+            sent == Some(true)
         };
         if !connected {
             // It will go out when the agent is back, or be lost.

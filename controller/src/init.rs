@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use modi_agent::fsutil;
 use modi_proto::identity::Role;
 
-use crate::config::{self, files, CliConfig, ControllerFile};
+use crate::config::{self, CliConfig, ControllerFile, files};
 use crate::pki::{Ca, PkiError};
 
 /// What `modi init` was asked for.
@@ -142,7 +142,12 @@ pub fn init(req: &InitRequest) -> Result<InitReport, InitError> {
         key: Some(base.join(files::ADMIN_KEY)),
     };
     let cli_text = |c: CliConfig| toml::to_string_pretty(&c).expect("config serializes");
-    let cli_config = write(dir, config::CLI_FILE, cli_text(cli(Path::new(""))).as_bytes(), 0o600)?;
+    let cli_config = write(
+        dir,
+        config::CLI_FILE,
+        cli_text(cli(Path::new(""))).as_bytes(),
+        0o600,
+    )?;
     let user_cli_config = match &req.user_cli_config {
         Some(path) => {
             let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());

@@ -21,9 +21,11 @@ use rcgen::{
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, DistinguishedName as RootHint, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName as RootHint, RootCertStore, SignatureScheme,
+};
 use time::{Duration, OffsetDateTime};
 
 /// Lifetime of the CA certificate.
@@ -86,7 +88,9 @@ impl Ca {
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
-        params.distinguished_name.push(DnType::OrganizationName, "modi");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "modi");
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -142,7 +146,11 @@ impl Ca {
         identity::sha256_hex(&self.cert_der)
     }
 
-    fn leaf_params(role: Role, name: &str, addresses: &[String]) -> Result<CertificateParams, PkiError> {
+    fn leaf_params(
+        role: Role,
+        name: &str,
+        addresses: &[String],
+    ) -> Result<CertificateParams, PkiError> {
         identity::valid_name(name).map_err(|e| PkiError::BadInput {
             what: "name",
             detail: e.to_string(),
@@ -150,8 +158,12 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.distinguished_name.push(DnType::OrganizationName, "modi");
-        params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "modi");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, role.as_str());
         let uri = identity::uri(role, name)
             .try_into()
             .map_err(|e: rcgen::Error| PkiError::BadInput {
@@ -160,15 +172,16 @@ impl Ca {
             })?;
         params.subject_alt_names.push(SanType::URI(uri));
         for address in addresses {
-            let san = match address.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(address.clone().try_into().map_err(
-                    |e: rcgen::Error| PkiError::BadInput {
-                        what: "address",
-                        detail: format!("{address:?}: {e}"),
-                    },
-                )?),
-            };
+            let san =
+                match address.parse::<IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(address.clone().try_into().map_err(
+                        |e: rcgen::Error| PkiError::BadInput {
+                            what: "address",
+                            detail: format!("{address:?}: {e}"),
+                        },
+                    )?),
+                };
             params.subject_alt_names.push(san);
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -189,7 +202,11 @@ impl Ca {
     pub fn issue(&self, role: Role, name: &str, addresses: &[String]) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
         let params = Self::leaf_params(role, name, addresses)?;
-        let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| s.to_bytes())
+            .unwrap_or_default();
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
@@ -201,14 +218,17 @@ impl Ca {
     /// Signs an agent's CSR. Only the CSR's public key is used: the name,
     /// role and every extension come from us.
     pub fn sign_csr(&self, csr_pem: &str, role: Role, name: &str) -> Result<Issued, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            PkiError::BadInput {
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::BadInput {
                 what: "CSR",
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         let params = Self::leaf_params(role, name, &[])?;
-        let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| s.to_bytes())
+            .unwrap_or_default();
         let cert = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -244,7 +264,10 @@ pub struct ClientVerifier {
 
 impl ClientVerifier {
     /// Trusts `ca` alone, refusing `revoked` serials.
-    pub fn new(ca: CertificateDer<'static>, revoked: RevokedSerials) -> Result<Arc<Self>, PkiError> {
+    pub fn new(
+        ca: CertificateDer<'static>,
+        revoked: RevokedSerials,
+    ) -> Result<Arc<Self>, PkiError> {
         let mut roots = RootCertStore::empty();
         roots.add(ca)?;
         let inner = WebPkiClientVerifier::builder_with_provider(
@@ -280,7 +303,8 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let id = identity::from_der(end_entity)
             .map_err(|e| rustls::Error::General(format!("client certificate refused: {e}")))?;
         if id.role == Role::Controller {
@@ -329,18 +353,20 @@ pub fn server_config(
     key_pem: &str,
     revoked: RevokedSerials,
 ) -> Result<rustls::ServerConfig, PkiError> {
-    let mut chain = modi_proto::tls::certs_from_pem("controller certificate", cert_pem).map_err(
-        |e| PkiError::BadInput {
-            what: "controller certificate",
-            detail: e.to_string(),
-        },
-    )?;
+    let mut chain =
+        modi_proto::tls::certs_from_pem("controller certificate", cert_pem).map_err(|e| {
+            PkiError::BadInput {
+                what: "controller certificate",
+                detail: e.to_string(),
+            }
+        })?;
     chain.truncate(1);
     chain.push(ca.cert_der().clone());
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| PkiError::BadInput {
-        what: "controller key",
-        detail: e.to_string(),
-    })?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| PkiError::BadInput {
+            what: "controller key",
+            detail: e.to_string(),
+        })?;
     let mut config = rustls::ServerConfig::builder_with_provider(modi_proto::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(ClientVerifier::new(ca.cert_der().clone(), revoked)?)
@@ -357,8 +383,16 @@ mod tests {
     fn issued_certs_carry_role_and_name_and_chain_to_the_ca() {
         let (ca, key) = Ca::generate("modi test CA").unwrap();
         let ca = Ca::load(ca.cert_pem(), &key).unwrap();
-        let issued = ca.issue(Role::Controller, "ctl", &["localhost".into(), "127.0.0.1".into()]).unwrap();
-        let der = modi_proto::tls::certs_from_pem("x", &issued.cert_pem).unwrap().remove(0);
+        let issued = ca
+            .issue(
+                Role::Controller,
+                "ctl",
+                &["localhost".into(), "127.0.0.1".into()],
+            )
+            .unwrap();
+        let der = modi_proto::tls::certs_from_pem("x", &issued.cert_pem)
+            .unwrap()
+            .remove(0);
         let id = identity::from_der(&der).unwrap();
         assert_eq!((id.role, id.name.as_str()), (Role::Controller, "ctl"));
         assert_eq!(serial_of(&der).unwrap(), issued.serial);
@@ -369,7 +403,9 @@ mod tests {
         req.distinguished_name.push(DnType::CommonName, "admin");
         let csr = req.serialize_request(&agent_key).unwrap().pem().unwrap();
         let issued = ca.sign_csr(&csr, Role::Agent, "web-1").unwrap();
-        let der = modi_proto::tls::certs_from_pem("x", &issued.cert_pem).unwrap().remove(0);
+        let der = modi_proto::tls::certs_from_pem("x", &issued.cert_pem)
+            .unwrap()
+            .remove(0);
         let id = identity::from_der(&der).unwrap();
         assert_eq!((id.role, id.name.as_str()), (Role::Agent, "web-1"));
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();

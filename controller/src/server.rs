@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alert::Alerts;
-use crate::config::{files, ControllerConfig, SHUTDOWN_GRACE};
+use crate::config::{ControllerConfig, SHUTDOWN_GRACE, files};
 use crate::driver;
 use crate::fleet::Fleet;
 use crate::pki::{self, Ca, RevokedSerials};
@@ -95,26 +95,42 @@ fn read(config: &ControllerConfig, name: &str) -> Result<String, ServeError> {
 impl Server {
     /// Loads the CA, certificates and store, and binds the listen address.
     /// `shutdown` stops everything.
-    pub async fn bind(config: ControllerConfig, shutdown: CancellationToken) -> Result<Server, ServeError> {
-        let ca = Ca::load(&read(&config, files::CA_CERT)?, &read(&config, files::CA_KEY)?)?;
+    pub async fn bind(
+        config: ControllerConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Server, ServeError> {
+        let ca = Ca::load(
+            &read(&config, files::CA_CERT)?,
+            &read(&config, files::CA_KEY)?,
+        )?;
         let cert = read(&config, files::SERVER_CERT)?;
         let key = read(&config, files::SERVER_KEY)?;
         let store = Store::open(&config.file(files::DB))?;
         let revoked: RevokedSerials = Arc::new(RwLock::new(store.revoked_serials()?));
         let tls = pki::server_config(&ca, &cert, &key, revoked.clone())?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: config.listen.clone(),
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
         let tasks = TaskTracker::new();
-        let fleet = Fleet::new(store.clone(), config.agent_lost_after, tasks.clone(), shutdown.clone());
+        let fleet = Fleet::new(
+            store.clone(),
+            config.agent_lost_after,
+            tasks.clone(),
+            shutdown.clone(),
+        );
         let judge: Arc<dyn Judge> = Arc::new(crate::changeset::CelJudge::new());
         let drivers = driver::Context {
             store: store.clone(),
             fleet: fleet.clone(),
-            alerts: Alerts::new(config.webhook.clone(), config.alert_command.clone(), tasks.clone()),
+            alerts: Alerts::new(
+                config.webhook.clone(),
+                config.alert_command.clone(),
+                tasks.clone(),
+            ),
             judge: judge.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
@@ -180,12 +196,14 @@ impl Server {
                 });
             }
         });
-        let agent = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(shared.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(shared.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let agent =
+            pb::agent_service_server::AgentServiceServer::new(AgentApi::new(shared.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+        let admin =
+            pb::admin_service_server::AdminServiceServer::new(AdminApi::new(shared.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
@@ -196,7 +214,10 @@ impl Server {
         // Drain: drivers finish the journal write they are in.
         shutdown.cancel();
         shared.tasks.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, shared.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, shared.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}");
         }
         shared.store.flush().await?;

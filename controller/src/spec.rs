@@ -514,18 +514,17 @@ mod tests {
         );
         assert_eq!(
             rolling.batches(),
-            vec![
-                vec![0],
-                vec![1, 2, 3],
-                vec![4, 5, 6],
-                vec![7, 8, 9]
-            ]
+            vec![vec![0], vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]]
         );
         assert_eq!(
             change(RolloutMode::Rolling, vec![], 4).batches(),
             vec![vec![0, 1, 2, 3]]
         );
-        assert!(change(RolloutMode::Parallel, vec![], 0).batches().is_empty());
+        assert!(
+            change(RolloutMode::Parallel, vec![], 0)
+                .batches()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::rollout::{DispatchId, Event, Millis, RunState};
 use crate::spec::RunSpec;
@@ -333,7 +333,12 @@ impl Store {
     /// Appends entries to a run's journal starting at sequence `first_seq`
     /// (the caller, the run's only writer, keeps the count). Not durable
     /// until [`Store::flush`].
-    pub fn append(&self, run: u64, first_seq: u64, entries: &[JournalEntry]) -> Result<(), StoreError> {
+    pub fn append(
+        &self,
+        run: u64,
+        first_seq: u64,
+        entries: &[JournalEntry],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (i, entry) in entries.iter().enumerate() {
             batch.insert(&journal_key(run, first_seq + i as u64), encode(entry));
@@ -378,8 +383,14 @@ mod tests {
             s.consume_token("h1", "web-2", 10).unwrap(),
             Err(TokenRefused::Used("web-1".into()))
         );
-        assert_eq!(s.consume_token("h2", "web-2", 1000).unwrap(), Err(TokenRefused::Expired));
-        assert_eq!(s.consume_token("nope", "web-2", 1).unwrap(), Err(TokenRefused::Unknown));
+        assert_eq!(
+            s.consume_token("h2", "web-2", 1000).unwrap(),
+            Err(TokenRefused::Expired)
+        );
+        assert_eq!(
+            s.consume_token("nope", "web-2", 1).unwrap(),
+            Err(TokenRefused::Unknown)
+        );
     }
 
     #[tokio::test]

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -43,7 +43,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Parses every certificate in a PEM document.
-pub fn certs_from_pem(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn certs_from_pem(
+    what: &'static str,
+    pem: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadPem {
@@ -91,8 +94,13 @@ impl ServerCertVerifier for ControllerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         identity::expect_role(end_entity, Role::Controller)
             .map_err(|e| rustls::Error::General(format!("controller certificate refused: {e}")))?;
         Ok(ServerCertVerified::assertion())
@@ -239,7 +247,9 @@ pub fn channel(
         detail,
     };
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
-        Trust::Ca(pem) => ControllerVerifier::new(certs_from_pem("CA certificate", pem)?.remove(0))?,
+        Trust::Ca(pem) => {
+            ControllerVerifier::new(certs_from_pem("CA certificate", pem)?.remove(0))?
+        }
         Trust::Pin(pin) => PinnedVerifier::new(pin),
     };
     let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| bad_url(format!("{e}")))?;
@@ -254,7 +264,10 @@ pub fn channel(
         .to_string();
     let mut tls = ClientTlsConfig::new().domain_name(host);
     if let Some(id) = client {
-        tls = tls.identity(tonic::transport::Identity::from_pem(&id.cert_pem, &id.key_pem));
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            &id.cert_pem,
+            &id.key_pem,
+        ));
     }
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| bad_url(e.to_string()))?

@@ -1,7 +1,7 @@
 //! A controller and real agents: enrolment, a first change, results that
 //! survive a controller restart.
 
-use modi_tests::{eventually, host_states, Agent, Controller};
+use modi_tests::{Agent, Controller, eventually, host_states};
 
 const WRITE_FILE: &str = r#"
 name: first-change
@@ -22,7 +22,13 @@ fn three_agents_apply_a_change_and_results_survive_a_restart() {
     let mut ctl = Controller::start();
     let agents: Vec<Agent> = ["web-1", "web-2", "db-1"]
         .iter()
-        .map(|n| Agent::join(&ctl, n, &[("role", if n.starts_with("web") { "web" } else { "db" })]))
+        .map(|n| {
+            Agent::join(
+                &ctl,
+                n,
+                &[("role", if n.starts_with("web") { "web" } else { "db" })],
+            )
+        })
         .collect();
 
     // Facts and labels arrive with the agents.
@@ -30,8 +36,19 @@ fn three_agents_apply_a_change_and_results_survive_a_restart() {
     assert_eq!(hosts.len(), 3);
     let web1 = hosts.iter().find(|h| h["name"] == "web-1").unwrap();
     assert_eq!(web1["labels"]["role"], "web");
-    for fact in ["hostname", "os", "arch", "kernel", "cpus", "memory_bytes", "agent_version"] {
-        assert!(web1["facts"][fact].is_string(), "missing fact {fact}: {web1}");
+    for fact in [
+        "hostname",
+        "os",
+        "arch",
+        "kernel",
+        "cpus",
+        "memory_bytes",
+        "agent_version",
+    ] {
+        assert!(
+            web1["facts"][fact].is_string(),
+            "missing fact {fact}: {web1}"
+        );
     }
     let only_web = ctl.json(&["hosts", "role=web"]);
     assert_eq!(only_web.as_array().unwrap().len(), 2);

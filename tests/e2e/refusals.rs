@@ -2,16 +2,16 @@
 
 use modi_proto::tls::{self, ClientIdentity, Trust};
 use modi_proto::v1 as pb;
-use modi_tests::{eventually, Agent, Controller};
+use modi_tests::{Agent, Controller, eventually};
 
 /// A certificate for `modi://agent/NAME`, self-signed (`issuer: None`) or
 /// signed by a CA of the test's own.
 fn rogue_identity(name: &str, own_ca: bool) -> ClientIdentity {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::URI(format!("modi://agent/{name}").try_into().unwrap()));
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        format!("modi://agent/{name}").try_into().unwrap(),
+    ));
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let cert = if own_ca {
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -35,7 +35,13 @@ fn session_error(ctl: &Controller, identity: &ClientIdentity) -> String {
     let url = format!("https://127.0.0.1:{}", ctl.port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let channel = tls::channel(&url, Trust::Ca(&ca), Some(identity), std::time::Duration::from_secs(5)).unwrap();
+        let channel = tls::channel(
+            &url,
+            Trust::Ca(&ca),
+            Some(identity),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
         let hello = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::Hello::default())),
@@ -47,7 +53,9 @@ fn session_error(ctl: &Controller, identity: &ClientIdentity) -> String {
     })
 }
 
-fn tokio_stream_once(msg: pb::AgentMessage) -> impl tonic::codegen::tokio_stream::Stream<Item = pb::AgentMessage> {
+fn tokio_stream_once(
+    msg: pb::AgentMessage,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = pb::AgentMessage> {
     tonic::codegen::tokio_stream::iter(vec![msg])
 }
 
@@ -61,10 +69,17 @@ fn agent_certificates_not_from_our_ca_are_refused_at_the_handshake() {
             err.contains("transport") || err.contains("Unavailable") || err.contains("Unknown"),
             "{why}: {err}"
         );
-        eventually!(5, ctl.log().matches("TLS handshake refused").count() > before,
-            "the controller logs the refused {why} certificate");
+        eventually!(
+            5,
+            ctl.log().matches("TLS handshake refused").count() > before,
+            "the controller logs the refused {why} certificate"
+        );
     }
-    assert!(ctl.log().contains("UnknownIssuer") || ctl.log().contains("unknown issuer"), "{}", ctl.log());
+    assert!(
+        ctl.log().contains("UnknownIssuer") || ctl.log().contains("unknown issuer"),
+        "{}",
+        ctl.log()
+    );
     assert!(ctl.hosts().is_empty(), "nothing was registered");
 }
 
@@ -88,7 +103,12 @@ fn join_tokens_work_once_and_expire_and_the_pin_must_match() {
     wrong.ca_sha256 = "00".repeat(32);
     let pinned = Agent::join_cmd(&wrong, "four", &ctl.root.join("a4"), &[]);
     assert_eq!(pinned.code, 3, "{pinned:?}");
-    assert!(pinned.stderr.contains("does not match the pinned fingerprint"), "{pinned:?}");
+    assert!(
+        pinned
+            .stderr
+            .contains("does not match the pinned fingerprint"),
+        "{pinned:?}"
+    );
     // The token was not spent by the refused attempt: the right pin works.
     wrong.ca_sha256 = token.ca_sha256.clone();
     Agent::join_cmd(&wrong, "four", &ctl.root.join("a4"), &[]).ok();
@@ -130,7 +150,11 @@ fn the_admin_api_needs_an_admin_certificate() {
     let none = write("cli-nocert.toml", "");
     let out = modi(&none, &["hosts"]);
     assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("needs a client certificate with the admin role"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("needs a client certificate with the admin role"),
+        "{out:?}"
+    );
 
     let as_agent = write(
         "cli-agent.toml",
@@ -142,7 +166,10 @@ fn the_admin_api_needs_an_admin_certificate() {
     );
     let out = modi(&as_agent, &["token", "create"]);
     assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("certificate is for agent \"web-1\""), "{out:?}");
+    assert!(
+        out.stderr.contains("certificate is for agent \"web-1\""),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("admin role"), "{out:?}");
 
     // The real admin config still works.
@@ -154,7 +181,11 @@ fn an_agent_key_is_private_and_its_files_are_complete() {
     use std::os::unix::fs::PermissionsExt;
     let ctl = Controller::start();
     let agent = Agent::enrol(&ctl, "keyed", &[]);
-    let mode = std::fs::metadata(agent.dir.join("agent.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(agent.dir.join("agent.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     for f in ["agent.pem", "ca.pem", "agent.toml"] {
         assert!(agent.dir.join(f).is_file(), "{f}");

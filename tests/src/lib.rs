@@ -81,7 +81,8 @@ impl Out {
 
     /// Parses stdout as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
     }
 }
 
@@ -210,7 +211,10 @@ impl Controller {
     /// Like [`Controller::start`], with extra TOML appended to
     /// `controller.toml` (top-level keys first, then tables).
     pub fn start_with(extra_toml: &str) -> Controller {
-        let tmp = tempfile::Builder::new().prefix("modi-e2e-").tempdir().expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("modi-e2e-")
+            .tempdir()
+            .expect("temp dir");
         let mut c = Controller::init_in(tmp.path(), extra_toml);
         c._tmp = Some(tmp);
         c.serve();
@@ -253,7 +257,9 @@ impl Controller {
     /// Starts `modi serve` and waits until the admin API answers.
     pub fn serve(&mut self) {
         let mut cmd = Command::new(bin("modi"));
-        cmd.arg("serve").arg("--config").arg(self.data.join("controller.toml"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(self.data.join("controller.toml"));
         self.proc = Some(Proc::spawn(cmd, self.root.join("controller.log")));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -316,7 +322,10 @@ impl Controller {
 
     /// The hosts `modi hosts --output json` lists.
     pub fn hosts(&self) -> Vec<Value> {
-        self.json(&["hosts"]).as_array().cloned().unwrap_or_default()
+        self.json(&["hosts"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Is agent `name` connected?
@@ -336,7 +345,12 @@ impl Controller {
     /// `modi apply FILE --output json`: the run's final status document
     /// and the exit code.
     pub fn apply(&self, file: &Path, extra: &[&str]) -> (i32, Value) {
-        let mut args = vec!["--output", "json", "apply", file.to_str().expect("utf-8 path")];
+        let mut args = vec![
+            "--output",
+            "json",
+            "apply",
+            file.to_str().expect("utf-8 path"),
+        ];
         args.extend_from_slice(extra);
         let out = self.modi(&args);
         let end = out
@@ -376,7 +390,12 @@ impl Agent {
     pub fn join(ctl: &Controller, name: &str, labels: &[(&str, &str)]) -> Agent {
         let mut a = Agent::enrol(ctl, name, labels);
         a.start();
-        eventually!(20, ctl.connected(name), "agent {name} connects:\n{}", a.log());
+        eventually!(
+            20,
+            ctl.connected(name),
+            "agent {name} connects:\n{}",
+            a.log()
+        );
         a
     }
 
@@ -396,9 +415,15 @@ impl Agent {
     /// Runs `modi-agent join` with `token`.
     pub fn join_cmd(token: &Token, name: &str, dir: &Path, labels: &[(&str, &str)]) -> Out {
         let mut cmd = Command::new(bin("modi-agent"));
-        cmd.args(["join", "--controller", &token.controller, "--token", &token.token])
-            .args(["--ca-sha256", &token.ca_sha256, "--name", name, "--data"])
-            .arg(dir);
+        cmd.args([
+            "join",
+            "--controller",
+            &token.controller,
+            "--token",
+            &token.token,
+        ])
+        .args(["--ca-sha256", &token.ca_sha256, "--name", name, "--data"])
+        .arg(dir);
         for (k, v) in labels {
             cmd.arg("--label").arg(format!("{k}={v}"));
         }
@@ -408,7 +433,9 @@ impl Agent {
     /// Starts `modi-agent run`.
     pub fn start(&mut self) {
         let mut cmd = Command::new(bin("modi-agent"));
-        cmd.arg("run").arg("--config").arg(self.dir.join("agent.toml"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.dir.join("agent.toml"));
         self.proc = Some(Proc::spawn(cmd, self.dir.join("agent.log")));
     }
 

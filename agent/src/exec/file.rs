@@ -129,7 +129,12 @@ pub(super) async fn write(
     let owner = owner_ids(&f.owner)?;
     let previous = match fs::symlink_metadata(&path) {
         Ok(meta) if meta.is_file() => Some(meta),
-        Ok(_) => return Err(format!("{} exists and is not a regular file", path.display())),
+        Ok(_) => {
+            return Err(format!(
+                "{} exists and is not a regular file",
+                path.display()
+            ));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
     };
@@ -145,9 +150,10 @@ pub(super) async fn write(
         .map_err(|e| format!("cannot write a temp file next to {}: {e}", path.display()))?;
 
     if !f.validate.is_empty() {
-        let command = f
-            .validate
-            .replace(modi_proto::FILE_TMP_PLACEHOLDER, &super::sh_quote(&tmp.to_string_lossy()));
+        let command = f.validate.replace(
+            modi_proto::FILE_TMP_PLACEHOLDER,
+            &super::sh_quote(&tmp.to_string_lossy()),
+        );
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c").arg(&command);
         let validate_step = pb::Step {
@@ -243,13 +249,20 @@ pub(super) async fn restore(exec: &Executor, of: &str) -> Result<pb::StepResult,
         return match fs::remove_file(path) {
             Ok(()) => {
                 fsutil::sync_parent(path).map_err(|e| e.to_string())?;
-                Ok(ok(format!("removed {} (it did not exist before)\n", path.display())))
+                Ok(ok(format!(
+                    "removed {} (it did not exist before)\n",
+                    path.display()
+                )))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ok(format!(
                 "{} is already absent, as before\n",
                 path.display()
             ))),
-            Err(e) => Ok(failed(1, Vec::new(), format!("cannot remove {}: {e}\n", path.display()))),
+            Err(e) => Ok(failed(
+                1,
+                Vec::new(),
+                format!("cannot remove {}: {e}\n", path.display()),
+            )),
         };
     }
     let old = fs::read(&data_path)
@@ -269,6 +282,10 @@ pub(super) async fn restore(exec: &Executor, of: &str) -> Result<pb::StepResult,
             old.len(),
             backup.mode
         ))),
-        Err(e) => Ok(failed(1, Vec::new(), format!("cannot restore {}: {e}\n", path.display()))),
+        Err(e) => Ok(failed(
+            1,
+            Vec::new(),
+            format!("cannot restore {}: {e}\n", path.display()),
+        )),
     }
 }

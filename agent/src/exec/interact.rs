@@ -12,7 +12,7 @@ use regex::Regex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use super::{kill_group, result_of, Capture, Ctx, Ended, Executor};
+use super::{Capture, Ctx, Ended, Executor, kill_group, result_of};
 
 /// How long an `expect` waits when neither it nor the step has a timeout.
 pub const DEFAULT_EXPECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,9 +63,11 @@ pub(super) async fn run(
     let mut stop = None;
 
     'script: for (re, x) in &script {
-        let wait = (x.timeout_ms > 0)
-            .then(|| Duration::from_millis(x.timeout_ms))
-            .unwrap_or(DEFAULT_EXPECT_TIMEOUT);
+        let wait = if x.timeout_ms > 0 {
+            Duration::from_millis(x.timeout_ms)
+        } else {
+            DEFAULT_EXPECT_TIMEOUT
+        };
         let mut deadline = Instant::now() + wait;
         if let Some(d) = step_deadline {
             deadline = deadline.min(d);
@@ -115,7 +117,8 @@ pub(super) async fn run(
         Some(Stop::Cancelled) => None,
         Some(Stop::Timeout(_)) => None,
         _ => loop {
-            let until = step_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            let until =
+                step_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
             let read = tokio::select! {
                 r = reader.read(&mut buf) => r,
                 _ = tokio::time::sleep_until(until.into()) => break None,
@@ -158,7 +161,11 @@ pub(super) async fn run(
             // The script was not completed: a failure whatever the exit
             // code says.
             note.push(format!("modi-agent: interact: {why}\n").as_bytes());
-            let mut r = result_of(Ended::Exited(std::process::ExitStatus::default()), transcript, note);
+            let mut r = result_of(
+                Ended::Exited(std::process::ExitStatus::default()),
+                transcript,
+                note,
+            );
             r.exit_code = None;
             r
         }

@@ -29,9 +29,7 @@ fn run(cmd: &str) -> pb::Step {
 
 async fn execute(f: &Fixture, id: &str, step: pb::Step) -> pb::StepResult {
     let (tx, _rx) = mpsc::channel(1024);
-    f.exec
-        .execute(id, step, tx, CancellationToken::new())
-        .await
+    f.exec.execute(id, step, tx, CancellationToken::new()).await
 }
 
 fn exited(r: &pb::StepResult) -> Option<i32> {
@@ -191,12 +189,22 @@ async fn a_file_step_is_atomic_and_restores_exact_bytes_and_mode() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let r = execute(&f, "f1", file_step("app.conf", b"new\n", Some(0o600), "")).await;
-    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        exited(&r),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     assert_eq!(std::fs::read(&path).unwrap(), b"new\n");
     assert_eq!(mode_of(&path), 0o600);
 
     let r = execute(&f, "f1r", restore_step("f1")).await;
-    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        exited(&r),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     assert_eq!(std::fs::read(&path).unwrap(), b"old\x00bytes\n");
     assert_eq!(mode_of(&path), 0o640);
 }
@@ -226,8 +234,18 @@ async fn a_failing_validate_installs_nothing() {
     let leftovers: Vec<_> = std::fs::read_dir(&f.work).unwrap().collect();
     assert_eq!(leftovers.len(), 1, "temp file left behind");
 
-    let r = execute(&f, "f4", file_step("nginx.conf", b"good too", None, &validate)).await;
-    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = execute(
+        &f,
+        "f4",
+        file_step("nginx.conf", b"good too", None, &validate),
+    )
+    .await;
+    assert_eq!(
+        exited(&r),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     assert_eq!(std::fs::read(&path).unwrap(), b"good too");
 }
 
@@ -259,7 +277,12 @@ async fn interact_answers_prompts_on_a_terminal() {
         interact_step(prog, &[("Name\\? ", "ada\n"), ("\\[y/n\\]", "y\n")]),
     )
     .await;
-    assert_eq!(exited(&r), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        exited(&r),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let transcript = String::from_utf8_lossy(&r.stdout);
     assert!(transcript.contains("hello ada"), "{transcript}");
 }

@@ -317,7 +317,11 @@ impl CelJudge {
     }
 
     /// Evaluates `expr` with `variables`; it must give a bool.
-    pub fn evaluate(&self, expr: &str, variables: Vec<(&str, Value)>) -> Result<bool, String> {
+    pub(crate) fn evaluate(
+        &self,
+        expr: &str,
+        variables: Vec<(&str, Value)>,
+    ) -> Result<bool, String> {
         let program = self.program(expr)?;
         let mut ctx = Context::with_env(Arc::clone(env()));
         for (name, value) in variables {

@@ -94,7 +94,7 @@ impl Jinja {
             if value.is_none() {
                 return Err(Error::new(
                     ErrorKind::InvalidOperation,
-                    "a null value cannot be put into a command (give it a value, or use `| default(\"\")`)",
+                    "a null value cannot be put into a command (give it a value, or use `| default(\"\", true)`)",
                 ));
             }
             out.write_str(&quote(&value.to_string())?).map_err(Error::from)

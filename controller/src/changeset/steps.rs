@@ -143,7 +143,11 @@ impl Reader<'_> {
         if let Some(kn) = m.key_node("stdin")
             && m.has("interact")
         {
-            self.error(kn, &key_path(path, "stdin"), "`stdin` cannot be used with `interact`: the program's input is the `send` texts");
+            self.error(
+                kn,
+                &key_path(path, "stdin"),
+                "`stdin` cannot be used with `interact`: the program's input is the `send` texts",
+            );
         }
         if kind == "file" {
             for k in ["stdin", "env", "cwd"] {

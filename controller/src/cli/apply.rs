@@ -7,7 +7,7 @@ use std::path::Path;
 use modi_proto::v1 as pb;
 
 use super::progress::Display;
-use super::runs::{fetch_status, send_control, status_text, Control};
+use super::runs::{Control, fetch_status, send_control, status_text};
 use super::validate::plan_request;
 use super::{CliError, Client, Outcome, Output, Vars};
 use crate::driver::WatchItem;
@@ -62,7 +62,12 @@ async fn ask(question: String) -> bool {
 }
 
 /// Follows a run until it ends; prints the summary; exit 1 unless success.
-pub async fn follow(out: &Output, client: &Client, run: &str, gates: bool) -> Result<Outcome, CliError> {
+pub async fn follow(
+    out: &Output,
+    client: &Client,
+    run: &str,
+    gates: bool,
+) -> Result<Outcome, CliError> {
     let mut stream = client
         .admin()
         .watch(pb::GetRunRequest {
@@ -71,7 +76,10 @@ pub async fn follow(out: &Output, client: &Client, run: &str, gates: bool) -> Re
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    let interactive = gates && !out.is_json() && std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    let interactive = gates
+        && !out.is_json()
+        && std::io::stdin().is_terminal()
+        && std::io::stderr().is_terminal();
     let mut display: Option<Display> = None;
     while let Some(event) = stream.message().await.map_err(|s| client.error(s))? {
         match event.event {
@@ -115,9 +123,10 @@ pub async fn follow(out: &Output, client: &Client, run: &str, gates: bool) -> Re
             status.state.as_str()
         )));
     }
-    out.data(&serde_json::json!({ "type": "end", "status": status }), || {
-        status_text(&summary.run_id, &summary.name, &status)
-    });
+    out.data(
+        &serde_json::json!({ "type": "end", "status": status }),
+        || status_text(&summary.run_id, &summary.name, &status),
+    );
     Ok(if status.state.succeeded() {
         Outcome::Ok
     } else {

@@ -38,8 +38,9 @@ impl Client {
     /// Connects (lazily) as `config` says.
     pub fn from_config(config: &CliConfig) -> Result<Client, CliError> {
         let read = |p: &PathBuf, what: &str| {
-            std::fs::read_to_string(p)
-                .map_err(|e| CliError::Input(format!("cannot read the {what} {}: {e}", p.display())))
+            std::fs::read_to_string(p).map_err(|e| {
+                CliError::Input(format!("cannot read the {what} {}: {e}", p.display()))
+            })
         };
         let ca = read(&config.ca, "CA certificate")?;
         let identity = match (&config.cert, &config.key) {
@@ -49,8 +50,13 @@ impl Client {
             }),
             _ => None,
         };
-        let channel = tls::channel(&config.controller, Trust::Ca(&ca), identity.as_ref(), CONNECT_TIMEOUT)
-            .map_err(|e| CliError::Input(e.to_string()))?;
+        let channel = tls::channel(
+            &config.controller,
+            Trust::Ca(&ca),
+            identity.as_ref(),
+            CONNECT_TIMEOUT,
+        )
+        .map_err(|e| CliError::Input(e.to_string()))?;
         let admin = AdminServiceClient::new(channel)
             .max_decoding_message_size(crate::server::MAX_MESSAGE)
             .max_encoding_message_size(crate::server::MAX_MESSAGE);

@@ -11,9 +11,9 @@ use std::time::Duration;
 use modi_proto::v1 as pb;
 use tokio::process::{Child, Command};
 
-use super::{apply, CliError, Client, Outcome, Output, Vars};
+use super::{CliError, Client, Outcome, Output, Vars, apply};
 use crate::config::CliConfig;
-use crate::init::{init, InitRequest};
+use crate::init::{InitRequest, init};
 
 /// The demo changeset, embedded so the demo runs from anywhere.
 pub const DEMO_YAML: &str = include_str!("../../../examples/demo.yaml");
@@ -179,7 +179,12 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
             let agent_config = agent_config.to_string_lossy().into_owned();
             let mut args = agent_args.clone();
             args.extend(["--config", agent_config.as_str()]);
-            procs.push(Proc::spawn(name, &agent_bin, &args, root.join(format!("{name}.log")))?);
+            procs.push(Proc::spawn(
+                name,
+                &agent_bin,
+                &args,
+                root.join(format!("{name}.log")),
+            )?);
         }
         wait_for(&client, &mut procs, AGENTS.len()).await?;
         say(&format!(
@@ -195,14 +200,24 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
                 path
             }
         };
-        say(&format!("applying {}", file.as_deref().unwrap_or(Path::new("examples/demo.yaml")).display()));
+        say(&format!(
+            "applying {}",
+            file.as_deref()
+                .unwrap_or(Path::new("examples/demo.yaml"))
+                .display()
+        ));
         apply::apply(out, &client, &changeset, &Vars::default(), false).await
     }
     .await;
 
     if outcome.is_err() {
         for p in &procs {
-            out.note(format!("--- last lines of {} ({}):\n{}", p.name, p.log.display(), p.tail()));
+            out.note(format!(
+                "--- last lines of {} ({}):\n{}",
+                p.name,
+                p.log.display(),
+                p.tail()
+            ));
         }
     }
     for p in procs.into_iter().rev() {

@@ -16,10 +16,18 @@ struct Token<'a> {
 }
 
 /// Prints a new join token and the line to run on the new host.
-pub async fn token(out: &Output, client: &Client, ttl: Option<String>) -> Result<Outcome, CliError> {
+pub async fn token(
+    out: &Output,
+    client: &Client,
+    ttl: Option<String>,
+) -> Result<Outcome, CliError> {
     let ttl_seconds = match ttl {
         Some(t) => humantime::parse_duration(&t)
-            .map_err(|e| CliError::Input(format!("--ttl {t:?}: expected a duration like 30m or 1h ({e})")))?
+            .map_err(|e| {
+                CliError::Input(format!(
+                    "--ttl {t:?}: expected a duration like 30m or 1h ({e})"
+                ))
+            })?
             .as_secs()
             .max(1),
         None => 0,
@@ -60,7 +68,11 @@ struct HostOut<'a> {
 }
 
 /// Lists hosts.
-pub async fn list(out: &Output, client: &Client, selector: Option<String>) -> Result<Outcome, CliError> {
+pub async fn list(
+    out: &Output,
+    client: &Client,
+    selector: Option<String>,
+) -> Result<Outcome, CliError> {
     let hosts = client
         .admin()
         .list_hosts(pb::ListHostsRequest {
@@ -112,7 +124,18 @@ pub async fn list(out: &Output, client: &Client, selector: Option<String>) -> Re
         if rows.is_empty() {
             return "no hosts (enrol one: modi token create)".into();
         }
-        table(&["NAME", "STATE", "LABELS", "OS", "ARCH", "CPUS", "LAST SEEN (UTC)"], &rows)
+        table(
+            &[
+                "NAME",
+                "STATE",
+                "LABELS",
+                "OS",
+                "ARCH",
+                "CPUS",
+                "LAST SEEN (UTC)",
+            ],
+            &rows,
+        )
     });
     Ok(Outcome::Ok)
 }

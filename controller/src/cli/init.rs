@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{CliError, Output};
 use crate::config;
-use crate::init::{init, InitError, InitRequest};
+use crate::init::{InitError, InitRequest, init};
 
 #[derive(Serialize)]
 struct Report {

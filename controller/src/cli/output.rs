@@ -38,7 +38,8 @@ impl Output {
     pub fn data<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
         let mut stdout = std::io::stdout().lock();
         if self.is_json() {
-            let json = serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+            let json =
+                serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
             let _ = writeln!(stdout, "{json}");
         } else {
             let text = text();

@@ -28,10 +28,14 @@ fn done(state: HostState) -> bool {
 impl Display {
     /// Starts from a status snapshot.
     pub fn new(out: &Output, status: &RunStatus) -> Display {
-        let multi = out.is_tty().then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
-        let style = ProgressStyle::with_template("{prefix:>16.bold} [{bar:30.cyan/blue}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+        let multi = out
+            .is_tty()
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
+        let style = ProgressStyle::with_template(
+            "{prefix:>16.bold} [{bar:30.cyan/blue}] {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
         let changes = status
             .changes
             .iter()
@@ -68,9 +72,12 @@ impl Display {
             Some(m) => {
                 let _ = m.println(text);
             }
-            None => self
-                .out
-                .line(format!("{} {text}", super::output::when(crate::clock::now()).get(11..).unwrap_or(""))),
+            None => self.out.line(format!(
+                "{} {text}",
+                super::output::when(crate::clock::now())
+                    .get(11..)
+                    .unwrap_or("")
+            )),
         }
     }
 
@@ -102,7 +109,11 @@ impl Display {
                 }
                 self.say(format!("{}: {}", self.change_name(*change), state.as_str()));
             }
-            Progress::Batch { change, batch, hosts } => {
+            Progress::Batch {
+                change,
+                batch,
+                hosts,
+            } => {
                 let names: Vec<&str> = hosts.iter().map(|h| self.host_name(*change, *h)).collect();
                 self.say(format!(
                     "{}: batch {} ({})",
@@ -138,7 +149,10 @@ impl Display {
                 }
                 // On a terminal the bars show routine progress; say what
                 // needs attention. Plain output says everything.
-                let notable = !matches!(state, HostState::Running | HostState::Pending | HostState::Success);
+                let notable = !matches!(
+                    state,
+                    HostState::Running | HostState::Pending | HostState::Success
+                );
                 if self.multi.is_none() || notable {
                     self.say(text);
                 }
@@ -156,7 +170,10 @@ impl Display {
                 }
             }
             Progress::AwaitingApproval { change, gate } => {
-                self.say(format!("{}: waiting for approval: {gate}", self.change_name(*change)));
+                self.say(format!(
+                    "{}: waiting for approval: {gate}",
+                    self.change_name(*change)
+                ));
             }
         }
     }

@@ -60,7 +60,15 @@ pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
             })
             .collect();
         table(
-            &["RUN", "CHANGESET", "STATE", "HOSTS", "BY", "STARTED (UTC)", "ENDED (UTC)"],
+            &[
+                "RUN",
+                "CHANGESET",
+                "STATE",
+                "HOSTS",
+                "BY",
+                "STARTED (UTC)",
+                "ENDED (UTC)",
+            ],
             &rows,
         )
     });
@@ -68,7 +76,10 @@ pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
 }
 
 /// The run's status document.
-pub async fn fetch_status(client: &Client, run: &str) -> Result<(pb::RunSummary, RunStatus), CliError> {
+pub async fn fetch_status(
+    client: &Client,
+    run: &str,
+) -> Result<(pb::RunSummary, RunStatus), CliError> {
     let r = client
         .admin()
         .get_run(pb::GetRunRequest {
@@ -103,7 +114,13 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
             .iter()
             .map(|h| {
                 let why = h.failure.as_ref().map_or(String::new(), |f| {
-                    format!("{}[{}] {}: {}", f.phase, f.step, f.reason.as_str(), f.message)
+                    format!(
+                        "{}[{}] {}: {}",
+                        f.phase,
+                        f.step,
+                        f.reason.as_str(),
+                        f.message
+                    )
                 });
                 vec![
                     format!("  {}", h.name),
@@ -132,7 +149,9 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
 /// `modi status RUN`: exit 1 if the run ended in anything but success.
 pub async fn status(out: &Output, client: &Client, run: &str) -> Result<Outcome, CliError> {
     let (summary, status) = fetch_status(client, run).await?;
-    out.data(&status, || status_text(&summary.run_id, &summary.name, &status));
+    out.data(&status, || {
+        status_text(&summary.run_id, &summary.name, &status)
+    });
     Ok(if status.state.is_final() && !status.state.succeeded() {
         Outcome::RunFailed
     } else {
@@ -185,7 +204,11 @@ pub async fn logs(
             });
             continue;
         }
-        let who = if host.is_some() { String::new() } else { format!("[{}] ", e.host) };
+        let who = if host.is_some() {
+            String::new()
+        } else {
+            format!("[{}] ", e.host)
+        };
         if !e.step.is_empty() {
             out.line(format!("{who}== {}", e.step));
         }
@@ -221,7 +244,11 @@ pub enum Control {
 }
 
 /// Sends a control to a run.
-pub async fn send_control(client: &Client, run: &str, control: Control) -> Result<String, CliError> {
+pub async fn send_control(
+    client: &Client,
+    run: &str,
+    control: Control,
+) -> Result<String, CliError> {
     let (action, no_backout) = match control {
         Control::Approve => (pb::ControlAction::Approve, false),
         Control::Deny => (pb::ControlAction::Deny, false),

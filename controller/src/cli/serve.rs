@@ -31,13 +31,17 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    server.run().await.map_err(|e| CliError::Failed(e.to_string()))
+    server
+        .run()
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))
 }
 
 /// Runs an agent in this process (the demo's fallback when the
 /// `modi-agent` binary is not installed next to `modi`).
 pub async fn agent(config: PathBuf) -> Result<(), CliError> {
-    let config = modi_agent::AgentConfig::load(&config).map_err(|e| CliError::Input(e.to_string()))?;
+    let config =
+        modi_agent::AgentConfig::load(&config).map_err(|e| CliError::Input(e.to_string()))?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -51,7 +55,7 @@ pub async fn agent(config: PathBuf) -> Result<(), CliError> {
 
 /// SIGTERM or SIGINT.
 pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {

@@ -6,7 +6,7 @@ use std::path::Path;
 use modi_proto::v1 as pb;
 use serde::Serialize;
 
-use super::{parse_vars, CliError, Client, Outcome, Output, Vars};
+use super::{CliError, Client, Outcome, Output, Vars, parse_vars};
 use crate::changeset::{self, Sources};
 use crate::spec::{RunSpec, Step, StepAction};
 
@@ -142,9 +142,16 @@ pub fn plan_text(spec: &RunSpec) -> String {
                 }
             }
             for (p, b) in host.backout.iter().enumerate() {
-                let when = b.when.as_ref().map_or(String::new(), |w| format!(" when {}", w.expr));
+                let when = b
+                    .when
+                    .as_ref()
+                    .map_or(String::new(), |w| format!(" when {}", w.expr));
                 s.push_str(&format!("    backout[{p}]{when}\n"));
-                for (phase, steps) in [("check", &b.check), ("steps", &b.steps), ("verify", &b.verify)] {
+                for (phase, steps) in [
+                    ("check", &b.check),
+                    ("steps", &b.steps),
+                    ("verify", &b.verify),
+                ] {
                     for (i, step) in steps.iter().enumerate() {
                         s.push_str(&format!("      {phase}[{i}] {}\n", step_text(step)));
                     }
@@ -156,7 +163,12 @@ pub fn plan_text(spec: &RunSpec) -> String {
 }
 
 /// Asks the controller to render the changeset; prints the plan.
-pub async fn plan(out: &Output, client: &Client, file: &Path, vars: &Vars) -> Result<Outcome, CliError> {
+pub async fn plan(
+    out: &Output,
+    client: &Client,
+    file: &Path,
+    vars: &Vars,
+) -> Result<Outcome, CliError> {
     let req = plan_request(file, vars)?;
     let r = client
         .admin()
@@ -164,8 +176,11 @@ pub async fn plan(out: &Output, client: &Client, file: &Path, vars: &Vars) -> Re
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    let spec: RunSpec = serde_json::from_str(&r.spec_json)
-        .map_err(|e| CliError::Failed(format!("the controller sent a plan this CLI cannot read: {e}")))?;
+    let spec: RunSpec = serde_json::from_str(&r.spec_json).map_err(|e| {
+        CliError::Failed(format!(
+            "the controller sent a plan this CLI cannot read: {e}"
+        ))
+    })?;
     let plan = Plan {
         spec: &spec,
         batches: spec

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use modi_proto::identity::Role;
 use modi_proto::v1 as pb;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::admin_convert as convert;
@@ -38,7 +38,11 @@ impl AdminApi {
             .ok_or_else(|| Status::not_found(format!("no run {run}")))?;
         if let Some(ports) = self.shared.fleet.run_ports(run) {
             let (tx, rx) = oneshot::channel();
-            if ports.inbox.send(DriverMsg::Status { reply: tx }).await.is_ok()
+            if ports
+                .inbox
+                .send(DriverMsg::Status { reply: tx })
+                .await
+                .is_ok()
                 && let Ok(status) = rx.await
             {
                 return Ok((meta, status));
@@ -81,7 +85,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 },
             )
             .map_err(convert::store_error)?;
-        self.shared.store.flush().await.map_err(convert::store_error)?;
+        self.shared
+            .store
+            .flush()
+            .await
+            .map_err(convert::store_error)?;
         let ca = self.shared.ca.fingerprint();
         let url = self.shared.config.advertise.clone();
         tracing::info!(by = %admin.name, ttl = ?ttl, "join token created");
@@ -216,7 +224,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         auth::require(&request, Role::Admin)?;
         let run = convert::run_id(&request.into_inner().run_id)?;
         // Subscribe before the snapshot, so nothing falls between them.
-        let mut live = self.shared.fleet.run_ports(run).map(|p| p.watch.subscribe());
+        let mut live = self
+            .shared
+            .fleet
+            .run_ports(run)
+            .map(|p| p.watch.subscribe());
         let (_, status) = self.status(run).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tx.send(Ok(pb::WatchEvent {
@@ -246,7 +258,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     let end = matches!(&item, WatchItem::Progress {
                         progress: crate::rollout::Progress::Run { state }
                     } if state.is_final());
-                    let Ok(json) = serde_json::to_string(&item) else { continue };
+                    let Ok(json) = serde_json::to_string(&item) else {
+                        continue;
+                    };
                     let event = pb::WatchEvent {
                         event: Some(pb::watch_event::Event::ProgressJson(json)),
                     };
@@ -270,7 +284,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let run = convert::run_id(&req.run_id)?;
         let live = req
             .follow
-            .then(|| self.shared.fleet.run_ports(run).map(|p| p.watch.subscribe()))
+            .then(|| {
+                self.shared
+                    .fleet
+                    .run_ports(run)
+                    .map(|p| p.watch.subscribe())
+            })
             .flatten();
         let entries = convert::logs(&self.shared, run, &req.host)?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -292,10 +311,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 };
                 match item {
                     Ok(item) => {
-                        if let Some(entry) = convert::live_log(&spec, &host, item) {
-                            if tx.send(Ok(entry)).await.is_err() {
-                                break;
-                            }
+                        if let Some(entry) = convert::live_log(&spec, &host, item)
+                            && tx.send(Ok(entry)).await.is_err()
+                        {
+                            break;
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,

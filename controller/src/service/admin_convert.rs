@@ -8,7 +8,7 @@ use tonic::Status;
 
 use crate::changeset;
 use crate::driver::{self, WatchItem};
-use crate::fleet::{full_id, Presence};
+use crate::fleet::{Presence, full_id};
 use crate::rollout::{DispatchId, StepResult, Termination};
 use crate::server::Shared;
 use crate::spec::{HostInfo, RunSpec};
@@ -27,10 +27,11 @@ pub fn json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
 
 /// A run id as the operator typed it (`12` or `r12`).
 pub fn run_id(text: &str) -> Result<u64, Status> {
-    text.trim()
-        .trim_start_matches('r')
-        .parse()
-        .map_err(|_| Status::invalid_argument(format!("{text:?} is not a run id (expected a number, e.g. 12)")))
+    text.trim().trim_start_matches('r').parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "{text:?} is not a run id (expected a number, e.g. 12)"
+        ))
+    })
 }
 
 /// What templates and selectors see of a host.
@@ -143,7 +144,14 @@ fn with_dropped(text: &str, dropped: u64) -> String {
     }
 }
 
-fn finished_entry(spec: &RunSpec, run: u64, id: &DispatchId, host: &str, step: &str, r: &StepResult) -> pb::LogEntry {
+fn finished_entry(
+    spec: &RunSpec,
+    run: u64,
+    id: &DispatchId,
+    host: &str,
+    step: &str,
+    r: &StepResult,
+) -> pb::LogEntry {
     pb::LogEntry {
         host: host.to_string(),
         change: change_of(spec, id),

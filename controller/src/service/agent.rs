@@ -64,7 +64,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(internal)?
         {
             Ok(_) => {}
-            Err(refused @ (TokenRefused::Unknown | TokenRefused::Used(_) | TokenRefused::Expired)) => {
+            Err(
+                refused @ (TokenRefused::Unknown | TokenRefused::Used(_) | TokenRefused::Expired),
+            ) => {
                 tracing::warn!(name = %req.name, reason = %refused, "enrolment refused");
                 return Err(Status::permission_denied(refused.to_string()));
             }
@@ -101,8 +103,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let name = id.name;
         match self.shared.store.host(&name).map_err(internal)? {
             Some(h) if !h.revoked => {}
-            Some(_) => return Err(Status::permission_denied(format!("agent {name:?} was revoked"))),
-            None => return Err(Status::permission_denied(format!("agent {name:?} is not enrolled"))),
+            Some(_) => {
+                return Err(Status::permission_denied(format!(
+                    "agent {name:?} was revoked"
+                )));
+            }
+            None => {
+                return Err(Status::permission_denied(format!(
+                    "agent {name:?} is not enrolled"
+                )));
+            }
         }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {

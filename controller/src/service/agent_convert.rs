@@ -125,6 +125,9 @@ mod tests {
 
     #[test]
     fn the_placeholder_is_the_protocols() {
-        assert_eq!(crate::spec::FILE_TMP_PLACEHOLDER, modi_proto::FILE_TMP_PLACEHOLDER);
+        assert_eq!(
+            crate::spec::FILE_TMP_PLACEHOLDER,
+            modi_proto::FILE_TMP_PLACEHOLDER
+        );
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p modi-tests --bin fanout-bench -- --agents 50`
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -15,7 +15,7 @@ use modi_controller::config::CliConfig;
 use modi_controller::driver::WatchItem;
 use modi_controller::rollout::{Progress, RunStatus};
 use modi_proto::v1 as pb;
-use modi_tests::{bin_dir, rss_kib, Agent, Controller};
+use modi_tests::{Agent, Controller, bin_dir, rss_kib};
 
 #[derive(Parser)]
 struct Args {
@@ -42,7 +42,14 @@ fn build_binaries() {
     let release = bin_dir().ends_with("release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--locked", "-p", "modi-controller", "-p", "modi-agent"]);
+    cmd.args([
+        "build",
+        "--locked",
+        "-p",
+        "modi-controller",
+        "-p",
+        "modi-agent",
+    ]);
     if release {
         cmd.arg("--release");
     }
@@ -52,7 +59,7 @@ fn build_binaries() {
 
 /// Submits the changeset and waits until the run is final: every result
 /// journaled (the driver journals a result before the engine ends a run).
-async fn one_run(client: &Client, file: &PathBuf) -> (f64, String) {
+async fn one_run(client: &Client, file: &Path) -> (f64, String) {
     let sources = modi_controller::changeset::collect_sources(&file.to_string_lossy(), &mut |p| {
         std::fs::read_to_string(p)
     })
@@ -65,10 +72,18 @@ async fn one_run(client: &Client, file: &PathBuf) -> (f64, String) {
         vars: Default::default(),
     };
     let started = Instant::now();
-    let run = client.admin().apply(request).await.expect("apply").into_inner().run_id;
+    let run = client
+        .admin()
+        .apply(request)
+        .await
+        .expect("apply")
+        .into_inner()
+        .run_id;
     let mut stream = client
         .admin()
-        .watch(pb::GetRunRequest { run_id: run.clone() })
+        .watch(pb::GetRunRequest {
+            run_id: run.clone(),
+        })
         .await
         .expect("watch")
         .into_inner();
@@ -109,7 +124,11 @@ fn main() {
     }
     modi_tests::eventually!(
         60,
-        ctl.hosts().iter().filter(|h| h["connected"] == true).count() == args.agents,
+        ctl.hosts()
+            .iter()
+            .filter(|h| h["connected"] == true)
+            .count()
+            == args.agents,
         "all {} agents connect",
         args.agents
     );

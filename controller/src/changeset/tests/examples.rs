@@ -20,6 +20,24 @@ const TEMPLATE_FOREACH: &str = include_str!("../../../../examples/template-forea
 const NESTED: &str = include_str!("../../../../examples/nested.yaml");
 const DB_MIGRATE: &str = include_str!("../../../../examples/db-migrate.yaml");
 
+const FORMAT_DOC: &str = include_str!("../../../../docs/changeset-format.md");
+
+#[test]
+fn the_reference_opening_example_validates_and_renders() {
+    let block = FORMAT_DOC
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a yaml block");
+    let files = [
+        ("docs/web.yaml", block),
+        ("docs/db-migrate.yaml", DB_MIGRATE),
+    ];
+    let spec = plan_files(&files, &fleet(), &serde_json::Value::Null, &vars(&[]));
+    let spec = spec.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(spec.changes.len(), 5);
+}
+
 fn fleet() -> Vec<HostInfo> {
     let mut out: Vec<HostInfo> = (1..=8)
         .map(|i| host(&format!("web-{i}"), &[("role", "web")]))

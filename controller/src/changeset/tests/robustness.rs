@@ -19,12 +19,15 @@ const SEEDS: &[&str] = &[
 fn run(text: &str) {
     let cli = BTreeMap::new();
     if let Ok(cs) = validate(&Sources::single("f.yaml", text), &cli) {
-        let fleet = [host("web-1", &[("role", "web")]), host("db-1", &[("role", "db")])];
+        let fleet = [
+            host("web-1", &[("role", "web")]),
+            host("db-1", &[("role", "db")]),
+        ];
         let _ = render(&cs, &fleet, &Default::default(), &cli);
     }
 }
 
-/// `text` with `count` bytes replaced, inserted or deleted at `at`, kept
+/// `text` with up to 3 chars at `at` replaced by `insert`, kept
 /// valid UTF-8.
 fn damage(text: &str, at: usize, what: u8, insert: &str) -> String {
     let mut i = at % (text.len() + 1);

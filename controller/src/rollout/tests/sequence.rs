@@ -325,7 +325,11 @@ fn results_are_judged_by_termination_then_expect() {
             Some("exit_code == 3"),
             Some(FailureReason::ConditionFailed),
         ),
-        (Outcome::Out(0, "ok\n"), Some("stdout == \"ok\""), None),
+        (
+            Outcome::Out(0, "ok\n"),
+            Some("stdout.trim() == \"ok\""),
+            None,
+        ),
         (
             Outcome::Pass,
             Some("error"),

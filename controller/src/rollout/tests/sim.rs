@@ -18,57 +18,11 @@ use crate::spec::{
 
 // ---------------------------------------------------------------- judge
 
-/// The test judge. The real CEL judge replaces it behind this constructor.
+/// The judge: the real CEL one. Test conditions are plain CEL
+/// (`exit_code == 3`, `failure.phase == "verify"`; `error` is an undeclared
+/// name, so it fails to evaluate).
 pub fn judge() -> Arc<dyn Judge> {
-    Arc::new(TinyJudge)
-}
-
-/// Understands `true`, `false`, `error` (an evaluation error) and
-/// `LHS == RHS` / `LHS != RHS` with LHS one of `exit_code`, `stdout`,
-/// `failure.phase`, `failure.reason`, `failure.step`, `failure.exit_code`,
-/// and RHS an integer or a "quoted string". No `expect`: exit code 0.
-struct TinyJudge;
-
-impl Judge for TinyJudge {
-    fn passed(&self, step: &Step, _: &HostPlan, result: &StepResult) -> Result<bool, String> {
-        match &step.expect {
-            None => Ok(result.exit_code == Some(0)),
-            Some(cond) => eval(&cond.expr, |name| match name {
-                "exit_code" => result.exit_code.map(|c| c.to_string()),
-                "stdout" => Some(result.stdout.trim().to_string()),
-                _ => None,
-            }),
-        }
-    }
-
-    fn matches(&self, when: &Condition, _: &HostPlan, failure: &Failure) -> Result<bool, String> {
-        eval(&when.expr, |name| match name {
-            "failure.phase" => Some(failure.phase.as_str().to_string()),
-            "failure.reason" => Some(failure.reason.as_str().to_string()),
-            "failure.step" => Some(failure.step.to_string()),
-            "failure.exit_code" => failure.exit_code.map(|c| c.to_string()),
-            _ => None,
-        })
-    }
-}
-
-fn eval(expr: &str, var: impl Fn(&str) -> Option<String>) -> Result<bool, String> {
-    match expr.trim() {
-        "true" => return Ok(true),
-        "false" => return Ok(false),
-        "error" => return Err("evaluation error".into()),
-        _ => {}
-    }
-    let (lhs, rhs, equal) = if let Some((l, r)) = expr.split_once("!=") {
-        (l, r, false)
-    } else if let Some((l, r)) = expr.split_once("==") {
-        (l, r, true)
-    } else {
-        return Err(format!("cannot parse `{expr}`"));
-    };
-    let value = var(lhs.trim()).unwrap_or_default();
-    let want = rhs.trim().trim_matches('"');
-    Ok((value == want) == equal)
+    Arc::new(crate::changeset::CelJudge::new())
 }
 
 // ---------------------------------------------------------------- specs
