@@ -2,4 +2,5 @@
 //! loopback. One test binary; the suites are listed here.
 
 mod foundation;
+mod language;
 mod refusals;

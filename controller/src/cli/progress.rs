@@ -6,7 +6,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Output;
 use crate::driver::WatchItem;
-use crate::rollout::{HostState, Progress, RunStatus};
+use crate::rollout::{HostState, Phase, Progress, RunStatus};
 
 struct ChangeView {
     name: String,
@@ -158,7 +158,8 @@ impl Display {
                 }
             }
             Progress::Step { id, passed, reason } => {
-                if !passed {
+                // A skip_if that does not pass just means "not done yet".
+                if !passed && id.phase != Phase::SkipIf {
                     self.say(format!(
                         "{} {}: {}[{}] failed ({})",
                         self.change_name(id.change),
