@@ -112,10 +112,10 @@ pub struct ControllerFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_lost_after: Option<String>,
     /// Alerts ("a human must look").
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "AlertsFile::is_empty")]
     pub alerts: AlertsFile,
     /// Inventory variables: the lowest layer of the template namespace.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vars: BTreeMap<String, toml::Value>,
 }
 
@@ -129,6 +129,12 @@ pub struct AlertsFile {
     /// A command run through `/bin/sh -c` per alert, the JSON on stdin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+}
+
+impl AlertsFile {
+    fn is_empty(&self) -> bool {
+        self.webhook.is_none() && self.command.is_none()
+    }
 }
 
 /// The controller's checked configuration.

@@ -4,3 +4,4 @@
 mod foundation;
 mod language;
 mod refusals;
+mod rollout;

@@ -138,6 +138,12 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
             s.push_str(&table(&["  HOST", "STATE", "", "FAILURE"], &rows));
         }
     }
+    if !status.decisions.is_empty() {
+        s.push('\n');
+        for d in &status.decisions {
+            s.push_str(&format!("{} UTC: {} by {}\n", when(d.at), d.action, d.by));
+        }
+    }
     let counts = host_counts(status);
     let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
     if !summary.is_empty() {

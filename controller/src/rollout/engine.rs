@@ -10,8 +10,8 @@ use crate::spec::{ChangesetFailure, RunSpec};
 
 use super::change::{ChangeRun, Ctx};
 use super::model::{
-    Action, AlertKind, ChangeStatus, Event, HostStatus, Judge, Millis, Progress, RunState,
-    RunStatus,
+    Action, AlertKind, ChangeStatus, Decision, Event, HostStatus, Judge, Millis, Progress,
+    RunState, RunStatus,
 };
 
 /// A changeset's scope: the top-level changeset or one included group.
@@ -68,6 +68,21 @@ pub struct Engine {
     cs_active: Option<usize>,
     concluded: Option<RunState>,
     shown: RunState,
+    /// Operator decisions taken, for the status.
+    decisions: Vec<Decision>,
+}
+
+/// Who decided what, for an operator's event.
+fn decision(event: &Event) -> Option<(&str, &'static str)> {
+    match event {
+        Event::Approve { by } => Some((by, "approve")),
+        Event::Deny { by } => Some((by, "deny")),
+        Event::Abort { by, backout: true } => Some((by, "abort")),
+        Event::Abort { by, backout: false } => Some((by, "abort --no-backout")),
+        Event::Pause { by } => Some((by, "pause")),
+        Event::Resume { by } => Some((by, "resume")),
+        _ => None,
+    }
 }
 
 impl Engine {
@@ -127,6 +142,7 @@ impl Engine {
             cs_active: None,
             concluded: None,
             shown: RunState::Pending,
+            decisions: Vec::new(),
         }
     }
 
@@ -137,6 +153,13 @@ impl Engine {
     pub fn handle(&mut self, event: Event, now: Millis) -> Vec<Action> {
         if !self.accepts(&event) {
             return Vec::new();
+        }
+        if let Some((by, action)) = decision(&event) {
+            self.decisions.push(Decision {
+                at: now,
+                by: by.to_string(),
+                action: action.to_string(),
+            });
         }
         let spec = Arc::clone(&self.spec);
         self.now = self.now.max(now);
@@ -233,6 +256,7 @@ impl Engine {
         RunStatus {
             state: self.state(),
             changes,
+            decisions: self.decisions.clone(),
         }
     }
 

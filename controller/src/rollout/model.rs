@@ -472,6 +472,21 @@ pub struct RunStatus {
     pub state: RunState,
     /// Each change, in spec order.
     pub changes: Vec<ChangeStatus>,
+    /// Every operator decision the engine took, in order.
+    #[serde(default)]
+    pub decisions: Vec<Decision>,
+}
+
+/// An approve, deny, abort, pause or resume, with who gave it (the name on
+/// the admin certificate) and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// When (controller clock).
+    pub at: Millis,
+    /// The name on the admin certificate.
+    pub by: String,
+    /// approve, deny, abort, abort --no-backout, pause or resume.
+    pub action: String,
 }
 
 /// One change's part of a [`RunStatus`].

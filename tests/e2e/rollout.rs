@@ -1,0 +1,425 @@
+//! Fleet policies with real agents: halt, continue, backout_all, retries,
+//! approvals, abort, alerts.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use modi_tests::{Agent, Controller, Value, eventually, host_states};
+
+fn fleet(ctl: &Controller, names: &[&str]) -> Vec<Agent> {
+    names
+        .iter()
+        .map(|n| Agent::join(ctl, n, &[("role", "web")]))
+        .collect()
+}
+
+fn run_id(ctl: &Controller, file: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "--output",
+        "json",
+        "apply",
+        file.to_str().unwrap(),
+        "--detach",
+    ];
+    args.extend_from_slice(extra);
+    let out = ctl.modi(&args);
+    out.json()["run"].as_str().unwrap().to_string()
+}
+
+fn wait_state(ctl: &Controller, run: &str, want: &str) -> Value {
+    let mut last;
+    eventually!(
+        30,
+        {
+            last = ctl.status(run);
+            last["state"] == want
+        },
+        "run {run} reaches {want}; last status {last}"
+    );
+    last
+}
+
+fn wait_final(ctl: &Controller, run: &str) -> Value {
+    let mut last;
+    eventually!(
+        60,
+        {
+            last = ctl.status(run);
+            !matches!(
+                last["state"].as_str(),
+                Some("pending" | "running" | "awaiting_approval" | "paused")
+            )
+        },
+        "run {run} ends; last status {last}"
+    );
+    last
+}
+
+/// A changeset where host `bad` fails its verify; apply marks `applied`,
+/// backout appends the host to a shared `order` file.
+fn policy_changeset(ctl: &Controller, policy: &str, bad: &str) -> std::path::PathBuf {
+    let order = ctl.root.join("backout-order.txt");
+    ctl.changeset(
+        "policy.yaml",
+        &format!(
+            r#"
+name: policy
+vars:
+  bad: {bad}
+  order: "{order}"
+changes:
+  - name: upgrade
+    hosts: role=web
+    {policy}
+    apply:
+      - run: touch applied
+    verify:
+      - run: test {{{{ host.name }}}} != {{{{ bad }}}}
+    backout:
+      steps:
+        - run: rm applied && echo {{{{ host.name }}}} >> {{{{ order }}}}
+"#,
+            order = order.display()
+        ),
+    )
+}
+
+#[test]
+fn halt_backs_out_the_failed_host_and_starts_no_other() {
+    let ctl = Controller::start();
+    let agents = fleet(&ctl, &["w1", "w2", "w3", "w4"]);
+    let file = policy_changeset(
+        &ctl,
+        "rollout: { mode: serial }\n    on_failure: halt",
+        "w2",
+    );
+    let (code, status) = ctl.apply(&file, &[]);
+    assert_eq!(code, 1);
+    let states = host_states(&status, "upgrade");
+    assert_eq!(states["w1"], "success");
+    assert_eq!(states["w2"], "backout_ok");
+    assert_eq!(states["w3"], "cancelled");
+    assert_eq!(states["w4"], "cancelled");
+    assert_eq!(status["changes"][0]["state"], "partial_failure");
+    assert!(agents[0].work().join("applied").exists());
+    for a in &agents[1..] {
+        assert!(!a.work().join("applied").exists(), "{} touched", a.name);
+    }
+}
+
+#[test]
+fn continue_carries_on_until_max_failures_is_passed() {
+    let ctl = Controller::start();
+    let agents = fleet(&ctl, &["w1", "w2", "w3", "w4"]);
+    let file = policy_changeset(
+        &ctl,
+        "rollout: { mode: serial, max_failures: 1 }\n    on_failure: continue",
+        "w2",
+    );
+    let (code, status) = ctl.apply(&file, &[]);
+    assert_eq!(code, 1);
+    let states = host_states(&status, "upgrade");
+    assert_eq!(
+        states.values().map(String::as_str).collect::<Vec<_>>(),
+        ["success", "backout_ok", "success", "success"]
+    );
+    assert!(agents[3].work().join("applied").exists());
+
+    // Two bad hosts with one tolerated: the second failure halts.
+    let file = ctl.changeset(
+        "continue2.yaml",
+        r#"
+name: continue-limit
+changes:
+  - name: c
+    hosts: role=web
+    rollout: { mode: serial, max_failures: 1 }
+    on_failure: continue
+    apply:
+      - run: test {{ host.name }} != w1 && test {{ host.name }} != w2
+"#,
+    );
+    let (_, status) = ctl.apply(&file, &[]);
+    let states = host_states(&status, "c");
+    assert_eq!(
+        states.values().map(String::as_str).collect::<Vec<_>>(),
+        ["failed", "failed", "cancelled", "cancelled"],
+        "{status}"
+    );
+}
+
+#[test]
+fn backout_all_puts_every_applied_host_back_newest_first() {
+    let ctl = Controller::start();
+    let agents = fleet(&ctl, &["w1", "w2", "w3", "w4", "w5"]);
+    let file = policy_changeset(
+        &ctl,
+        "rollout: { mode: rolling, batches: [1] }\n    on_failure: backout_all",
+        "w4",
+    );
+    let (code, status) = ctl.apply(&file, &[]);
+    assert_eq!(code, 1);
+    let states = host_states(&status, "upgrade");
+    assert_eq!(states["w5"], "cancelled", "{status}");
+    for h in ["w1", "w2", "w3", "w4"] {
+        assert_eq!(states[h], "backout_ok", "{h}: {status}");
+    }
+    assert_eq!(status["changes"][0]["state"], "backout_ok");
+    let order = std::fs::read_to_string(ctl.root.join("backout-order.txt")).unwrap();
+    let order: Vec<&str> = order.lines().collect();
+    // The failed host first (it completes last), then newest completion first.
+    assert_eq!(order, ["w4", "w3", "w2", "w1"]);
+    for a in &agents {
+        assert!(
+            !a.work().join("applied").exists(),
+            "{} still applied",
+            a.name
+        );
+    }
+}
+
+#[test]
+fn a_flaky_step_succeeds_on_its_second_attempt() {
+    let ctl = Controller::start();
+    let agent = Agent::join(&ctl, "flaky", &[]);
+    let file = ctl.changeset(
+        "flaky.yaml",
+        r#"
+name: flaky
+changes:
+  - name: fetch
+    hosts: all
+    retry: { max_retries: 2, delay: 300ms }
+    apply:
+      - run: echo try >> attempts; test -e ok || { touch ok; exit 1; }
+"#,
+    );
+    let (code, status) = ctl.apply(&file, &[]);
+    assert_eq!(code, 0, "{status}");
+    let host = &status["changes"][0]["hosts"][0];
+    assert_eq!(host["state"], "success");
+    assert_eq!(host["attempt"], 1, "{host}");
+    assert_eq!(
+        std::fs::read_to_string(agent.work().join("attempts")).unwrap(),
+        "try\ntry\n"
+    );
+}
+
+#[test]
+fn approve_and_deny_through_the_cli() {
+    let mut ctl = Controller::start();
+    let agents = fleet(&ctl, &["w1", "w2"]);
+    let file = ctl.changeset(
+        "gated.yaml",
+        r#"
+name: gated
+changes:
+  - name: step
+    hosts: role=web
+    approve: each_host
+    apply:
+      - run: touch applied
+    backout:
+      - run: rm -f applied
+"#,
+    );
+    let run = run_id(&ctl, &file, &[]);
+    wait_state(&ctl, &run, "awaiting_approval");
+    assert!(
+        !agents[0].work().join("applied").exists(),
+        "nothing runs before approval"
+    );
+    let out = ctl.modi(&["approve", &run]);
+    assert!(out.ok().contains(&format!("run {run}")), "{out:?}");
+    eventually!(
+        20,
+        agents[0].work().join("applied").exists(),
+        "w1 runs after approval"
+    );
+    wait_state(&ctl, &run, "awaiting_approval");
+    ctl.modi(&["deny", &run]).ok();
+    let status = wait_final(&ctl, &run);
+    assert_eq!(status["state"], "bailed_out", "{status}");
+    let states = host_states(&status, "step");
+    // Deny bails out: the host where the change was applied is backed out.
+    assert_eq!(states["w1"], "backout_ok", "{status}");
+    assert_eq!(states["w2"], "cancelled");
+    assert!(!agents[0].work().join("applied").exists());
+    assert!(!agents[1].work().join("applied").exists());
+
+    // Approving a run that is not at a gate is refused with a reason.
+    let again = ctl.modi(&["approve", &run]);
+    assert_eq!(again.code, 2, "{again:?}");
+    assert!(again.stderr.contains("has ended"), "{again:?}");
+    // Who decided is journaled with the name on the admin certificate, and
+    // survives a restart (it is replayed from the journal).
+    let decisions = |status: &Value| -> Vec<(String, String)> {
+        status["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["by"].as_str().unwrap().into(),
+                    d["action"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let want = [
+        ("admin".to_string(), "approve".to_string()),
+        ("admin".into(), "deny".into()),
+    ];
+    assert_eq!(decisions(&status), want);
+    let text = ctl.modi(&["status", &run]);
+    assert!(text.stdout.contains("deny by admin"), "{text:?}");
+    ctl.stop();
+    ctl.serve();
+    assert_eq!(decisions(&ctl.status(&run)), want);
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.contains(") Z "),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn abort_kills_the_running_step_and_backs_out() {
+    let ctl = Controller::start();
+    let agent = Agent::join(&ctl, "busy", &[]);
+    let file = ctl.changeset(
+        "slow.yaml",
+        r#"
+name: slow
+changes:
+  - name: long
+    hosts: all
+    apply:
+      - run: touch applied
+      - run: sleep 300 & echo $! > sleeper.pid; wait
+    backout:
+      - run: rm -f applied && touch backed-out
+"#,
+    );
+    let run = run_id(&ctl, &file, &[]);
+    let pidfile = agent.work().join("sleeper.pid");
+    eventually!(
+        20,
+        pidfile.exists() && !std::fs::read_to_string(&pidfile).unwrap().trim().is_empty(),
+        "the slow step starts"
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+    ctl.modi(&["abort", &run]).ok();
+    let status = wait_final(&ctl, &run);
+    assert_eq!(status["state"], "bailed_out", "{status}");
+    eventually!(10, !alive(pid), "the step's process {pid} is gone");
+    assert_eq!(
+        host_states(&status, "long")["busy"],
+        "backout_ok",
+        "{status}"
+    );
+    assert!(agent.work().join("backed-out").exists());
+    assert!(!agent.work().join("applied").exists());
+
+    // --no-backout leaves the host as it is.
+    std::fs::remove_file(&pidfile).unwrap();
+    std::fs::remove_file(agent.work().join("backed-out")).unwrap();
+    let run = run_id(&ctl, &file, &[]);
+    eventually!(
+        20,
+        pidfile.exists() && !std::fs::read_to_string(&pidfile).unwrap().trim().is_empty(),
+        "the slow step starts again"
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    ctl.modi(&["abort", &run, "--no-backout"]).ok();
+    let status = wait_final(&ctl, &run);
+    assert_eq!(status["state"], "bailed_out");
+    eventually!(10, !alive(pid), "the step's process {pid} is gone");
+    assert!(agent.work().join("applied").exists(), "left as it is");
+    assert!(!agent.work().join("backed-out").exists());
+}
+
+/// A one-thread HTTP server on loopback that sends each request body on.
+fn webhook_receiver() -> (u16, mpsc::Receiver<Value>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_ok()
+                && let Ok(v) = serde_json::from_slice(&body)
+            {
+                let _ = tx.send(v);
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn alerts_reach_a_webhook_on_loopback() {
+    let (port, alerts) = webhook_receiver();
+    let ctl = Controller::start_with(&format!(
+        "[alerts]\nwebhook = \"http://127.0.0.1:{port}/hook\"\n"
+    ));
+    let _agent = Agent::join(&ctl, "alerting", &[]);
+    let file = ctl.changeset(
+        "noback.yaml",
+        r#"
+name: no-backout
+changes:
+  - name: risky
+    hosts: all
+    apply:
+      - run: echo applying; exit 4
+"#,
+    );
+    let (code, _) = ctl.apply(&file, &[]);
+    assert_eq!(code, 1);
+    let mut kinds = Vec::new();
+    while let Ok(alert) = alerts.recv_timeout(Duration::from_secs(10)) {
+        kinds.push(alert["kind"].as_str().unwrap_or_default().to_string());
+        if alert["kind"] == "failed_no_backout" {
+            assert_eq!(alert["host"], "alerting");
+            assert_eq!(alert["change"], "risky");
+            assert_eq!(alert["changeset"], "no-backout");
+        }
+        if kinds.len() == 2 {
+            break;
+        }
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["failed_no_backout", "run_finished"]);
+}
