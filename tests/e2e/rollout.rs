@@ -423,3 +423,63 @@ changes:
     kinds.sort();
     assert_eq!(kinds, ["failed_no_backout", "run_finished"]);
 }
+
+/// `modi apply` attached to a terminal asks at each gate itself.
+#[test]
+fn apply_on_a_terminal_asks_at_each_gate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ctl = Controller::start();
+    let agents = fleet(&ctl, &["t1", "t2"]);
+    let file = ctl.changeset(
+        "ask.yaml",
+        r#"
+name: ask
+changes:
+  - name: step
+    hosts: role=web
+    rollout: { mode: serial }
+    approve: each_host
+    apply:
+      - run: touch applied
+"#,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, screen) = rt.block_on(async {
+        let (pty, pts) = pty_process::open().unwrap();
+        pty.resize(pty_process::Size::new(40, 120)).unwrap();
+        let mut cmd = tokio::process::Command::new(modi_tests::bin("modi"));
+        cmd.arg("--cli-config")
+            .arg(&ctl.cli_config)
+            .args(["apply", file.to_str().unwrap()])
+            .current_dir(&ctl.root);
+        let mut child = pty_process::Command::from(cmd).spawn(pts).unwrap();
+        let (mut reader, mut writer) = pty.into_split();
+        let mut screen = String::new();
+        let mut answers = ["y\n", "n\n"].into_iter();
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = tokio::select! {
+                n = reader.read(&mut buf) => n.unwrap_or(0),
+                _ = tokio::time::sleep_until(deadline) => panic!("no end: {screen}"),
+            };
+            if n == 0 {
+                break;
+            }
+            screen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let asked = screen.matches("continue? [y/N]").count();
+            if asked > 2 - answers.len()
+                && let Some(a) = answers.next()
+            {
+                writer.write_all(a.as_bytes()).await.unwrap();
+            }
+        }
+        let status = child.wait().await.unwrap();
+        (status.code(), screen)
+    });
+    assert_eq!(screen.matches("continue? [y/N]").count(), 2, "{screen}");
+    assert_eq!(code, Some(1), "denied at the second gate: {screen}");
+    assert!(agents[0].work().join("applied").exists());
+    assert!(!agents[1].work().join("applied").exists());
+    assert!(screen.contains("bailed_out"), "{screen}");
+}

@@ -11,7 +11,7 @@ use super::runs::{Control, fetch_status, send_control, status_text};
 use super::validate::plan_request;
 use super::{CliError, Client, Outcome, Output, Vars};
 use crate::driver::WatchItem;
-use crate::rollout::Progress;
+use crate::rollout::{Progress, RunStatus};
 
 /// Submits the changeset; follows the run unless `detach`.
 pub async fn apply(
@@ -81,11 +81,22 @@ pub async fn follow(
         && std::io::stdin().is_terminal()
         && std::io::stderr().is_terminal();
     let mut display: Option<Display> = None;
+    // Gates this CLI has asked about: each is asked once, whether it was
+    // already open when we started watching or opened later.
+    let mut asked = std::collections::BTreeSet::new();
     while let Some(event) = stream.message().await.map_err(|s| client.error(s))? {
+        let mut open = Vec::new();
         match event.event {
             Some(pb::watch_event::Event::StatusJson(json)) => {
-                let status = serde_json::from_str(&json)
+                let status: RunStatus = serde_json::from_str(&json)
                     .map_err(|e| CliError::Failed(format!("cannot read the run's status: {e}")))?;
+                open.extend(
+                    status
+                        .changes
+                        .iter()
+                        .filter_map(|c| c.gate.as_ref())
+                        .map(|g| (g.id, g.label.clone())),
+                );
                 display = Some(Display::new(out, &status));
             }
             Some(pb::watch_event::Event::ProgressJson(json)) => {
@@ -95,22 +106,30 @@ pub async fn follow(
                 if let Some(d) = display.as_mut() {
                     d.item(&item);
                 }
-                if interactive
-                    && let WatchItem::Progress {
-                        progress: Progress::AwaitingApproval { gate, .. },
-                    } = &item
+                if let WatchItem::Progress {
+                    progress: Progress::AwaitingApproval { id, gate, .. },
+                } = item
                 {
-                    let control = if ask(gate.clone()).await {
-                        Control::Approve
-                    } else {
-                        Control::Deny
-                    };
-                    if let Err(e) = send_control(client, run, control).await {
-                        out.note(format!("modi: {e}"));
-                    }
+                    open.push((id, gate));
                 }
             }
             _ => {}
+        }
+        if !interactive {
+            continue;
+        }
+        for (id, gate) in open {
+            if !asked.insert(id) {
+                continue;
+            }
+            let control = if ask(gate).await {
+                Control::Approve
+            } else {
+                Control::Deny
+            };
+            if let Err(e) = send_control(client, run, control).await {
+                out.note(format!("modi: {e}"));
+            }
         }
     }
     if let Some(d) = display.as_mut() {

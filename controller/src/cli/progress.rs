@@ -170,7 +170,7 @@ impl Display {
                     ));
                 }
             }
-            Progress::AwaitingApproval { change, gate } => {
+            Progress::AwaitingApproval { change, gate, .. } => {
                 self.say(format!(
                     "{}: waiting for approval: {gate}",
                     self.change_name(*change)

@@ -10,8 +10,8 @@ use crate::spec::{ChangesetFailure, RunSpec};
 
 use super::change::{ChangeRun, Ctx};
 use super::model::{
-    Action, AlertKind, ChangeStatus, Decision, Event, HostStatus, Judge, Millis, Progress,
-    RunState, RunStatus,
+    Action, AlertKind, ChangeStatus, Decision, Event, HostStatus, Judge, Millis, OpenGate,
+    Progress, RunState, RunStatus,
 };
 
 /// A changeset's scope: the top-level changeset or one included group.
@@ -239,6 +239,11 @@ impl Engine {
             .map(|(run, spec)| ChangeStatus {
                 name: spec.name.clone(),
                 state: run.display_state(self.paused),
+                gate: run.gate.as_ref().map(|g| OpenGate {
+                    id: g.opened,
+                    label: g.label.clone(),
+                    deadline: g.deadline,
+                }),
                 hosts: run
                     .hosts
                     .iter()

@@ -460,6 +460,8 @@ pub enum Progress {
     AwaitingApproval {
         /// Index into `RunSpec::changes`.
         change: usize,
+        /// The gate's id, unique in the run (one prompt per gate).
+        id: u64,
         /// What the gate is for, for people ("batch 2 of web-upgrade: ...").
         gate: String,
     },
@@ -498,6 +500,20 @@ pub struct ChangeStatus {
     pub state: RunState,
     /// Each host, in rollout order.
     pub hosts: Vec<HostStatus>,
+    /// The approval gate open now, if any.
+    #[serde(default)]
+    pub gate: Option<OpenGate>,
+}
+
+/// An open approval gate in a [`ChangeStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenGate {
+    /// Its id, as in `Progress::AwaitingApproval`.
+    pub id: u64,
+    /// What it is for, for people.
+    pub label: String,
+    /// When it times out (a deny), if it does.
+    pub deadline: Option<Millis>,
 }
 
 /// One host's part of a [`ChangeStatus`].

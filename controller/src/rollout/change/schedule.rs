@@ -146,6 +146,7 @@ impl ChangeRun {
         });
         ctx.progress(Progress::AwaitingApproval {
             change: self.index,
+            id: opened,
             gate: label,
         });
         true

@@ -1,0 +1,148 @@
+//! Crashes: nothing lost, nothing run twice.
+
+use std::path::Path;
+
+use modi_tests::{Agent, Controller, Value, eventually, host_states};
+
+fn detach(ctl: &Controller, file: &Path) -> String {
+    let out = ctl.modi(&[
+        "--output",
+        "json",
+        "apply",
+        file.to_str().unwrap(),
+        "--detach",
+    ]);
+    out.json()["run"].as_str().unwrap().to_string()
+}
+
+fn wait_final(ctl: &Controller, run: &str) -> Value {
+    let mut last;
+    eventually!(
+        60,
+        {
+            last = ctl.status(run);
+            !matches!(
+                last["state"].as_str(),
+                Some("pending" | "running" | "awaiting_approval" | "paused")
+            )
+        },
+        "run {run} ends; last status {last}"
+    );
+    last
+}
+
+const SLOW: &str = r#"
+name: slow
+changes:
+  - name: work
+    hosts: all
+    apply:
+      - run: echo ran >> count; sleep 2
+      - run: echo second >> count
+"#;
+
+#[test]
+fn a_controller_crash_mid_step_loses_nothing_and_runs_nothing_twice() {
+    let mut ctl = Controller::start();
+    let agent = Agent::join(&ctl, "steady", &[]);
+    let file = ctl.changeset("slow.yaml", SLOW);
+    let run = detach(&ctl, &file);
+    let count = agent.work().join("count");
+    eventually!(20, count.exists(), "the first step starts");
+    ctl.crash();
+    // The step finishes while the controller is down; its result waits in
+    // the agent's journal.
+    eventually!(
+        10,
+        agent.log().contains("finished"),
+        "the step ends on the agent"
+    );
+    ctl.serve();
+    let status = wait_final(&ctl, &run);
+    assert_eq!(status["state"], "success", "{status}");
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), "ran\nsecond\n");
+}
+
+#[test]
+fn an_agent_crash_mid_step_is_reported_lost_not_rerun() {
+    let ctl = Controller::start();
+    let mut agent = Agent::join(&ctl, "fragile", &[]);
+    let file = ctl.changeset("slow.yaml", SLOW);
+    let run = detach(&ctl, &file);
+    let count = agent.work().join("count");
+    eventually!(20, count.exists(), "the first step starts");
+    agent.crash();
+    agent.start();
+    let status = wait_final(&ctl, &run);
+    let host = &status["changes"][0]["hosts"][0];
+    assert_eq!(host["state"], "lost", "{status}");
+    assert_eq!(host["failure"]["reason"], "lost");
+    // Give a wrongly re-run step the time to show itself.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(
+        std::fs::read_to_string(&count).unwrap(),
+        "ran\n",
+        "never run twice"
+    );
+}
+
+#[test]
+fn an_agent_that_stays_away_has_its_steps_lost_and_the_run_ends() {
+    let ctl = Controller::start_with("agent_lost_after = \"1s\"");
+    let mut gone = Agent::join(&ctl, "gone", &[]);
+    let _fine = Agent::join(&ctl, "fine", &[]);
+    let file = ctl.changeset(
+        "away.yaml",
+        r#"
+name: away
+changes:
+  - name: work
+    hosts: all
+    rollout: { mode: parallel }
+    on_failure: continue
+    apply:
+      - run: sleep 3
+"#,
+    );
+    let run = detach(&ctl, &file);
+    eventually!(
+        20,
+        gone.log().contains("running"),
+        "the step starts on gone"
+    );
+    gone.crash();
+    let status = wait_final(&ctl, &run);
+    let states = host_states(&status, "work");
+    assert_eq!(states["gone"], "lost", "{status}");
+    assert_eq!(states["fine"], "success", "{status}");
+}
+
+#[test]
+fn a_host_whose_agent_is_down_fails_at_once_as_unreachable() {
+    let ctl = Controller::start();
+    let mut down = Agent::join(&ctl, "down", &[]);
+    let _up = Agent::join(&ctl, "up", &[]);
+    down.stop();
+    eventually!(10, !ctl.connected("down"), "down is seen as away");
+    let file = ctl.changeset(
+        "unreachable.yaml",
+        "name: u\nchanges:\n  - name: c\n    hosts: all\n    on_failure: continue\n    apply:\n      - run: touch done\n",
+    );
+    let started = std::time::Instant::now();
+    let (code, status) = ctl.apply(&file, &[]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "a dead host never stalls a run"
+    );
+    assert_eq!(code, 1);
+    let host = status["changes"][0]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "down")
+        .unwrap()
+        .clone();
+    assert_eq!(host["state"], "failed", "{host}");
+    assert_eq!(host["failure"]["reason"], "unreachable");
+    assert!(!down.work().join("done").exists());
+}
