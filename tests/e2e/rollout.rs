@@ -389,10 +389,12 @@ fn webhook_receiver() -> (u16, mpsc::Receiver<Value>) {
 }
 
 #[test]
-fn alerts_reach_a_webhook_on_loopback() {
+fn alerts_reach_a_webhook_on_loopback_and_a_command() {
     let (port, alerts) = webhook_receiver();
+    let sink = ctl_sink();
     let ctl = Controller::start_with(&format!(
-        "[alerts]\nwebhook = \"http://127.0.0.1:{port}/hook\"\n"
+        "[alerts]\nwebhook = \"http://127.0.0.1:{port}/hook\"\ncommand = \"cat >> {0}; echo >> {0}\"\n",
+        sink.path().display()
     ));
     let _agent = Agent::join(&ctl, "alerting", &[]);
     let file = ctl.changeset(
@@ -422,6 +424,48 @@ changes:
     }
     kinds.sort();
     assert_eq!(kinds, ["failed_no_backout", "run_finished"]);
+    // The command got the same alerts as JSON on its stdin.
+    eventually!(
+        10,
+        std::fs::read_to_string(sink.path())
+            .unwrap()
+            .lines()
+            .count()
+            == 2,
+        "two alerts via the command"
+    );
+    let text = std::fs::read_to_string(sink.path()).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(first["kind"] == "failed_no_backout" || first["kind"] == "run_finished");
+}
+
+fn ctl_sink() -> tempfile::NamedTempFile {
+    tempfile::NamedTempFile::new().unwrap()
+}
+
+#[test]
+fn a_dead_webhook_is_retried_and_logged_and_never_blocks_a_run() {
+    let dead = modi_tests::free_port();
+    let ctl = Controller::start_with(&format!(
+        "[alerts]\nwebhook = \"http://127.0.0.1:{dead}/hook\"\n"
+    ));
+    let _agent = Agent::join(&ctl, "alone", &[]);
+    let file = ctl.changeset(
+        "fails.yaml",
+        "name: f\nchanges:\n  - name: c\n    hosts: all\n    apply:\n      - run: exit 1\n",
+    );
+    let started = std::time::Instant::now();
+    let (code, status) = ctl.apply(&file, &[]);
+    assert_eq!(code, 1, "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the run did not wait for the webhook"
+    );
+    eventually!(
+        10,
+        ctl.log().contains("alert webhook failed; retrying"),
+        "retries are logged"
+    );
 }
 
 /// `modi apply` attached to a terminal asks at each gate itself.
