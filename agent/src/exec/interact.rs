@@ -21,10 +21,101 @@ pub const DEFAULT_EXPECT_TIMEOUT: Duration = Duration::from_secs(30);
 enum Stop {
     /// The pattern did not show up in time.
     Timeout(String),
-    /// The program ended first.
+    /// The program ended (or could not be written to) first.
     Ended(String),
     /// Cancelled from the controller.
     Cancelled,
+}
+
+/// The controlling side of the PTY and what has been read from it.
+struct Terminal<'a> {
+    reader: pty_process::OwnedReadPty,
+    writer: pty_process::OwnedWritePty,
+    /// Everything the program printed: the step's stdout.
+    transcript: Capture,
+    /// The same, as text, for matching.
+    text: String,
+    /// How much of `text` earlier expects consumed.
+    seen: usize,
+    ctx: &'a Ctx<'a>,
+    deadline: Option<Instant>,
+}
+
+impl Terminal<'_> {
+    /// Reads one chunk into the transcript; `false` at end of file (or EIO
+    /// once the program has closed the terminal).
+    async fn read(&mut self) -> bool {
+        let mut buf = [0u8; 8192];
+        match self.reader.read(&mut buf).await {
+            Ok(n) if n > 0 => {
+                self.transcript.push(&buf[..n]);
+                self.ctx.stream(pb::OutputStream::Stdout, &buf[..n]);
+                self.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Plays the expect/send pairs in order.
+    async fn script(&mut self, script: &[(Regex, &pb::Exchange)]) -> Result<(), Stop> {
+        for (re, x) in script {
+            let wait = if x.timeout_ms > 0 {
+                Duration::from_millis(x.timeout_ms)
+            } else {
+                DEFAULT_EXPECT_TIMEOUT
+            };
+            let mut deadline = Instant::now() + wait;
+            if let Some(d) = self.deadline {
+                deadline = deadline.min(d);
+            }
+            let cancel = self.ctx.cancel.clone();
+            loop {
+                if let Some(m) = re.find(&self.text[self.seen..]) {
+                    self.seen += m.end();
+                    break;
+                }
+                let more = tokio::select! {
+                    more = self.read() => more,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        return Err(Stop::Timeout(format!(
+                            "timed out after {wait:?} waiting for /{}/", x.expect)));
+                    }
+                    _ = cancel.cancelled() => return Err(Stop::Cancelled),
+                };
+                if !more {
+                    return Err(Stop::Ended(format!(
+                        "the program ended before /{}/ appeared",
+                        x.expect
+                    )));
+                }
+            }
+            self.writer
+                .write_all(x.send.as_bytes())
+                .await
+                .map_err(|e| Stop::Ended(format!("cannot send to the program: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the rest until the program closes the terminal; `false` if
+    /// the step's timeout or a cancel came first.
+    async fn drain(&mut self) -> bool {
+        let until = self
+            .deadline
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86_400));
+        let cancel = self.ctx.cancel.clone();
+        loop {
+            let more = tokio::select! {
+                more = self.read() => more,
+                _ = tokio::time::sleep_until(until.into()) => return false,
+                _ = cancel.cancelled() => return false,
+            };
+            if !more {
+                return true;
+            }
+        }
+    }
 }
 
 pub(super) async fn run(
@@ -51,94 +142,29 @@ pub(super) async fn run(
         .kill_on_drop(true)
         .spawn(pts)
         .map_err(|e| format!("cannot start on a pty: {e}"))?;
+    // A session leader: its pid is its process group.
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
-    let (mut reader, mut writer) = pty.into_split();
-
-    let started = Instant::now();
-    let step_deadline = ctx.timeout.map(|t| started + t);
-    let mut transcript = Capture::default();
-    let mut text = String::new();
-    let mut seen = 0usize;
-    let mut buf = vec![0u8; 8192];
-    let mut stop = None;
-
-    'script: for (re, x) in &script {
-        let wait = if x.timeout_ms > 0 {
-            Duration::from_millis(x.timeout_ms)
-        } else {
-            DEFAULT_EXPECT_TIMEOUT
-        };
-        let mut deadline = Instant::now() + wait;
-        if let Some(d) = step_deadline {
-            deadline = deadline.min(d);
-        }
-        loop {
-            if let Some(m) = re.find(&text[seen..]) {
-                seen += m.end();
-                break;
-            }
-            let read = tokio::select! {
-                r = reader.read(&mut buf) => r,
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    stop = Some(Stop::Timeout(format!(
-                        "timed out after {:?} waiting for /{}/", wait, x.expect)));
-                    break 'script;
-                }
-                _ = ctx.cancel.cancelled() => {
-                    stop = Some(Stop::Cancelled);
-                    break 'script;
-                }
-            };
-            match read {
-                Ok(n) if n > 0 => {
-                    transcript.push(&buf[..n]);
-                    ctx.stream(pb::OutputStream::Stdout, &buf[..n]);
-                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-                // EOF, or EIO once the program has closed the terminal.
-                _ => {
-                    stop = Some(Stop::Ended(format!(
-                        "the program ended before /{}/ appeared",
-                        x.expect
-                    )));
-                    break 'script;
-                }
-            }
-        }
-        if let Err(e) = writer.write_all(x.send.as_bytes()).await {
-            stop = Some(Stop::Ended(format!("cannot send to the program: {e}")));
-            break;
-        }
-    }
-
-    // The script is done (or stopped): read the rest until the program
-    // exits, within the step's timeout.
-    let ended = match stop {
-        Some(Stop::Cancelled) => None,
-        Some(Stop::Timeout(_)) => None,
-        _ => loop {
-            let until =
-                step_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
-            let read = tokio::select! {
-                r = reader.read(&mut buf) => r,
-                _ = tokio::time::sleep_until(until.into()) => break None,
-                _ = ctx.cancel.cancelled() => break None,
-            };
-            match read {
-                Ok(n) if n > 0 => {
-                    transcript.push(&buf[..n]);
-                    ctx.stream(pb::OutputStream::Stdout, &buf[..n]);
-                }
-                _ => break Some(()),
-            }
-        },
+    let (reader, writer) = pty.into_split();
+    let mut term = Terminal {
+        reader,
+        writer,
+        transcript: Capture::default(),
+        text: String::new(),
+        seen: 0,
+        ctx,
+        deadline: ctx.timeout.map(|t| Instant::now() + t),
     };
 
-    let status = if ended.is_some() {
-        match tokio::time::timeout(super::KILL_GRACE, child.wait()).await {
-            Ok(Ok(status)) => Some(status),
-            _ => None,
-        }
+    let stop = term.script(&script).await.err();
+    let closed = match stop {
+        Some(Stop::Timeout(_) | Stop::Cancelled) => false,
+        None | Some(Stop::Ended(_)) => term.drain().await,
+    };
+    let status = if closed {
+        tokio::time::timeout(super::KILL_GRACE, child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     } else {
         None
     };
@@ -156,26 +182,13 @@ pub(super) async fn run(
         }
     };
     let mut note = Capture::default();
-    let mut result = match (&stop, ended) {
-        (Some(Stop::Ended(why)), Ended::Exited(_)) => {
-            // The script was not completed: a failure whatever the exit
-            // code says.
-            note.push(format!("modi-agent: interact: {why}\n").as_bytes());
-            let mut r = result_of(
-                Ended::Exited(std::process::ExitStatus::default()),
-                transcript,
-                note,
-            );
-            r.exit_code = None;
-            r
-        }
-        (Some(Stop::Timeout(why)), ended) => {
-            note.push(format!("modi-agent: interact: {why}\n").as_bytes());
-            result_of(ended, transcript, note)
-        }
-        (_, ended) => result_of(ended, transcript, note),
-    };
+    if let Some(Stop::Timeout(why) | Stop::Ended(why)) = &stop {
+        note.push(format!("modi-agent: interact: {why}\n").as_bytes());
+    }
+    let mut result = result_of(ended, term.transcript, note);
     if let (Some(Stop::Ended(_)), Some(status)) = (&stop, status) {
+        // The script was not completed: a failure whatever the exit code.
+        result.exit_code = None;
         result.stderr.extend_from_slice(
             format!("modi-agent: the program exited with {status}\n").as_bytes(),
         );
