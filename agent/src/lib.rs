@@ -27,6 +27,22 @@ pub use config::AgentConfig;
 pub use enroll::{JoinError, JoinRequest, join};
 pub use session::{RunError, run};
 
+/// Resolves on SIGTERM or SIGINT: how both daemons learn to stop.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// A gRPC status and all its sources, `: `-separated, for people. tonic's
 /// transport errors keep the real reason (a refused certificate, a
 /// connection refused) a few sources down.

@@ -1,35 +1,6 @@
 //! Crashes: nothing lost, nothing run twice.
 
-use std::path::Path;
-
-use modi_tests::{Agent, Controller, Value, eventually, host_states};
-
-fn detach(ctl: &Controller, file: &Path) -> String {
-    let out = ctl.modi(&[
-        "--output",
-        "json",
-        "apply",
-        file.to_str().unwrap(),
-        "--detach",
-    ]);
-    out.json()["run"].as_str().unwrap().to_string()
-}
-
-fn wait_final(ctl: &Controller, run: &str) -> Value {
-    let mut last;
-    eventually!(
-        60,
-        {
-            last = ctl.status(run);
-            !matches!(
-                last["state"].as_str(),
-                Some("pending" | "running" | "awaiting_approval" | "paused")
-            )
-        },
-        "run {run} ends; last status {last}"
-    );
-    last
-}
+use modi_tests::{Agent, Controller, eventually, host_states};
 
 const SLOW: &str = r#"
 name: slow
@@ -46,7 +17,7 @@ fn a_controller_crash_mid_step_loses_nothing_and_runs_nothing_twice() {
     let mut ctl = Controller::start();
     let agent = Agent::join(&ctl, "steady", &[]);
     let file = ctl.changeset("slow.yaml", SLOW);
-    let run = detach(&ctl, &file);
+    let run = ctl.detach(&file, &[]);
     let count = agent.work().join("count");
     eventually!(20, count.exists(), "the first step starts");
     ctl.crash();
@@ -58,7 +29,7 @@ fn a_controller_crash_mid_step_loses_nothing_and_runs_nothing_twice() {
         "the step ends on the agent"
     );
     ctl.serve();
-    let status = wait_final(&ctl, &run);
+    let status = ctl.wait_final(&run);
     assert_eq!(status["state"], "success", "{status}");
     assert_eq!(std::fs::read_to_string(&count).unwrap(), "ran\nsecond\n");
 }
@@ -68,12 +39,12 @@ fn an_agent_crash_mid_step_is_reported_lost_not_rerun() {
     let ctl = Controller::start();
     let mut agent = Agent::join(&ctl, "fragile", &[]);
     let file = ctl.changeset("slow.yaml", SLOW);
-    let run = detach(&ctl, &file);
+    let run = ctl.detach(&file, &[]);
     let count = agent.work().join("count");
     eventually!(20, count.exists(), "the first step starts");
     agent.crash();
     agent.start();
-    let status = wait_final(&ctl, &run);
+    let status = ctl.wait_final(&run);
     let host = &status["changes"][0]["hosts"][0];
     assert_eq!(host["state"], "lost", "{status}");
     assert_eq!(host["failure"]["reason"], "lost");
@@ -104,14 +75,14 @@ changes:
       - run: sleep 3
 "#,
     );
-    let run = detach(&ctl, &file);
+    let run = ctl.detach(&file, &[]);
     eventually!(
         20,
         gone.log().contains("running"),
         "the step starts on gone"
     );
     gone.crash();
-    let status = wait_final(&ctl, &run);
+    let status = ctl.wait_final(&run);
     let states = host_states(&status, "work");
     assert_eq!(states["gone"], "lost", "{status}");
     assert_eq!(states["fine"], "success", "{status}");

@@ -2,7 +2,6 @@
 //! approvals, abort, alerts.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,48 +12,6 @@ fn fleet(ctl: &Controller, names: &[&str]) -> Vec<Agent> {
         .iter()
         .map(|n| Agent::join(ctl, n, &[("role", "web")]))
         .collect()
-}
-
-fn run_id(ctl: &Controller, file: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "--output",
-        "json",
-        "apply",
-        file.to_str().unwrap(),
-        "--detach",
-    ];
-    args.extend_from_slice(extra);
-    let out = ctl.modi(&args);
-    out.json()["run"].as_str().unwrap().to_string()
-}
-
-fn wait_state(ctl: &Controller, run: &str, want: &str) -> Value {
-    let mut last;
-    eventually!(
-        30,
-        {
-            last = ctl.status(run);
-            last["state"] == want
-        },
-        "run {run} reaches {want}; last status {last}"
-    );
-    last
-}
-
-fn wait_final(ctl: &Controller, run: &str) -> Value {
-    let mut last;
-    eventually!(
-        60,
-        {
-            last = ctl.status(run);
-            !matches!(
-                last["state"].as_str(),
-                Some("pending" | "running" | "awaiting_approval" | "paused")
-            )
-        },
-        "run {run} ends; last status {last}"
-    );
-    last
 }
 
 /// A changeset where host `bad` fails its verify; apply marks `applied`,
@@ -225,8 +182,8 @@ changes:
       - run: rm -f applied
 "#,
     );
-    let run = run_id(&ctl, &file, &[]);
-    wait_state(&ctl, &run, "awaiting_approval");
+    let run = ctl.detach(&file, &[]);
+    ctl.wait_state(&run, "awaiting_approval");
     assert!(
         !agents[0].work().join("applied").exists(),
         "nothing runs before approval"
@@ -238,9 +195,9 @@ changes:
         agents[0].work().join("applied").exists(),
         "w1 runs after approval"
     );
-    wait_state(&ctl, &run, "awaiting_approval");
+    ctl.wait_state(&run, "awaiting_approval");
     ctl.modi(&["deny", &run]).ok();
-    let status = wait_final(&ctl, &run);
+    let status = ctl.wait_final(&run);
     assert_eq!(status["state"], "bailed_out", "{status}");
     let states = host_states(&status, "step");
     // Deny bails out: the host where the change was applied is backed out.
@@ -305,7 +262,7 @@ changes:
       - run: rm -f applied && touch backed-out
 "#,
     );
-    let run = run_id(&ctl, &file, &[]);
+    let run = ctl.detach(&file, &[]);
     let pidfile = agent.work().join("sleeper.pid");
     eventually!(
         20,
@@ -319,7 +276,7 @@ changes:
         .unwrap();
     assert!(alive(pid));
     ctl.modi(&["abort", &run]).ok();
-    let status = wait_final(&ctl, &run);
+    let status = ctl.wait_final(&run);
     assert_eq!(status["state"], "bailed_out", "{status}");
     eventually!(10, !alive(pid), "the step's process {pid} is gone");
     assert_eq!(
@@ -333,7 +290,7 @@ changes:
     // --no-backout leaves the host as it is.
     std::fs::remove_file(&pidfile).unwrap();
     std::fs::remove_file(agent.work().join("backed-out")).unwrap();
-    let run = run_id(&ctl, &file, &[]);
+    let run = ctl.detach(&file, &[]);
     eventually!(
         20,
         pidfile.exists() && !std::fs::read_to_string(&pidfile).unwrap().trim().is_empty(),
@@ -345,7 +302,7 @@ changes:
         .parse()
         .unwrap();
     ctl.modi(&["abort", &run, "--no-backout"]).ok();
-    let status = wait_final(&ctl, &run);
+    let status = ctl.wait_final(&run);
     assert_eq!(status["state"], "bailed_out");
     eventually!(10, !alive(pid), "the step's process {pid} is gone");
     assert!(agent.work().join("applied").exists(), "left as it is");

@@ -366,6 +366,53 @@ impl Controller {
     pub fn status(&self, run: &str) -> Value {
         self.json(&["status", run])
     }
+
+    /// `modi apply FILE --detach`: the run id.
+    pub fn detach(&self, file: &Path, extra: &[&str]) -> String {
+        let mut args = vec![
+            "--output",
+            "json",
+            "apply",
+            file.to_str().expect("utf-8 path"),
+            "--detach",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.modi(&args);
+        out.json()["run"].as_str().expect("run id").to_string()
+    }
+
+    /// Waits until run `run` is in `state`; its status.
+    pub fn wait_state(&self, run: &str, state: &str) -> Value {
+        self.wait_status(run, |s| s["state"] == state, state)
+    }
+
+    /// Waits until run `run` has ended; its status.
+    pub fn wait_final(&self, run: &str) -> Value {
+        self.wait_status(
+            run,
+            |s| {
+                !matches!(
+                    s["state"].as_str(),
+                    Some("pending" | "running" | "awaiting_approval" | "paused")
+                )
+            },
+            "its end",
+        )
+    }
+
+    fn wait_status(&self, run: &str, done: impl Fn(&Value) -> bool, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.status(run);
+            if done(&status) {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("run {run} did not reach {what} within 60s; last status {status}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Controller {

@@ -27,7 +27,7 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
         .map_err(|e| CliError::Failed(e.to_string()))?;
     tracing::info!(%addr, "modi controller listening");
     tokio::spawn(async move {
-        wait_for_signal().await;
+        modi_agent::shutdown_signal().await;
         tracing::info!("shutting down");
         shutdown.cancel();
     });
@@ -45,26 +45,10 @@ pub async fn agent(config: PathBuf) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        modi_agent::shutdown_signal().await;
         signal.cancel();
     });
     modi_agent::run(config, shutdown)
         .await
         .map_err(|e| CliError::Input(e.to_string()))
-}
-
-/// SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
