@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{AlertEvent, Alerts};
-use crate::fleet::{Fleet, RunPorts, full_id};
+use crate::fleet::{Fleet, RunPorts, RunRef, full_id};
 use crate::rollout::{
     Action, DispatchId, Engine, Event, Judge, Millis, Progress, RunState, RunStatus, StepResult,
     Termination,
@@ -31,6 +31,8 @@ use crate::store::{JournalEntry, Record, RunMeta, Store, StoreError};
 const INBOX: usize = 4096;
 /// Most inputs journaled together in one flush.
 const BATCH: usize = 1024;
+/// How often dispatches held for a host that is not back yet are retried.
+const DEFERRED_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a run driver receives.
 #[derive(Debug)]
@@ -41,8 +43,9 @@ pub enum DriverMsg {
         id: DispatchId,
         /// The result.
         result: StepResult,
-        /// The agent to ack once it is durable.
-        agent: String,
+        /// The agent to ack once it is durable (`None` for a result the
+        /// controller made up, e.g. `lost`).
+        agent: Option<String>,
     },
     /// An operator's approve/deny/abort/pause/resume.
     Control {
@@ -122,6 +125,9 @@ struct Driver {
     watch: broadcast::Sender<WatchItem>,
     /// Results synthesized locally (unreachable hosts), handled next.
     local: Vec<(DispatchId, StepResult, Option<String>)>,
+    /// Dispatches for hosts not (yet) back after a controller restart,
+    /// held during the startup grace.
+    deferred: Vec<Action>,
 }
 
 fn distinct_hosts(spec: &RunSpec) -> u32 {
@@ -292,14 +298,24 @@ pub fn resume(ctx: &Context, run: u64, replayed: Replayed, meta: RunMeta) {
     } = replayed;
     let mut driver = Driver::new(ctx.clone(), run, spec, meta, entries);
     driver.engine = engine;
+    let key = driver.key();
     let mut fresh = Vec::new();
     for (id, f) in in_flight {
         if f.dispatched {
-            let msg = agent_convert::run_step(run, &id, &f.step);
+            // It may have run: the agent re-reports it, or runs it if it
+            // never got it. A cancel asked for before the crash goes too.
+            let msg = agent_convert::run_step(key, &id, &f.step);
             ctx.fleet.send_step(run, id, &f.host, msg);
             if f.cancelled {
-                ctx.fleet.cancel_step(&full_id(run, &id));
+                ctx.fleet.cancel_step(&full_id(key, &id));
             }
+        } else if f.cancelled {
+            // Never sent, and no longer wanted.
+            driver.local.push((
+                id,
+                not_sent(Termination::Cancelled, "cancelled before it was sent"),
+                None,
+            ));
         } else {
             fresh.push(Action::Dispatch {
                 id,
@@ -334,6 +350,15 @@ impl Driver {
             inbox,
             watch,
             local: Vec::new(),
+            deferred: Vec::new(),
+        }
+    }
+
+    /// The run as agents see it.
+    fn key(&self) -> RunRef {
+        RunRef {
+            id: self.run,
+            stamp: self.meta.created_at,
         }
     }
 
@@ -362,13 +387,20 @@ impl Driver {
     async fn run_loop(&mut self, first: Vec<Action>) -> Result<(), StoreError> {
         self.act(first).await?;
         while !self.engine.is_finished() {
+            if !self.deferred.is_empty() {
+                let again = std::mem::take(&mut self.deferred);
+                self.act(again).await?;
+            }
             let mut results = std::mem::take(&mut self.local);
             let mut controls = Vec::new();
-            let mut timer = false;
             if results.is_empty() {
-                let deadline = self.engine.next_deadline();
+                let mut wake = self.engine.next_deadline();
+                if !self.deferred.is_empty() {
+                    let soon = crate::clock::now() + DEFERRED_POLL.as_millis() as Millis;
+                    wake = Some(wake.map_or(soon, |w| w.min(soon)));
+                }
                 let sleep = async {
-                    match deadline {
+                    match wake {
                         Some(at) => {
                             let wait = at.saturating_sub(crate::clock::now());
                             tokio::time::sleep(std::time::Duration::from_millis(wait)).await
@@ -381,7 +413,7 @@ impl Driver {
                         Some(msg) => self.sort(msg, &mut results, &mut controls),
                         None => return Ok(()),
                     },
-                    _ = sleep => timer = true,
+                    _ = sleep => {}
                     _ = self.ctx.shutdown.cancelled() => return Ok(()),
                 }
                 while results.len() + controls.len() < BATCH {
@@ -414,7 +446,8 @@ impl Driver {
                     }
                 }
             }
-            if timer && self.engine.next_deadline().is_some_and(|d| d <= now) {
+            // A deadline that passed is due, whichever branch woke us.
+            if self.engine.next_deadline().is_some_and(|d| d <= now) {
                 events.push(Event::Timer);
             }
             self.journal(
@@ -426,10 +459,10 @@ impl Driver {
                 now,
             )
             .await?;
+            let key = self.key();
             for (id, result, agent) in &results {
-                if let Some(agent) = agent {
-                    self.ctx.fleet.ack(agent, &full_id(self.run, id));
-                }
+                // Durable now: the agent may forget it.
+                self.ctx.fleet.complete(agent.as_deref(), &full_id(key, id));
                 let _ = self.watch.send(WatchItem::Result {
                     id: *id,
                     result: result.clone(),
@@ -455,7 +488,7 @@ impl Driver {
         controls: &mut Vec<(Event, oneshot::Sender<Result<RunState, String>>)>,
     ) {
         match msg {
-            DriverMsg::Result { id, result, agent } => results.push((id, result, Some(agent))),
+            DriverMsg::Result { id, result, agent } => results.push((id, result, agent)),
             DriverMsg::Control { event, reply } => controls.push((event, reply)),
             DriverMsg::Status { reply } => {
                 let _ = reply.send(self.engine.status());
@@ -489,19 +522,41 @@ impl Driver {
         }
     }
 
-    /// Carries out the engine's actions.
+    /// Carries out the engine's actions: dispatches (journaled, then
+    /// sent), then cancels (so a step dispatched and cancelled in one batch
+    /// is cancelled after it is sent), alerts and progress in order.
     async fn act(&mut self, actions: Vec<Action>) -> Result<(), StoreError> {
         let mut dispatch = Vec::new();
+        let mut cancels = Vec::new();
         for action in actions {
             match action {
                 Action::Dispatch { id, host, step } => {
                     if self.ctx.fleet.is_connected(&host) {
                         dispatch.push((id, host, step));
+                    } else if self.ctx.fleet.expected_back(&host) {
+                        self.deferred.push(Action::Dispatch { id, host, step });
                     } else {
-                        self.local.push((id, unreachable(&host), None));
+                        let why = format!("agent {host} is not connected; nothing was sent");
+                        self.local
+                            .push((id, not_sent(Termination::Unreachable, &why), None));
                     }
                 }
-                Action::Cancel { id, .. } => self.ctx.fleet.cancel_step(&full_id(self.run, &id)),
+                Action::Cancel { id, .. } => {
+                    if let Some(i) = self
+                        .deferred
+                        .iter()
+                        .position(|a| matches!(a, Action::Dispatch { id: d, .. } if *d == id))
+                    {
+                        self.deferred.remove(i);
+                        self.local.push((
+                            id,
+                            not_sent(Termination::Cancelled, "cancelled before it was sent"),
+                            None,
+                        ));
+                    } else {
+                        cancels.push(id);
+                    }
+                }
                 Action::Alert {
                     kind,
                     change,
@@ -525,23 +580,26 @@ impl Driver {
                 }
             }
         }
-        if dispatch.is_empty() {
-            return Ok(());
+        let key = self.key();
+        if !dispatch.is_empty() {
+            // Durable before sent.
+            let records = dispatch
+                .iter()
+                .map(|(id, _, _)| Record::Dispatched { id: *id })
+                .collect();
+            self.journal(records, crate::clock::now()).await?;
+            for (id, host, step) in dispatch {
+                let _ = self.watch.send(WatchItem::Dispatched {
+                    id,
+                    host: host.clone(),
+                    step: describe(&step),
+                });
+                let msg = agent_convert::run_step(key, &id, &step);
+                self.ctx.fleet.send_step(self.run, id, &host, msg);
+            }
         }
-        // Durable before sent.
-        let records = dispatch
-            .iter()
-            .map(|(id, _, _)| Record::Dispatched { id: *id })
-            .collect();
-        self.journal(records, crate::clock::now()).await?;
-        for (id, host, step) in dispatch {
-            let _ = self.watch.send(WatchItem::Dispatched {
-                id,
-                host: host.clone(),
-                step: describe(&step),
-            });
-            let msg = agent_convert::run_step(self.run, &id, &step);
-            self.ctx.fleet.send_step(self.run, id, &host, msg);
+        for id in cancels {
+            self.ctx.fleet.cancel_step(&full_id(key, &id));
         }
         Ok(())
     }
@@ -561,10 +619,11 @@ impl Driver {
     }
 }
 
-fn unreachable(host: &str) -> StepResult {
+/// The result of a step that was never sent.
+fn not_sent(termination: Termination, why: &str) -> StepResult {
     StepResult {
-        termination: Some(Termination::Unreachable),
-        stderr: format!("agent {host} is not connected; nothing was sent"),
+        termination: Some(termination),
+        stderr: why.to_string(),
         ..StepResult::default()
     }
 }

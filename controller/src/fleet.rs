@@ -2,13 +2,19 @@
 //! and where their results go.
 //!
 //! - A connected agent has one [`Session`]: the sender half of its
-//!   `Connect` stream. A newer session for the same name replaces the older.
+//!   `Connect` stream and a token that ends its reader. A newer session for
+//!   the same name replaces the older; a session whose queue is full or
+//!   closed is dropped, so the agent reconnects and gets everything again.
 //! - Every step sent to an agent sits in the in-flight table under its full
-//!   dispatch id until its result arrives. When an agent (re)connects,
+//!   dispatch id until its result is durable. When an agent (re)connects,
 //!   everything in flight on it is sent again: the agent runs what it never
 //!   saw and re-reports what it already ran, never running anything twice.
+//! - A result is acked to the agent only once its run's driver has
+//!   journaled it (see [`Fleet::complete`]); a repeat of a result that is
+//!   on its way to the journal is dropped, not acked.
 //! - When an agent stays away longer than `lost_after` with steps in flight,
-//!   those steps are reported `lost` to their runs.
+//!   those steps are reported `lost` to their runs; if it comes back still
+//!   running one of them, it is told to cancel it.
 //! - An agent can report results only for steps dispatched to it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,11 +35,21 @@ use crate::store::{HostRecord, Store};
 
 /// Outbound queue length per agent session.
 const SESSION_QUEUE: usize = 4096;
+/// After the controller starts, hosts whose agents have not reconnected yet
+/// are waited for this long before a step for them counts as unreachable:
+/// agents come back with a jittered backoff of up to 30 s.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(45);
+/// A host seen this long before the controller started counts as one that
+/// was connected to the previous controller, and is expected back.
+pub const RECENTLY_SEEN: Duration = Duration::from_secs(600);
 
 /// A connected agent.
 struct Session {
     id: u64,
     tx: mpsc::Sender<pb::ControllerMessage>,
+    /// Cancelled when the session is replaced, dropped or kicked: its
+    /// reader stops accepting anything from it.
+    token: CancellationToken,
     since: Millis,
     last_seen: Millis,
 }
@@ -45,6 +61,8 @@ struct Inflight {
     id: DispatchId,
     msg: pb::RunStep,
     cancelled: bool,
+    /// Its result is on its way to the journal.
+    reported: bool,
 }
 
 /// A run's inbox and its watchers.
@@ -65,6 +83,16 @@ pub struct Presence {
     pub last_seen: Millis,
 }
 
+/// A new session's handles, for the service that serves it.
+pub struct SessionHandle {
+    /// The session's id.
+    pub id: u64,
+    /// What to send down its stream.
+    pub outbound: mpsc::Receiver<pb::ControllerMessage>,
+    /// Cancelled when the session must end.
+    pub token: CancellationToken,
+}
+
 #[derive(Default)]
 struct State {
     sessions: HashMap<String, Session>,
@@ -72,6 +100,31 @@ struct State {
     runs: HashMap<u64, RunPorts>,
     /// Agents away with steps in flight: name → generation of the absence.
     away: HashMap<String, u64>,
+    /// Agents that have connected to this controller since it started.
+    seen: std::collections::HashSet<String>,
+}
+
+impl State {
+    /// Sends `msg` to `agent`'s session. A full or closed queue drops the
+    /// session (the agent reconnects and is sent everything again); returns
+    /// whether it was queued.
+    fn send(&mut self, agent: &str, msg: Down) -> bool {
+        let Some(session) = self.sessions.get(agent) else {
+            return false;
+        };
+        if session
+            .tx
+            .try_send(pb::ControllerMessage { msg: Some(msg) })
+            .is_ok()
+        {
+            return true;
+        }
+        tracing::warn!(agent, "session queue full or closed; dropping the session");
+        if let Some(s) = self.sessions.remove(agent) {
+            s.token.cancel();
+        }
+        false
+    }
 }
 
 /// The live fleet. Cheap to clone.
@@ -80,21 +133,34 @@ pub struct Fleet {
     state: Arc<Mutex<State>>,
     store: Store,
     lost_after: Duration,
+    started: Millis,
     generation: Arc<AtomicU64>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
-/// The run id and engine id of a full dispatch id (`r12.c0.h1.apply.0.a0`).
+/// A run as agents see it: its id and its creation time, which together
+/// keep dispatch ids unique even if the store is restored from a backup
+/// and run ids repeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunRef {
+    /// The run id.
+    pub id: u64,
+    /// When it was created (ms).
+    pub stamp: Millis,
+}
+
+/// The full dispatch id the agent sees: `r<run>-<stamp>.<engine id>`.
+pub fn full_id(run: RunRef, id: &DispatchId) -> String {
+    format!("r{}-{}.{id}", run.id, run.stamp)
+}
+
+/// The run id and engine id of a full dispatch id.
 pub fn parse_full_id(full: &str) -> Option<(u64, DispatchId)> {
     let rest = full.strip_prefix('r')?;
     let (run, id) = rest.split_once('.')?;
+    let (run, _stamp) = run.split_once('-')?;
     Some((run.parse().ok()?, agent_convert::parse_dispatch_id(id)?))
-}
-
-/// The full dispatch id the agent sees.
-pub fn full_id(run: u64, id: &DispatchId) -> String {
-    format!("r{run}.{id}")
 }
 
 fn now() -> Millis {
@@ -113,6 +179,7 @@ impl Fleet {
             state: Arc::default(),
             store,
             lost_after,
+            started: now(),
             generation: Arc::new(AtomicU64::new(1)),
             tasks,
             shutdown,
@@ -123,51 +190,97 @@ impl Fleet {
         self.state.lock().expect("fleet lock")
     }
 
+    /// Is `name` expected back soon? True during the startup grace for a
+    /// host that was around shortly before this controller started and has
+    /// not connected to it yet: after a controller restart, agents come
+    /// back with a jittered backoff, and a step for them is held, not
+    /// failed as unreachable. A host that left this controller is not
+    /// waited for.
+    pub fn expected_back(&self, name: &str) -> bool {
+        if now() >= self.started + STARTUP_GRACE.as_millis() as Millis
+            || self.lock().seen.contains(name)
+        {
+            return false;
+        }
+        let recent = self
+            .started
+            .saturating_sub(RECENTLY_SEEN.as_millis() as Millis);
+        matches!(self.store.host(name), Ok(Some(h)) if h.last_seen >= recent && !h.revoked)
+    }
+
     /// Registers a new session for `name` (replacing any older one),
-    /// records what it said about itself, and sends it everything in
-    /// flight on it. Returns the session id and its outbound queue.
+    /// records what it said about itself, sends it everything in flight on
+    /// it, and tells it to cancel what it still runs that is no longer in
+    /// flight here (a step already declared lost).
     pub fn connect(
         &self,
         name: &str,
         hello: &pb::Hello,
-    ) -> Result<(u64, mpsc::Receiver<pb::ControllerMessage>), crate::store::StoreError> {
+    ) -> Result<SessionHandle, crate::store::StoreError> {
         let now = now();
-        let mut host = self.store.host(name)?.unwrap_or_else(|| HostRecord {
-            name: name.to_string(),
-            enrolled_at: now,
-            ..HostRecord::default()
-        });
-        host.labels = hello.labels.clone();
-        host.facts = hello.facts.clone();
-        host.last_seen = now;
-        self.store.put_host(&host)?;
+        self.store.update_host(name, |host| {
+            let mut host = host.unwrap_or_else(|| HostRecord {
+                name: name.to_string(),
+                enrolled_at: now,
+                ..HostRecord::default()
+            });
+            host.labels = hello.labels.clone();
+            host.facts = hello.facts.clone();
+            host.last_seen = now;
+            host
+        })?;
 
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let (tx, outbound) = mpsc::channel(SESSION_QUEUE);
+        let token = self.shutdown.child_token();
         let id = self.generation.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
         state.away.remove(name);
-        for f in state.inflight.values().filter(|f| f.agent == name) {
-            let _ = tx.try_send(pb::ControllerMessage {
-                msg: Some(Down::Run(f.msg.clone())),
-            });
+        state.seen.insert(name.to_string());
+        let mut msgs = Vec::new();
+        for f in state
+            .inflight
+            .values()
+            .filter(|f| f.agent == name && !f.reported)
+        {
+            msgs.push(Down::Run(f.msg.clone()));
             if f.cancelled {
-                let _ = tx.try_send(pb::ControllerMessage {
-                    msg: Some(Down::Cancel(pb::CancelStep {
-                        dispatch_id: f.msg.dispatch_id.clone(),
-                    })),
-                });
+                msgs.push(Down::Cancel(pb::CancelStep {
+                    dispatch_id: f.msg.dispatch_id.clone(),
+                }));
             }
         }
-        state.sessions.insert(
-            name.to_string(),
-            Session {
-                id,
-                tx,
-                since: now,
-                last_seen: now,
-            },
-        );
-        Ok((id, rx))
+        for running in &hello.running {
+            if !state.inflight.contains_key(running) {
+                tracing::warn!(agent = name, id = %running, "agent runs a step no longer in flight; cancelling it");
+                msgs.push(Down::Cancel(pb::CancelStep {
+                    dispatch_id: running.clone(),
+                }));
+            }
+        }
+        for msg in msgs {
+            if tx
+                .try_send(pb::ControllerMessage { msg: Some(msg) })
+                .is_err()
+            {
+                tracing::warn!(agent = name, "too much in flight to resend at once");
+                break;
+            }
+        }
+        let session = Session {
+            id,
+            tx,
+            token: token.clone(),
+            since: now,
+            last_seen: now,
+        };
+        if let Some(old) = state.sessions.insert(name.to_string(), session) {
+            old.token.cancel();
+        }
+        Ok(SessionHandle {
+            id,
+            outbound,
+            token,
+        })
     }
 
     /// The session `session` of `name` ended.
@@ -179,17 +292,20 @@ impl Fleet {
                 _ => return, // replaced by a newer session already
             }
             let s = state.sessions.remove(name).expect("checked above");
+            s.token.cancel();
             s.last_seen
         };
-        if let Ok(Some(mut host)) = self.store.host(name) {
-            host.last_seen = last_seen;
-            let _ = self.store.put_host(&host);
-        }
+        let _ = self.store.update_host(name, |host| {
+            let mut host = host.unwrap_or_default();
+            host.name = name.to_string();
+            host.last_seen = host.last_seen.max(last_seen);
+            host
+        });
         self.watch_absence(name);
     }
 
-    /// Starts the lost timer for `name` if it has steps in flight and no
-    /// timer runs yet.
+    /// Starts the lost timer for `name` if it has steps in flight, is not
+    /// connected and no timer runs yet.
     fn watch_absence(&self, name: &str) {
         let generation = {
             let mut state = self.lock();
@@ -221,10 +337,11 @@ impl Fleet {
                 return; // came back meanwhile
             }
             state.away.remove(name);
+            // A result already on its way to the journal is not lost.
             let ids: Vec<String> = state
                 .inflight
                 .iter()
-                .filter(|(_, f)| f.agent == name)
+                .filter(|(_, f)| f.agent == name && !f.reported)
                 .map(|(k, _)| k.clone())
                 .collect();
             let mut lost = Vec::new();
@@ -252,7 +369,7 @@ impl Fleet {
                 .send(DriverMsg::Result {
                     id,
                     result,
-                    agent: name.to_string(),
+                    agent: None,
                 })
                 .await;
         }
@@ -289,7 +406,7 @@ impl Fleet {
             .collect()
     }
 
-    /// Drops `name`'s session (revoked).
+    /// Drops `name`'s session at once (revoked).
     pub fn kick(&self, name: &str) {
         let session = self.lock().sessions.get(name).map(|s| s.id);
         if let Some(id) = session {
@@ -300,33 +417,28 @@ impl Fleet {
     /// Puts `msg` in flight on `agent` and sends it if connected. The
     /// caller has journaled the dispatch already.
     pub fn send_step(&self, run: u64, id: DispatchId, agent: &str, msg: pb::RunStep) {
-        let connected = {
+        let sent = {
             let mut state = self.lock();
-            let sent = state.sessions.get(agent).map(|s| {
-                s.tx.try_send(pb::ControllerMessage {
-                    msg: Some(Down::Run(msg.clone())),
-                })
-                .is_ok()
-            });
             state.inflight.insert(
                 msg.dispatch_id.clone(),
                 Inflight {
                     agent: agent.to_string(),
                     run,
                     id,
-                    msg,
+                    msg: msg.clone(),
                     cancelled: false,
+                    reported: false,
                 },
             );
-            sent == Some(true)
+            state.send(agent, Down::Run(msg))
         };
-        if !connected {
-            // It will go out when the agent is back, or be lost.
+        if !sent {
+            // It goes out when the agent is back, or is lost.
             self.watch_absence(agent);
         }
     }
 
-    /// Asks `agent` to cancel a step in flight (now, or when it is back).
+    /// Asks an agent to cancel a step in flight (now, or when it is back).
     pub fn cancel_step(&self, full_id: &str) {
         let mut state = self.lock();
         let Some(f) = state.inflight.get_mut(full_id) else {
@@ -334,43 +446,59 @@ impl Fleet {
         };
         f.cancelled = true;
         let agent = f.agent.clone();
-        if let Some(s) = state.sessions.get(&agent) {
-            let _ = s.tx.try_send(pb::ControllerMessage {
-                msg: Some(Down::Cancel(pb::CancelStep {
-                    dispatch_id: full_id.to_string(),
-                })),
-            });
-        }
+        state.send(
+            &agent,
+            Down::Cancel(pb::CancelStep {
+                dispatch_id: full_id.to_string(),
+            }),
+        );
     }
 
-    /// Tells `agent` its result for `full_id` is durable.
-    pub fn ack(&self, agent: &str, full_id: &str) {
-        if let Some(s) = self.lock().sessions.get(agent) {
-            let _ = s.tx.try_send(pb::ControllerMessage {
-                msg: Some(Down::Ack(pb::Ack {
-                    dispatch_id: full_id.to_string(),
-                })),
-            });
+    fn ack(&self, agent: &str, full_id: &str) {
+        self.lock().send(
+            agent,
+            Down::Ack(pb::Ack {
+                dispatch_id: full_id.to_string(),
+            }),
+        );
+    }
+
+    /// The result for `full_id` is durable: forget the step and, if an
+    /// agent reported it, tell the agent it may forget it too.
+    pub fn complete(&self, agent: Option<&str>, full_id: &str) {
+        self.lock().inflight.remove(full_id);
+        if let Some(agent) = agent {
+            self.ack(agent, full_id);
         }
     }
 
     /// A result from `agent`. Goes to its run if the step was dispatched to
-    /// this agent; a result for a step no longer in flight (a repeat after
-    /// a reconnect) is acked again; a result for another agent's step is
-    /// refused.
+    /// this agent and its result is not already on its way; a result for a
+    /// step no longer in flight (its result is durable, or its run ended)
+    /// is acked again; a result for another agent's step is refused.
     pub async fn result(&self, agent: &str, result: pb::StepResult) {
         let full = result.dispatch_id.clone();
         let route = {
             let mut state = self.lock();
-            match state.inflight.get(&full) {
+            match state.inflight.get_mut(&full) {
                 Some(f) if f.agent != agent => {
                     tracing::warn!(agent, id = %full, owner = %f.agent,
                         "agent reported a result for another agent's step; ignored");
                     return;
                 }
-                Some(_) => {
-                    let f = state.inflight.remove(&full).expect("present");
-                    state.runs.get(&f.run).map(|p| (p.inbox.clone(), f.id))
+                // A repeat: the first copy is being journaled, and the ack
+                // follows once it is durable.
+                Some(f) if f.reported => return,
+                Some(f) => {
+                    f.reported = true;
+                    let (run, id) = (f.run, f.id);
+                    match state.runs.get(&run) {
+                        Some(p) => Some((p.inbox.clone(), id)),
+                        None => {
+                            state.inflight.remove(&full);
+                            None
+                        }
+                    }
                 }
                 None => None,
             }
@@ -380,10 +508,13 @@ impl Fleet {
                 let msg = DriverMsg::Result {
                     id,
                     result: agent_convert::step_result(result),
-                    agent: agent.to_string(),
+                    agent: Some(agent.to_string()),
                 };
                 if inbox.send(msg).await.is_err() {
-                    self.ack(agent, &full);
+                    // The driver is gone: leave the result with the agent.
+                    if let Some(f) = self.lock().inflight.get_mut(&full) {
+                        f.reported = false;
+                    }
                 }
             }
             None => self.ack(agent, &full),

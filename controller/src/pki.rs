@@ -372,6 +372,11 @@ pub fn server_config(
         .with_client_cert_verifier(ClientVerifier::new(ca.cert_der().clone(), revoked)?)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session skips the client certificate check,
+    // and with it the revocation check. Every connection shows its
+    // certificate again.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(config)
 }
 

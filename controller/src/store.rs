@@ -220,6 +220,25 @@ impl Store {
         Ok(())
     }
 
+    /// Updates the host called `name` atomically: `f` gets the current
+    /// record (if any) and returns the new one; a concurrent writer makes
+    /// it run again on the newer record, so no update is lost.
+    pub fn update_host(
+        &self,
+        name: &str,
+        f: impl Fn(Option<HostRecord>) -> HostRecord,
+    ) -> Result<HostRecord, StoreError> {
+        loop {
+            let old = self.hosts.get(name)?;
+            let current = old.as_ref().map(|v| decode("hosts", v)).transpose()?;
+            let new = f(current);
+            let swapped = self.hosts.compare_and_swap(name, old, Some(encode(&new)))?;
+            if swapped.is_ok() {
+                return Ok(new);
+            }
+        }
+    }
+
     /// Every host, by name.
     pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
         self.hosts
@@ -268,8 +287,22 @@ impl Store {
 
     // ---- revocation --------------------------------------------------
 
-    /// Revokes every certificate issued to `host`.
-    pub fn revoke(&self, host: &mut HostRecord, by: &str, now: Millis) -> Result<(), StoreError> {
+    /// Revokes every certificate issued to `name`; `None` if there is no
+    /// such host. Returns the host as revoked.
+    pub fn revoke(
+        &self,
+        name: &str,
+        by: &str,
+        now: Millis,
+    ) -> Result<Option<HostRecord>, StoreError> {
+        if self.host(name)?.is_none() {
+            return Ok(None);
+        }
+        let host = self.update_host(name, |host| {
+            let mut host = host.unwrap_or_default();
+            host.revoked = true;
+            host
+        })?;
         for serial in &host.serials {
             let r = Revocation {
                 name: host.name.clone(),
@@ -278,8 +311,7 @@ impl Store {
             };
             self.revoked.insert(serial.as_slice(), encode(&r))?;
         }
-        host.revoked = true;
-        self.put_host(host)
+        Ok(Some(host))
     }
 
     /// Every revoked serial.

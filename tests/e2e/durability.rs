@@ -117,3 +117,38 @@ fn a_host_whose_agent_is_down_fails_at_once_as_unreachable() {
     assert_eq!(host["failure"]["reason"], "unreachable");
     assert!(!down.work().join("done").exists());
 }
+
+#[test]
+fn after_a_controller_restart_hosts_not_back_yet_are_waited_for() {
+    let mut ctl = Controller::start();
+    let agents: Vec<Agent> = ["first", "second"]
+        .iter()
+        .map(|n| Agent::join(&ctl, n, &[]))
+        .collect();
+    let file = ctl.changeset(
+        "paused.yaml",
+        r#"
+name: paused
+changes:
+  - name: c
+    hosts: all
+    rollout: { mode: serial, pause: 2s }
+    apply:
+      - run: touch done
+"#,
+    );
+    let run = ctl.detach(&file, &[]);
+    eventually!(
+        20,
+        agents[0].work().join("done").exists(),
+        "the first host is done"
+    );
+    // Down during the pause: when it comes back the pause is over, and the
+    // second host's agent is still in its reconnect backoff.
+    ctl.crash();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    ctl.serve();
+    let status = ctl.wait_final(&run);
+    assert_eq!(status["state"], "success", "{status}");
+    assert!(agents[1].work().join("done").exists());
+}

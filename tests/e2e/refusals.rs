@@ -193,3 +193,35 @@ fn an_agent_key_is_private_and_its_files_are_complete() {
     let ca = std::fs::read(agent.dir.join("ca.pem")).unwrap();
     assert_eq!(ca, std::fs::read(ctl.data.join("ca.pem")).unwrap());
 }
+
+#[test]
+fn a_revoked_agent_is_dropped_and_refused_from_then_on() {
+    let ctl = Controller::start();
+    let agent = Agent::join(&ctl, "stolen", &[]);
+    ctl.modi(&["agents", "revoke", "stolen"]).ok();
+    eventually!(10, !ctl.connected("stolen"), "the live session is dropped");
+    let host = ctl
+        .hosts()
+        .into_iter()
+        .find(|h| h["name"] == "stolen")
+        .unwrap();
+    assert_eq!(host["revoked"], true);
+    // Its reconnects are refused.
+    eventually!(
+        20,
+        agent.log().contains("stolen\" was revoked"),
+        "it is refused:\n{}",
+        agent.log()
+    );
+    assert!(!ctl.connected("stolen"));
+    // Its certificate does not open a session by any other route either.
+    let identity = ClientIdentity {
+        cert_pem: std::fs::read_to_string(agent.dir.join("agent.pem")).unwrap(),
+        key_pem: std::fs::read_to_string(agent.dir.join("agent.key")).unwrap(),
+    };
+    let err = session_error(&ctl, &identity);
+    assert!(!err.is_empty());
+    // The name can be enrolled again with a new token (a rebuilt host).
+    let token = ctl.token("10m");
+    Agent::join_cmd(&token, "stolen", &ctl.root.join("rebuilt"), &[]).ok();
+}

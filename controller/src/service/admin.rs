@@ -63,7 +63,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin)?;
+        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let req = request.into_inner();
         let ttl = if req.ttl_seconds == 0 {
             self.shared.config.token_ttl
@@ -108,7 +108,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
-        auth::require(&request, Role::Admin)?;
+        auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let req = request.into_inner();
         let selector = if req.selector.trim().is_empty() {
             None
@@ -139,16 +139,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeAgentRequest>,
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin)?;
+        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let name = request.into_inner().name;
         let store = &self.shared.store;
-        let mut host = store
-            .host(&name)
+        let host = store
+            .revoke(&name, &admin.name, crate::clock::now())
             .map_err(convert::store_error)?
             .ok_or_else(|| Status::not_found(format!("no agent named {name:?}")))?;
-        store
-            .revoke(&mut host, &admin.name, crate::clock::now())
-            .map_err(convert::store_error)?;
         store.flush().await.map_err(convert::store_error)?;
         self.shared
             .revoked
@@ -164,7 +161,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::PlanResponse>, Status> {
-        auth::require(&request, Role::Admin)?;
+        auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let spec = convert::render(&self.shared, request.into_inner())?;
         Ok(Response::new(pb::PlanResponse {
             spec_json: serde_json::to_string(&spec).map_err(|e| Status::internal(e.to_string()))?,
@@ -175,7 +172,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin)?;
+        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let spec = convert::render(&self.shared, request.into_inner())?;
         let run = driver::start(&self.shared.drivers, spec, &admin.name)
             .await
@@ -190,7 +187,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        auth::require(&request, Role::Admin)?;
+        auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let runs = self
             .shared
             .store
@@ -206,7 +203,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::GetRunResponse>, Status> {
-        auth::require(&request, Role::Admin)?;
+        auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let run = convert::run_id(&request.into_inner().run_id)?;
         let (meta, status) = self.status(run).await?;
         Ok(Response::new(pb::GetRunResponse {
@@ -221,7 +218,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        auth::require(&request, Role::Admin)?;
+        auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let run = convert::run_id(&request.into_inner().run_id)?;
         // Subscribe before the snapshot, so nothing falls between them.
         let mut live = self
@@ -279,7 +276,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        auth::require(&request, Role::Admin)?;
+        auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let req = request.into_inner();
         let run = convert::run_id(&req.run_id)?;
         let live = req
@@ -329,7 +326,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ControlRequest>,
     ) -> Result<Response<pb::ControlResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin)?;
+        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
         let req = request.into_inner();
         let run = convert::run_id(&req.run_id)?;
         let by = admin.name.clone();

@@ -8,7 +8,7 @@ use tonic::Status;
 
 use crate::changeset;
 use crate::driver::{self, WatchItem};
-use crate::fleet::{Presence, full_id};
+use crate::fleet::{Presence, RunRef, full_id};
 use crate::rollout::{DispatchId, StepResult, Termination};
 use crate::server::Shared;
 use crate::spec::{HostInfo, RunSpec};
@@ -146,7 +146,7 @@ fn with_dropped(text: &str, dropped: u64) -> String {
 
 fn finished_entry(
     spec: &RunSpec,
-    run: u64,
+    run: RunRef,
     id: &DispatchId,
     host: &str,
     step: &str,
@@ -182,6 +182,10 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
         return Err(Status::not_found(format!("run {run} has no host {host:?}")));
     }
     let spec = &replayed.spec;
+    let run = RunRef {
+        id: run,
+        stamp: replayed.created_at,
+    };
     Ok(replayed
         .dispatches
         .iter()
@@ -228,7 +232,7 @@ pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem) -> Option<pb::LogEn
         WatchItem::Result { id, result } => {
             let h = host_of(spec, &id);
             keep(&h).then(|| {
-                let mut e = finished_entry(spec, 0, &id, &h, "", &result);
+                let mut e = finished_entry(spec, RunRef { id: 0, stamp: 0 }, &id, &h, "", &result);
                 // The output was streamed already.
                 e.stdout.clear();
                 e.stderr.clear();

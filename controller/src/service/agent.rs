@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth;
 use crate::server::Shared;
-use crate::store::{HostRecord, TokenRefused};
+use crate::store::HostRecord;
 
 /// How long a new session may take to say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,12 +21,16 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent-facing service.
 pub struct AgentApi {
     shared: Arc<Shared>,
+    enrolling: tokio::sync::Mutex<()>,
 }
 
 impl AgentApi {
     /// Serves from the controller's shared state.
     pub fn new(shared: Arc<Shared>) -> AgentApi {
-        AgentApi { shared }
+        AgentApi {
+            shared,
+            enrolling: tokio::sync::Mutex::new(()),
+        }
     }
 }
 
@@ -49,8 +53,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let store = &self.shared.store;
         identity::valid_name(&req.name)
             .map_err(|e| Status::invalid_argument(format!("agent name: {e}")))?;
-        let existing = store.host(&req.name).map_err(internal)?;
-        if let Some(h) = &existing
+        // One enrolment at a time: two agents racing for one new name
+        // cannot both pass the check below.
+        let _one_at_a_time = self.enrolling.lock().await;
+        if let Some(h) = store.host(&req.name).map_err(internal)?
             && !h.revoked
         {
             return Err(Status::already_exists(format!(
@@ -58,32 +64,33 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 req.name, req.name
             )));
         }
-        let now = crate::clock::now();
-        match store
-            .consume_token(&token_hash(&req.token), &req.name, now)
-            .map_err(internal)?
-        {
-            Ok(_) => {}
-            Err(
-                refused @ (TokenRefused::Unknown | TokenRefused::Used(_) | TokenRefused::Expired),
-            ) => {
-                tracing::warn!(name = %req.name, reason = %refused, "enrolment refused");
-                return Err(Status::permission_denied(refused.to_string()));
-            }
-        }
+        // A bad CSR must not burn the token: sign first, hand out only
+        // after the token is consumed.
         let issued = self
             .shared
             .ca
             .sign_csr(&req.csr_pem, Role::Agent, &req.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut host = existing.unwrap_or_else(|| HostRecord {
-            name: req.name.clone(),
-            ..HostRecord::default()
-        });
-        host.enrolled_at = now;
-        host.revoked = false;
-        host.serials.push(issued.serial);
-        store.put_host(&host).map_err(internal)?;
+        let now = crate::clock::now();
+        if let Err(refused) = store
+            .consume_token(&token_hash(&req.token), &req.name, now)
+            .map_err(internal)?
+        {
+            tracing::warn!(name = %req.name, reason = %refused, "enrolment refused");
+            return Err(Status::permission_denied(refused.to_string()));
+        }
+        store
+            .update_host(&req.name, |host| {
+                let mut host = host.unwrap_or_else(|| HostRecord {
+                    name: req.name.clone(),
+                    ..HostRecord::default()
+                });
+                host.enrolled_at = now;
+                host.revoked = false;
+                host.serials.push(issued.serial.clone());
+                host
+            })
+            .map_err(internal)?;
         store.flush().await.map_err(internal)?;
         tracing::info!(name = %req.name, "agent enrolled");
         Ok(Response::new(pb::EnrollResponse {
@@ -99,7 +106,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let id = auth::require(&request, Role::Agent)?;
+        let id = auth::require(&request, Role::Agent, &self.shared.revoked)?;
         let name = id.name;
         match self.shared.store.host(&name).map_err(internal)? {
             Some(h) if !h.revoked => {}
@@ -124,21 +131,22 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
         };
         let fleet = self.shared.fleet.clone();
-        let (session, outbound) = fleet.connect(&name, &hello).map_err(internal)?;
-        tracing::info!(agent = %name, session, version = %hello.agent_version, "agent connected");
-        let shutdown = self.shared.shutdown.clone();
+        let session = fleet.connect(&name, &hello).map_err(internal)?;
+        let (id, token) = (session.id, session.token.clone());
+        tracing::info!(agent = %name, session = id, version = %hello.agent_version, "agent connected");
         self.shared.tasks.spawn(async move {
             loop {
+                // A replaced, dropped or kicked session is heard no more.
                 let msg = tokio::select! {
                     msg = inbound.message() => msg,
-                    _ = shutdown.cancelled() => break,
+                    _ = token.cancelled() => break,
                 };
                 match msg {
                     Ok(Some(pb::AgentMessage { msg: Some(msg) })) => match msg {
-                        Up::Heartbeat(_) => fleet.heartbeat(&name, session),
+                        Up::Heartbeat(_) => fleet.heartbeat(&name, id),
                         Up::Output(chunk) => fleet.output(&name, chunk),
                         Up::Result(result) => {
-                            fleet.heartbeat(&name, session);
+                            fleet.heartbeat(&name, id);
                             fleet.result(&name, result).await
                         }
                         Up::Hello(_) => tracing::debug!(agent = %name, "extra Hello ignored"),
@@ -151,9 +159,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     }
                 }
             }
-            tracing::info!(agent = %name, session, "agent disconnected");
-            fleet.disconnect(&name, session);
+            tracing::info!(agent = %name, session = id, "agent disconnected");
+            fleet.disconnect(&name, id);
         });
+        let outbound = session.outbound;
         let stream = ReceiverStream::new(outbound).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }

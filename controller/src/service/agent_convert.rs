@@ -39,7 +39,7 @@ pub fn parse_dispatch_id(s: &str) -> Option<DispatchId> {
 }
 
 /// The `RunStep` for one dispatch of run `run`.
-pub fn run_step(run: u64, id: &DispatchId, step: &Step) -> pb::RunStep {
+pub fn run_step(run: crate::fleet::RunRef, id: &DispatchId, step: &Step) -> pb::RunStep {
     use pb::step::Action;
     let action = match &step.action {
         StepAction::Run { command } => Action::Run(command.clone()),
@@ -63,7 +63,7 @@ pub fn run_step(run: u64, id: &DispatchId, step: &Step) -> pb::RunStep {
                 .collect(),
         }),
         StepAction::Restore { of, .. } => Action::Restore(pb::Restore {
-            of: format!("r{run}.{of}"),
+            of: format!("r{}-{}.{of}", run.id, run.stamp),
         }),
     };
     pb::RunStep {
@@ -116,7 +116,12 @@ mod tests {
                 attempt: 1,
             };
             assert_eq!(parse_dispatch_id(&id.to_string()), Some(id));
-            let full = crate::fleet::full_id(42, &id);
+            let run = crate::fleet::RunRef {
+                id: 42,
+                stamp: 1_764_000_000_000,
+            };
+            let full = crate::fleet::full_id(run, &id);
+            assert_eq!(full, format!("r42-1764000000000.{id}"));
             assert_eq!(crate::fleet::parse_full_id(&full), Some((42, id)));
         }
         assert_eq!(parse_dispatch_id("c0.h0.apply.0"), None);
