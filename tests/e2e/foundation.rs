@@ -109,3 +109,47 @@ changes:
     assert_eq!(host["failure"]["reason"], "condition_failed", "{host}");
     assert_eq!(host["failure"]["phase"], "verify");
 }
+
+#[test]
+fn output_streams_to_logs_follow_while_the_step_runs() {
+    use std::io::BufRead;
+    let ctl = Controller::start();
+    let _a = Agent::join(&ctl, "talker", &[]);
+    let file = ctl.changeset(
+        "talk.yaml",
+        r#"
+name: talk
+changes:
+  - name: talk
+    hosts: all
+    apply:
+      - run: echo first-line; sleep 3; echo second-line
+"#,
+    );
+    let run = ctl.detach(&file, &[]);
+    let mut follow = std::process::Command::new(modi_tests::bin("modi"))
+        .arg("--cli-config")
+        .arg(&ctl.cli_config)
+        .args(["logs", &run, "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("first-line") {
+            break;
+        }
+    }
+    // The first line arrived while the step was still sleeping.
+    assert_eq!(ctl.status(&run)["state"], "running", "{seen:?}");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(rest.iter().any(|l| l.contains("second-line")), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("exit 0")), "{rest:?}");
+    assert!(
+        follow.wait().unwrap().success(),
+        "--follow ends with the run"
+    );
+}
