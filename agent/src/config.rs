@@ -17,6 +17,8 @@ pub const CA_FILE: &str = "ca.pem";
 pub const CERT_FILE: &str = "agent.pem";
 /// The agent's private key inside the data dir (mode 0600).
 pub const KEY_FILE: &str = "agent.key";
+/// The lock file inside the data dir: one agent per data dir.
+pub const LOCK_FILE: &str = "agent.lock";
 /// Default seconds between heartbeats.
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 /// First reconnect delay.

@@ -32,6 +32,14 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// background child may hold the pipe open).
 pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
+/// How long a `file` step's backup is kept: past this, a `restore` of it
+/// finds nothing to put back. Older backups are deleted when the agent
+/// starts.
+pub const BACKUP_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// How long the record of what a `file` step replaced is kept (after its
+/// data is gone, a restore fails with "expired" rather than passing).
+pub const BACKUP_RECORD_RETENTION: Duration = Duration::from_secs(365 * 86_400);
+
 /// Runs steps for one agent.
 #[derive(Clone, Debug)]
 pub struct Executor {
@@ -68,10 +76,18 @@ pub(crate) enum Ended {
 
 impl Executor {
     /// An executor whose steps run in `work_dir` and whose `file` steps keep
-    /// what they replaced in `backups`.
+    /// what they replaced in `backups`. Backups older than
+    /// [`BACKUP_RETENTION`] are deleted now.
     pub fn new(work_dir: PathBuf, backups: PathBuf) -> std::io::Result<Executor> {
         std::fs::create_dir_all(&work_dir)?;
         crate::fsutil::private_dir(&backups)?;
+        match file::prune_backups(&backups, BACKUP_RETENTION, BACKUP_RECORD_RETENTION) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(files = n, dir = %backups.display(), "deleted old backups"),
+            Err(e) => {
+                tracing::warn!(dir = %backups.display(), error = %e, "cannot prune old backups");
+            }
+        }
         Ok(Executor { work_dir, backups })
     }
 
@@ -186,8 +202,7 @@ impl Executor {
         let out = spawn_reader(child.stdout.take(), ctx, pb::OutputStream::Stdout);
         let err = spawn_reader(child.stderr.take(), ctx, pb::OutputStream::Stderr);
         let ended = wait_or_kill(&mut child, ctx).await;
-        let stdout = collect(out).await;
-        let stderr = collect(err).await;
+        let (stdout, stderr) = collect(out, err).await;
         Ok(result_of(ended, stdout, stderr))
     }
 }
@@ -212,24 +227,33 @@ impl Ctx<'_> {
     }
 }
 
-fn spawn_reader<R>(
-    pipe: Option<R>,
-    ctx: &Ctx<'_>,
-    stream: pb::OutputStream,
-) -> tokio::task::JoinHandle<Capture>
+/// A task reading one output stream until end of file or told to stop.
+struct Reader {
+    task: tokio::task::JoinHandle<Capture>,
+    stop: CancellationToken,
+}
+
+fn spawn_reader<R>(pipe: Option<R>, ctx: &Ctx<'_>, stream: pb::OutputStream) -> Reader
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
     let id = ctx.id.to_string();
     let output = ctx.output.clone();
-    tokio::spawn(async move {
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
         let mut capture = Capture::default();
         let Some(mut pipe) = pipe else {
             return capture;
         };
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            match pipe.read(&mut buf).await {
+            let read = tokio::select! {
+                biased;
+                read = pipe.read(&mut buf) => read,
+                _ = stopped.cancelled() => break,
+            };
+            match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     capture.push(&buf[..n]);
@@ -242,19 +266,30 @@ where
             }
         }
         capture
-    })
+    });
+    Reader { task, stop }
 }
 
-/// Waits for a reader to reach end of file, but not for ever: a process
-/// left in the background may hold the pipe open.
-async fn collect(reader: tokio::task::JoinHandle<Capture>) -> Capture {
-    let abort = reader.abort_handle();
-    match tokio::time::timeout(DRAIN_GRACE, reader).await {
-        Ok(Ok(capture)) => capture,
-        _ => {
-            abort.abort();
-            Capture::default()
+/// Waits for both readers to reach end of file, but not for ever: a
+/// process left in the background may hold a pipe open. Past
+/// [`DRAIN_GRACE`] they stop and what they read so far is the capture.
+async fn collect(out: Reader, err: Reader) -> (Capture, Capture) {
+    let grace = tokio::time::sleep(DRAIN_GRACE);
+    tokio::pin!(grace);
+    let stdout = out.finish(grace.as_mut()).await;
+    let stderr = err.finish(grace.as_mut()).await;
+    (stdout, stderr)
+}
+
+impl Reader {
+    /// The capture at end of file, or what was read when `grace` ends.
+    async fn finish(mut self, grace: std::pin::Pin<&mut tokio::time::Sleep>) -> Capture {
+        tokio::select! {
+            capture = &mut self.task => return capture.unwrap_or_default(),
+            _ = grace => {}
         }
+        self.stop.cancel();
+        self.task.await.unwrap_or_default()
     }
 }
 

@@ -9,7 +9,9 @@
 //!   mid-run: its outcome cannot be known, and it is reported `lost`, never
 //!   run again.
 //!
-//! Records are the protocol's own prost encodings.
+//! Records are the protocol's own prost encodings. A `.result` that does
+//! not decode is moved aside to `<id>.result.bad` and replaced by a `lost`
+//! result, so one damaged file cannot block reporting for ever.
 
 use std::fs;
 use std::io;
@@ -63,13 +65,10 @@ impl Journal {
                 continue;
             };
             if !journal.result_path(id).exists() {
-                journal.finish(&pb::StepResult {
-                    dispatch_id: id.to_string(),
-                    termination: pb::Termination::Lost as i32,
-                    stderr: b"modi-agent restarted while this step ran; its outcome is unknown"
-                        .to_vec(),
-                    ..Default::default()
-                })?;
+                journal.finish(&lost(
+                    id,
+                    "modi-agent restarted while this step ran; its outcome is unknown".into(),
+                ))?;
             }
         }
         let pending = journal.pending()?;
@@ -97,15 +96,52 @@ impl Journal {
         Ok(Begin::New)
     }
 
-    /// The result recorded for `id`, if any.
+    /// The result recorded for `id`, if any (`lost` if the record is
+    /// damaged).
     pub fn result(&self, id: &str) -> io::Result<Option<pb::StepResult>> {
-        match fs::read(self.result_path(id)) {
-            Ok(bytes) => pb::StepResult::decode(bytes.as_slice())
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        let bytes = match fs::read(self.result_path(id)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(
+            pb::StepResult::decode(bytes.as_slice())
+                .unwrap_or_else(|e| self.set_aside(id, &e.to_string())),
+        ))
+    }
+
+    /// A result that does not decode cannot be reported, and left in place
+    /// it would fail every `pending` for ever: it is moved aside to
+    /// `<id>.result.bad` for a person to look at, and `lost` recorded in
+    /// its place.
+    fn set_aside(&self, id: &str, why: &str) -> pb::StepResult {
+        let path = self.result_path(id);
+        let bad = self.dir.join(format!("{id}.result.bad"));
+        tracing::error!(id, path = %path.display(), error = why,
+            "a recorded result is damaged; reporting the step lost");
+        let result = match fs::rename(&path, &bad) {
+            Ok(()) => lost(
+                id,
+                format!(
+                    "modi-agent: the recorded result of this step is damaged ({why}; kept as {}); its outcome is unknown",
+                    bad.display()
+                ),
+            ),
+            Err(e) => {
+                tracing::error!(id, path = %path.display(), error = %e, "cannot move a damaged result aside");
+                lost(
+                    id,
+                    format!(
+                        "modi-agent: the recorded result of this step is damaged ({why}); its outcome is unknown"
+                    ),
+                )
+            }
+        };
+        // Were this to fail, the next read reports `lost` again.
+        if let Err(e) = self.finish(&result) {
+            tracing::error!(id, error = %e, "cannot record a lost result");
         }
+        result
     }
 
     /// Records a step's result durably.
@@ -150,6 +186,16 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+}
+
+/// The result of a step whose outcome cannot be known.
+fn lost(id: &str, why: String) -> pb::StepResult {
+    pb::StepResult {
+        dispatch_id: id.to_string(),
+        termination: pb::Termination::Lost as i32,
+        stderr: why.into_bytes(),
+        ..Default::default()
     }
 }
 
@@ -200,6 +246,34 @@ mod tests {
             Begin::Done(r) => assert_eq!(r.termination, pb::Termination::Lost as i32),
             other => panic!("expected the lost result, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_damaged_result_is_set_aside_and_reported_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.begin(&step("r1.c")).unwrap(), Begin::New);
+        // Field 1 with wire type 7: not a protobuf.
+        fs::write(dir.path().join("r1.c.result"), b"\x0f\x0f").unwrap();
+
+        let pending = j.pending().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].dispatch_id, "r1.c");
+        assert_eq!(pending[0].termination, pb::Termination::Lost as i32);
+        assert_eq!(
+            fs::read(dir.path().join("r1.c.result.bad")).unwrap(),
+            b"\x0f\x0f"
+        );
+        // From now on it is an ordinary lost result.
+        assert_eq!(j.pending().unwrap(), pending);
+        assert_eq!(
+            j.begin(&step("r1.c")).unwrap(),
+            Begin::Done(pending[0].clone())
+        );
+        let (_, recovered) = Journal::open(dir.path()).unwrap();
+        assert_eq!(recovered, pending);
+        j.ack("r1.c").unwrap();
+        assert!(j.pending().unwrap().is_empty());
     }
 
     #[test]

@@ -3,23 +3,27 @@
 //! exponential backoff and jitter. Steps keep running while disconnected;
 //! their results wait in the journal and are re-reported on reconnect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use modi_proto::tls::{self, ClientIdentity, Trust};
 use modi_proto::v1 as pb;
+use nix::fcntl::{Flock, FlockArg};
 use pb::agent_message::Msg as Up;
 use pb::agent_service_client::AgentServiceClient;
 use pb::controller_message::Msg as Down;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{self, AgentConfig};
-use crate::exec::Executor;
+use crate::exec::{self, Executor};
 use crate::journal::{self, Begin, Journal};
 
 /// Why the agent could not run at all (as opposed to a lost connection,
@@ -37,7 +41,19 @@ pub enum RunError {
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),
+    /// Another agent holds the data dir's lock: two agents on one journal
+    /// could both run the same step.
+    #[error("another modi-agent is running with data dir {}", data_dir.display())]
+    AlreadyRunning {
+        /// The data dir.
+        data_dir: PathBuf,
+    },
 }
+
+/// How many step events (live output, results) wait for the session.
+const INTERNAL_QUEUE: usize = 1024;
+/// How many messages wait to go up the stream.
+const OUTBOUND_QUEUE: usize = 1024;
 
 /// What step tasks tell the session.
 enum Internal {
@@ -63,6 +79,36 @@ fn read_state(config: &AgentConfig, file: &str) -> Result<String, RunError> {
     })
 }
 
+/// Takes the data dir's lock, held until the returned value is dropped.
+fn lock_data_dir(data_dir: &Path) -> Result<Flock<File>, RunError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(config::LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&path)
+        .map_err(|e| RunError::State {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            RunError::AlreadyRunning {
+                data_dir: data_dir.to_path_buf(),
+            }
+        } else {
+            RunError::State {
+                path,
+                detail: format!("cannot lock: {errno}"),
+            }
+        }
+    })
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -78,6 +124,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         cert_pem: read_state(&config, config::CERT_FILE)?,
         key_pem: read_state(&config, config::KEY_FILE)?,
     };
+    // Before the journal: its recovery must not race another agent's steps.
+    let _lock = lock_data_dir(&config.data_dir)?;
     let state = |what: &str, e: std::io::Error| RunError::State {
         path: config.data_dir.join(what),
         detail: e.to_string(),
@@ -96,7 +144,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config::CONNECT_TIMEOUT,
     )
     .map_err(|e| RunError::Config(e.to_string()))?;
-    let (internal_tx, mut internal_rx) = mpsc::channel(1024);
+    let (internal_tx, mut internal_rx) = mpsc::channel(INTERNAL_QUEUE);
     let agent = Agent {
         config,
         journal: Arc::new(journal),
@@ -133,15 +181,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         backoff = (backoff * 2).min(config::BACKOFF_MAX);
     }
-    agent.tasks.close();
-    for token in agent.running.lock().expect("running lock").values() {
-        token.cancel();
-    }
-    agent.tasks.wait().await;
+    agent.stop(internal_rx).await;
     Ok(())
 }
 
 impl Agent {
+    /// Kills the steps in flight and waits for their tasks.
+    async fn stop(self, internal_rx: mpsc::Receiver<Internal>) {
+        // Nobody reads step events any more: a step finishing now must not
+        // wait on a full queue (its result is journaled already).
+        drop(internal_rx);
+        self.tasks.close();
+        for token in self.running.lock().expect("running lock").values() {
+            token.cancel();
+        }
+        self.tasks.wait().await;
+    }
+
     /// One session. `Ok` when it was established and later ended (reset
     /// the backoff); `Err` when it could not be established.
     async fn session(
@@ -149,7 +205,7 @@ impl Agent {
         client: &mut AgentServiceClient<tonic::transport::Channel>,
         internal_rx: &mut mpsc::Receiver<Internal>,
     ) -> Result<(), String> {
-        let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(1024);
+        let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(OUTBOUND_QUEUE);
         let running: Vec<String> = self
             .running
             .lock()
@@ -163,12 +219,12 @@ impl Agent {
             facts: crate::facts::gather(),
             running,
         };
-        let send = |tx: &mpsc::Sender<pb::AgentMessage>, msg: Up| {
-            tx.try_send(pb::AgentMessage { msg: Some(msg) }).is_ok()
-        };
-        send(&out_tx, Up::Hello(hello));
+        // The first message on an empty queue: there is room.
+        let _ = out_tx.try_send(pb::AgentMessage {
+            msg: Some(Up::Hello(hello)),
+        });
         let pending = self.journal.pending().map_err(|e| e.to_string())?;
-        let mut inbound = client
+        let inbound = client
             .connect(ReceiverStream::new(out_rx))
             .await
             .map_err(|s| crate::error_chain(&s))?
@@ -185,44 +241,69 @@ impl Agent {
                 return Ok(());
             }
         }
+        self.serve(inbound, &out_tx, internal_rx).await;
+        Ok(())
+    }
+
+    /// Carries an established session until it ends: runs what comes
+    /// down, sends step events, results and heartbeats up.
+    async fn serve<S>(
+        &self,
+        mut inbound: S,
+        out_tx: &mpsc::Sender<pb::AgentMessage>,
+        internal_rx: &mut mpsc::Receiver<Internal>,
+    ) where
+        S: Stream<Item = Result<pb::ControllerMessage, tonic::Status>> + Unpin,
+    {
+        let up = |msg: Up| pb::AgentMessage { msg: Some(msg) };
+        // Results wait here for room on the stream: live output may be
+        // dropped when it is full, a result never. Those still here when
+        // the session ends are journaled, and sent again by the next one.
+        let mut results: VecDeque<pb::StepResult> = VecDeque::new();
         let mut heartbeat = tokio::time::interval(self.config.heartbeat());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(msg)) => self.handle(msg, &out_tx).await,
-                    Ok(None) => {
+                msg = inbound.next() => match msg {
+                    Some(Ok(msg)) => results.extend(self.handle(msg)),
+                    None => {
                         tracing::info!("controller closed the session");
-                        return Ok(());
+                        return;
                     }
-                    Err(status) => {
+                    Some(Err(status)) => {
                         tracing::warn!(error = %crate::error_chain(&status), "session lost");
-                        return Ok(());
+                        return;
                     }
                 },
-                Some(event) = internal_rx.recv() => {
-                    let msg = match event {
-                        Internal::Output(chunk) => Up::Output(chunk),
-                        Internal::Finished(result) => Up::Result(result),
-                    };
-                    // A full queue drops live output only; results are
-                    // journaled and re-sent on the next session.
-                    if out_tx.is_closed() {
-                        return Ok(());
+                Some(event) = internal_rx.recv() => match event {
+                    Internal::Output(chunk) => {
+                        if out_tx.is_closed() {
+                            return;
+                        }
+                        let _ = out_tx.try_send(up(Up::Output(chunk)));
                     }
-                    send(&out_tx, msg);
-                }
+                    Internal::Finished(result) => results.push_back(result),
+                },
+                permit = out_tx.reserve(), if !results.is_empty() => match permit {
+                    Ok(permit) => {
+                        let result = results.pop_front().expect("a result is waiting");
+                        permit.send(up(Up::Result(result)));
+                    }
+                    Err(_) => return,
+                },
                 _ = heartbeat.tick() => {
-                    send(&out_tx, Up::Heartbeat(pb::Heartbeat { sent_at_ms: now_ms() }));
+                    let _ = out_tx.try_send(up(Up::Heartbeat(pb::Heartbeat { sent_at_ms: now_ms() })));
                 }
-                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = self.shutdown.cancelled() => return,
             }
         }
     }
 
-    async fn handle(&self, msg: pb::ControllerMessage, out_tx: &mpsc::Sender<pb::AgentMessage>) {
+    /// Acts on one message from the controller; returns a result to report
+    /// now, if there is one.
+    fn handle(&self, msg: pb::ControllerMessage) -> Option<pb::StepResult> {
         match msg.msg {
-            Some(Down::Run(step)) => self.start(step, out_tx).await,
+            Some(Down::Run(step)) => return self.start(step),
             Some(Down::Cancel(c)) => {
                 if let Some(token) = self
                     .running
@@ -242,32 +323,37 @@ impl Agent {
             Some(Down::Ack(_)) => {}
             None => {}
         }
+        None
     }
 
-    async fn start(&self, step: pb::RunStep, out_tx: &mpsc::Sender<pb::AgentMessage>) {
+    /// Starts a step unless its id is known; returns a result to report
+    /// now (one recorded before, or why it cannot run).
+    fn start(&self, step: pb::RunStep) -> Option<pb::StepResult> {
         let id = step.dispatch_id.clone();
         if !journal::valid_id(&id) {
             tracing::warn!(id = %id, "refusing a malformed dispatch id");
-            return;
+            return None;
         }
         let begin = match self.journal.begin(&step) {
             Ok(b) => b,
             Err(e) => {
-                // Without a durable record we must not run it: the
-                // controller will resend it on the next session.
+                // Without a durable record we must not run it. Nothing ran,
+                // so an unjournaled answer is safe, and it must come now:
+                // there may be no next session to resend the step on.
                 tracing::error!(id = %id, error = %e, "cannot record the step; not running it");
-                return;
+                let mut result = exec::failed_to_start(format!(
+                    "cannot record the step in the journal {}: {e}; it was not run",
+                    self.config.data_dir.join("journal").display()
+                ));
+                result.dispatch_id = id;
+                return Some(result);
             }
         };
         match begin {
             Begin::Running => tracing::debug!(id = %id, "already running"),
             Begin::Done(result) => {
                 tracing::debug!(id = %id, "already ran; re-reporting");
-                let _ = out_tx
-                    .send(pb::AgentMessage {
-                        msg: Some(Up::Result(result)),
-                    })
-                    .await;
+                return Some(result);
             }
             Begin::New => {
                 let token = self.shutdown.child_token();
@@ -309,5 +395,144 @@ impl Agent {
                 });
             }
         }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An agent on a fresh data dir, with no controller.
+    fn agent(dir: &Path, queue: usize) -> (Agent, mpsc::Receiver<Internal>) {
+        let (journal, _) = Journal::open(&dir.join("journal")).unwrap();
+        let exec = Executor::new(dir.join("work"), dir.join("backups")).unwrap();
+        let (internal_tx, internal_rx) = mpsc::channel(queue);
+        let agent = Agent {
+            config: AgentConfig {
+                controller: "https://127.0.0.1:1".into(),
+                name: "test".into(),
+                labels: Default::default(),
+                work_dir: None,
+                heartbeat_secs: 3600,
+                data_dir: dir.to_path_buf(),
+            },
+            journal: Arc::new(journal),
+            exec,
+            running: Arc::default(),
+            internal_tx,
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        };
+        (agent, internal_rx)
+    }
+
+    fn chunk() -> Internal {
+        Internal::Output(pb::OutputChunk {
+            dispatch_id: "r1.a".into(),
+            stream: pb::OutputStream::Stdout as i32,
+            data: b"chatter\n".to_vec(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_result_is_not_dropped_when_output_fills_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, mut internal_rx) = agent(dir.path(), 64);
+        let (out_tx, mut out_rx) = mpsc::channel::<pb::AgentMessage>(4);
+        for _ in 0..10 {
+            agent.internal_tx.try_send(chunk()).unwrap();
+        }
+        let result = pb::StepResult {
+            dispatch_id: "r1.a".into(),
+            ..Default::default()
+        };
+        agent
+            .internal_tx
+            .try_send(Internal::Finished(result.clone()))
+            .unwrap();
+        let controller = async {
+            // Slow to read: the stream is full before it starts.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while let Some(msg) = out_rx.recv().await {
+                if let Some(Up::Result(r)) = msg.msg {
+                    agent.shutdown.cancel();
+                    return Some(r);
+                }
+            }
+            None
+        };
+        let session = agent.serve(tokio_stream::pending(), &out_tx, &mut internal_rx);
+        let ((), got) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(session, controller)
+        })
+        .await
+        .expect("the result never came");
+        assert_eq!(got, Some(result));
+    }
+
+    #[tokio::test]
+    async fn a_step_the_journal_cannot_record_fails_at_once_and_does_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, _internal_rx) = agent(dir.path(), 64);
+        // A journal that can no longer be written (as on a full disk).
+        std::fs::remove_dir_all(dir.path().join("journal")).unwrap();
+        let marker = dir.path().join("ran");
+        let step = pb::RunStep {
+            dispatch_id: "r1.b".into(),
+            step: Some(pb::Step {
+                action: Some(pb::step::Action::Run(format!("touch {}", marker.display()))),
+                ..Default::default()
+            }),
+        };
+        let result = agent.start(step).expect("an answer at once");
+        assert_eq!(result.dispatch_id, "r1.b");
+        assert_eq!(result.termination, pb::Termination::FailedToStart as i32);
+        let why = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            why.contains("cannot record the step in the journal"),
+            "{why}"
+        );
+        agent.tasks.close();
+        agent.tasks.wait().await;
+        assert!(!marker.exists(), "the step ran");
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_on_a_full_event_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, internal_rx) = agent(dir.path(), 1);
+        agent.internal_tx.try_send(chunk()).unwrap();
+        // A step finishing as the agent stops, with the queue full.
+        let internal = agent.internal_tx.clone();
+        agent.tasks.spawn(async move {
+            let _ = internal
+                .send(Internal::Finished(pb::StepResult::default()))
+                .await;
+        });
+        agent.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), agent.stop(internal_rx))
+            .await
+            .expect("shutdown hung on a full queue");
+    }
+
+    #[test]
+    fn one_agent_per_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_data_dir(dir.path()).unwrap();
+        match lock_data_dir(dir.path()) {
+            Err(e @ RunError::AlreadyRunning { .. }) => assert_eq!(
+                e.to_string(),
+                format!(
+                    "another modi-agent is running with data dir {}",
+                    dir.path().display()
+                )
+            ),
+            other => panic!("expected AlreadyRunning, got {other:?}"),
+        }
+        drop(held);
+        lock_data_dir(dir.path()).expect("free once the first agent is gone");
     }
 }

@@ -8,8 +8,9 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use modi_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -84,29 +85,76 @@ fn write_temp(
     owner: (Option<u32>, Option<u32>),
 ) -> std::io::Result<PathBuf> {
     let tmp = fsutil::temp_path(path, tag);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    // Only ask for an owner change that is one: an unprivileged agent may
-    // keep its own files as they are.
-    let meta = f.metadata()?;
-    let uid = owner.0.filter(|u| *u != meta.uid());
-    let gid = owner.1.filter(|g| *g != meta.gid());
-    if uid.is_some() || gid.is_some() {
-        std::os::unix::fs::fchown(&f, uid, gid)?;
+    // Never through a planted link: the agent may be root and `path`'s
+    // folder writable by others.
+    let mut f = fsutil::create_temp(&tmp, 0o600)?;
+    let written = (|| {
+        f.write_all(bytes)?;
+        // Only ask for an owner change that is one: an unprivileged agent
+        // may keep its own files as they are.
+        let meta = f.metadata()?;
+        let uid = owner.0.filter(|u| *u != meta.uid());
+        let gid = owner.1.filter(|g| *g != meta.gid());
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&f, uid, gid)?;
+        }
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.sync_all()?;
     Ok(tmp)
 }
 
 fn install(tmp: &Path, path: &Path) -> std::io::Result<()> {
-    fs::rename(tmp, path)?;
+    if let Err(e) = fs::rename(tmp, path) {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
     fsutil::sync_parent(path)
+}
+
+/// Deletes old backups in `dir`: the data (what a `file` step replaced)
+/// after `data_retention`, the small record saying what was there after
+/// `record_retention`, and anything else there (the temp file of a crashed
+/// write) after `data_retention`. Keeping the record longer makes a
+/// restore of an expired backup fail loudly instead of passing as "nothing
+/// was installed". Returns how many files went; a file that cannot be
+/// removed is logged and skipped.
+pub(super) fn prune_backups(
+    dir: &Path,
+    data_retention: Duration,
+    record_retention: Duration,
+) -> std::io::Result<usize> {
+    let now = SystemTime::now();
+    let older_than = |path: &Path, age: Duration| {
+        fs::symlink_metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|a| a > age))
+    };
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let retention = if name.ends_with(".json") {
+            record_retention
+        } else {
+            data_retention
+        };
+        if !older_than(&path, retention) {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete an old backup")
+            }
+        }
+    }
+    Ok(removed)
 }
 
 impl Executor {
@@ -240,8 +288,19 @@ pub(super) async fn restore(exec: &Executor, of: &str) -> Result<pb::StepResult,
         return Err(format!("restore of a malformed dispatch id {of:?}"));
     }
     let (meta_path, data_path) = exec.backup_paths(of);
-    let meta = fs::read(&meta_path)
-        .map_err(|e| format!("no backup for {of} ({}): {e}", meta_path.display()))?;
+    let meta = match fs::read(&meta_path) {
+        Ok(meta) => meta,
+        // The record is made durable before the install, so without one
+        // the step installed nothing (it failed validate, or before its
+        // backup): the host is as it was.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(ok(format!(
+                "nothing was installed by {of} (no backup record {}); nothing to restore\n",
+                meta_path.display()
+            )));
+        }
+        Err(e) => return Err(format!("cannot read backup {}: {e}", meta_path.display())),
+    };
     let backup: Backup = serde_json::from_slice(&meta)
         .map_err(|e| format!("backup {} is damaged: {e}", meta_path.display()))?;
     let path = &backup.path;
@@ -265,8 +324,15 @@ pub(super) async fn restore(exec: &Executor, of: &str) -> Result<pb::StepResult,
             )),
         };
     }
-    let old = fs::read(&data_path)
-        .map_err(|e| format!("backup data {} is missing: {e}", data_path.display()))?;
+    let old = fs::read(&data_path).map_err(|e| {
+        format!(
+            "cannot restore {}: its backup data {} is gone ({e}); backups are kept {} days, \
+                 put the file back by hand",
+            backup.path.display(),
+            data_path.display(),
+            super::BACKUP_RETENTION.as_secs() / 86_400
+        )
+    })?;
     let tmp = write_temp(
         path,
         &format!("restore-{of}"),

@@ -4,22 +4,28 @@
 //! prints (including the echo of what was sent) is the step's stdout, the
 //! transcript.
 
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use modi_proto::v1 as pb;
 use nix::unistd::Pid;
-use regex::Regex;
+use regex::bytes::Regex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
-use super::{Capture, Ctx, Ended, Executor, kill_group, result_of};
+use super::{Capture, Ctx, DRAIN_GRACE, Ended, Executor, kill_group, result_of};
 
 /// How long an `expect` waits when neither it nor the step has a timeout.
 pub const DEFAULT_EXPECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much output an `expect` matches against: the last this many bytes
+/// the program printed since the previous match. (The transcript is capped
+/// separately, at [`super::OUTPUT_CAP`].)
+pub const EXPECT_WINDOW: usize = 64 * 1024;
 
 /// Why the script stopped early.
 enum Stop {
-    /// The pattern did not show up in time.
+    /// The pattern did not show up in time (or the send could not be made
+    /// in time).
     Timeout(String),
     /// The program ended (or could not be written to) first.
     Ended(String),
@@ -27,38 +33,78 @@ enum Stop {
     Cancelled,
 }
 
-/// The controlling side of the PTY and what has been read from it.
+/// The program on its PTY.
 struct Terminal<'a> {
+    child: &'a mut Child,
     reader: pty_process::OwnedReadPty,
     writer: pty_process::OwnedWritePty,
-    /// Everything the program printed: the step's stdout.
-    transcript: Capture,
-    /// The same, as text, for matching.
-    text: String,
-    /// How much of `text` earlier expects consumed.
-    seen: usize,
-    ctx: &'a Ctx<'a>,
+    screen: Screen<'a>,
+    /// The step's deadline.
     deadline: Option<Instant>,
 }
 
-impl Terminal<'_> {
-    /// Reads one chunk into the transcript; `false` at end of file (or EIO
-    /// once the program has closed the terminal).
-    async fn read(&mut self) -> bool {
+/// What the program printed.
+struct Screen<'a> {
+    /// Everything: the step's stdout.
+    transcript: Capture,
+    /// What no `expect` has consumed yet, at most [`EXPECT_WINDOW`] bytes.
+    unseen: Vec<u8>,
+    /// Until the terminal reports end of file (EIO once every process has
+    /// closed it).
+    open: bool,
+    ctx: &'a Ctx<'a>,
+}
+
+impl Screen<'_> {
+    /// Reads one chunk; `false` at end of file.
+    async fn read(&mut self, reader: &mut pty_process::OwnedReadPty) -> bool {
         let mut buf = [0u8; 8192];
-        match self.reader.read(&mut buf).await {
+        match reader.read(&mut buf).await {
             Ok(n) if n > 0 => {
                 self.transcript.push(&buf[..n]);
                 self.ctx.stream(pb::OutputStream::Stdout, &buf[..n]);
-                self.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                self.unseen.extend_from_slice(&buf[..n]);
+                let excess = self.unseen.len().saturating_sub(EXPECT_WINDOW);
+                self.unseen.drain(..excess);
                 true
             }
-            _ => false,
+            _ => {
+                self.open = false;
+                false
+            }
         }
     }
 
+    /// Reads until end of file.
+    async fn read_to_end(&mut self, reader: &mut pty_process::OwnedReadPty) {
+        while self.read(reader).await {}
+    }
+
+    /// Consumes the output up to the end of the first match of `re`.
+    fn consume(&mut self, re: &Regex) -> bool {
+        match re.find(&self.unseen) {
+            Some(m) => {
+                let end = m.end();
+                self.unseen.drain(..end);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Resolves at `deadline`, or never.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Terminal<'_> {
     /// Plays the expect/send pairs in order.
     async fn script(&mut self, script: &[(Regex, &pb::Exchange)]) -> Result<(), Stop> {
+        let cancel = self.screen.ctx.cancel.clone();
         for (re, x) in script {
             let wait = if x.timeout_ms > 0 {
                 Duration::from_millis(x.timeout_ms)
@@ -69,15 +115,10 @@ impl Terminal<'_> {
             if let Some(d) = self.deadline {
                 deadline = deadline.min(d);
             }
-            let cancel = self.ctx.cancel.clone();
-            loop {
-                if let Some(m) = re.find(&self.text[self.seen..]) {
-                    self.seen += m.end();
-                    break;
-                }
+            while !self.screen.consume(re) {
                 let more = tokio::select! {
-                    more = self.read() => more,
-                    _ = tokio::time::sleep_until(deadline.into()) => {
+                    more = self.screen.read(&mut self.reader) => more,
+                    _ = until(Some(deadline)) => {
                         return Err(Stop::Timeout(format!(
                             "timed out after {wait:?} waiting for /{}/", x.expect)));
                     }
@@ -90,31 +131,41 @@ impl Terminal<'_> {
                     )));
                 }
             }
-            self.writer
-                .write_all(x.send.as_bytes())
-                .await
-                .map_err(|e| Stop::Ended(format!("cannot send to the program: {e}")))?;
+            // A program that does not read can fill the terminal's input
+            // buffer: the send too must give way to the deadline or a cancel.
+            tokio::select! {
+                sent = self.writer.write_all(x.send.as_bytes()) => sent
+                    .map_err(|e| Stop::Ended(format!("cannot send to the program: {e}")))?,
+                _ = until(Some(deadline)) => {
+                    return Err(Stop::Timeout(format!(
+                        "timed out after {wait:?} sending the answer to /{}/", x.expect)));
+                }
+                _ = cancel.cancelled() => return Err(Stop::Cancelled),
+            }
         }
         Ok(())
     }
 
-    /// Reads the rest until the program closes the terminal; `false` if
-    /// the step's timeout or a cancel came first.
-    async fn drain(&mut self) -> bool {
-        let until = self
-            .deadline
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86_400));
-        let cancel = self.ctx.cancel.clone();
-        loop {
-            let more = tokio::select! {
-                more = self.read() => more,
-                _ = tokio::time::sleep_until(until.into()) => return false,
-                _ = cancel.cancelled() => return false,
-            };
-            if !more {
-                return true;
+    /// After the script: reads on until the program exits, then for at
+    /// most [`DRAIN_GRACE`] more (a process it left in the background may
+    /// hold the terminal open for ever). `None` if the step's timeout or a
+    /// cancel came first.
+    async fn finish(&mut self) -> Option<ExitStatus> {
+        let cancel = self.screen.ctx.cancel.clone();
+        let status = loop {
+            tokio::select! {
+                status = self.child.wait() => break status.ok()?,
+                // Reading keeps the program from blocking on a full terminal.
+                _ = self.screen.read_to_end(&mut self.reader), if self.screen.open => {}
+                _ = until(self.deadline) => return None,
+                _ = cancel.cancelled() => return None,
             }
+        };
+        if self.screen.open {
+            let _ =
+                tokio::time::timeout(DRAIN_GRACE, self.screen.read_to_end(&mut self.reader)).await;
         }
+        Some(status)
     }
 }
 
@@ -146,28 +197,24 @@ pub(super) async fn run(
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let (reader, writer) = pty.into_split();
     let mut term = Terminal {
+        child: &mut child,
         reader,
         writer,
-        transcript: Capture::default(),
-        text: String::new(),
-        seen: 0,
-        ctx,
+        screen: Screen {
+            transcript: Capture::default(),
+            unseen: Vec::new(),
+            open: true,
+            ctx,
+        },
         deadline: ctx.timeout.map(|t| Instant::now() + t),
     };
 
     let stop = term.script(&script).await.err();
-    let closed = match stop {
-        Some(Stop::Timeout(_) | Stop::Cancelled) => false,
-        None | Some(Stop::Ended(_)) => term.drain().await,
+    let status = match stop {
+        Some(Stop::Timeout(_) | Stop::Cancelled) => None,
+        None | Some(Stop::Ended(_)) => term.finish().await,
     };
-    let status = if closed {
-        tokio::time::timeout(super::KILL_GRACE, child.wait())
-            .await
-            .ok()
-            .and_then(Result::ok)
-    } else {
-        None
-    };
+    let transcript = term.screen.transcript;
     let ended = match status {
         Some(status) => Ended::Exited(status),
         None => {
@@ -185,7 +232,7 @@ pub(super) async fn run(
     if let Some(Stop::Timeout(why) | Stop::Ended(why)) = &stop {
         note.push(format!("modi-agent: interact: {why}\n").as_bytes());
     }
-    let mut result = result_of(ended, term.transcript, note);
+    let mut result = result_of(ended, transcript, note);
     if let (Some(Stop::Ended(_)), Some(status)) = (&stop, status) {
         // The script was not completed: a failure whatever the exit code.
         result.exit_code = None;

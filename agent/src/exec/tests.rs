@@ -302,3 +302,177 @@ async fn interact_fails_when_the_prompt_never_comes() {
     assert_eq!(r.exit_code, None);
     assert!(String::from_utf8_lossy(&r.stderr).contains("ended before"));
 }
+
+#[tokio::test]
+async fn a_background_child_holding_the_pipes_does_not_lose_the_output() {
+    let f = fixture();
+    let started = std::time::Instant::now();
+    let r = execute(&f, "t7", run("sleep 5 & echo ok")).await;
+    assert_eq!(exited(&r), Some(0));
+    assert_eq!(r.stdout, b"ok\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_link_planted_at_the_temp_path_is_not_followed() {
+    let f = fixture();
+    let victim = f.work.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = f.work.join("app.conf");
+    std::fs::write(&path, b"old").unwrap();
+    let plant = |tag: &str| {
+        let tmp = crate::fsutil::temp_path(&path, tag);
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+    };
+
+    plant("f5");
+    let r = execute(&f, "f5", file_step("app.conf", b"new", Some(0o600), "")).await;
+    assert_eq!(
+        exited(&r),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"new");
+
+    plant("restore-f5");
+    let r = execute(&f, "f5r", restore_step("f5")).await;
+    assert_eq!(
+        exited(&r),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"old");
+
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(mode_of(&victim), 0o644);
+    let left: Vec<_> = std::fs::read_dir(&f.work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "links or temp files left: {left:?}");
+}
+
+#[tokio::test]
+async fn restoring_a_step_that_installed_nothing_succeeds() {
+    let f = fixture();
+    let path = f.work.join("nginx.conf");
+    std::fs::write(&path, b"good").unwrap();
+    let validate = format!("grep -q good {}", modi_proto::FILE_TMP_PLACEHOLDER);
+    let r = execute(&f, "f6", file_step("nginx.conf", b"bad", None, &validate)).await;
+    assert_ne!(exited(&r), Some(0));
+
+    for of in ["f6", "never-sent"] {
+        let r = execute(&f, &format!("{of}-r"), restore_step(of)).await;
+        assert_eq!(
+            exited(&r),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let said = String::from_utf8_lossy(&r.stdout);
+        assert!(said.contains("nothing to restore"), "{said}");
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), b"good");
+}
+
+#[tokio::test]
+async fn backups_past_their_retention_are_deleted_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let backups = dir.path().join("backups");
+    std::fs::create_dir(&backups).unwrap();
+    let now = std::time::SystemTime::now();
+    let month = now - BACKUP_RETENTION - Duration::from_secs(3600);
+    let years = now - BACKUP_RECORD_RETENTION - Duration::from_secs(3600);
+    for (name, when) in [
+        ("ancient.json", Some(years)),
+        ("ancient.data", Some(years)),
+        ("old.json", Some(month)),
+        ("old.data", Some(month)),
+        ("new.json", None),
+        ("new.data", None),
+        (".x.modi-tmp-1", Some(month)),
+    ] {
+        let path = backups.join(name);
+        std::fs::write(&path, b"{}").unwrap();
+        if let Some(when) = when {
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(when).unwrap();
+        }
+    }
+    Executor::new(dir.path().join("work"), backups.clone()).unwrap();
+    let mut left: Vec<_> = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    // The month-old record stays, so restoring it says "expired".
+    assert_eq!(left, ["new.data", "new.json", "old.json"]);
+}
+
+#[tokio::test]
+async fn interact_does_not_wait_for_a_background_process_holding_the_terminal() {
+    let f = fixture();
+    // Ignoring HUP, the sleep outlives the shell and keeps the PTY open.
+    let prog = "trap '' HUP; sleep 30 & printf 'go? '; read a; echo \"went $a\"";
+    let started = std::time::Instant::now();
+    let r = execute(&f, "i4", interact_step(prog, &[("go\\? ", "yes\n")])).await;
+    assert_eq!(
+        exited(&r),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stdout).contains("went yes"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_interact_send_the_program_never_reads_gives_way_to_the_timeout() {
+    let f = fixture();
+    // Raw mode: a full terminal input buffer blocks the writer.
+    let mut step = interact_step("stty raw -echo; echo ready; sleep 30", &[("ready", "")]);
+    if let Some(pb::step::Action::Interact(i)) = &mut step.action {
+        i.script[0].send = "x".repeat(1 << 20);
+        i.script[0].timeout_ms = 500;
+    }
+    let started = std::time::Instant::now();
+    let r = execute(&f, "i5", step).await;
+    assert_eq!(r.termination, pb::Termination::TimedOut as i32, "{r:?}");
+    assert!(String::from_utf8_lossy(&r.stderr).contains("sending"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn restoring_an_expired_backup_fails_loudly() {
+    let f = fixture();
+    let path = f.work.join("kept.conf");
+    std::fs::write(&path, b"before").unwrap();
+    let r = execute(&f, "e1", file_step("kept.conf", b"after", None, "")).await;
+    assert_eq!(exited(&r), Some(0));
+    // The data went with its retention; the record stayed.
+    let data = f._dir.path().join("backups").join("e1.data");
+    std::fs::remove_file(&data).unwrap();
+    let r = execute(&f, "e1r", restore_step("e1")).await;
+    assert_eq!(r.termination, pb::Termination::FailedToStart as i32);
+    let said = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        said.contains("backup data") && said.contains("by hand"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"after", "left as it is");
+}
