@@ -22,9 +22,17 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::rollout::{DispatchId, Event, Millis, RunState};
 use crate::spec::RunSpec;
 
+/// How long [`Store::open`] waits for the store's lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Another process has the store open.
+    #[error(
+        "the store {0} is in use by another process (is another `modi serve` running on this data dir?)"
+    )]
+    Busy(std::path::PathBuf),
     /// sled failed.
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
@@ -184,9 +192,27 @@ fn journal_key(run: u64, seq: u64) -> [u8; 16] {
 }
 
 impl Store {
-    /// Opens (creating) the store at `path`.
+    /// Opens (creating) the store at `path`. sled holds an exclusive lock
+    /// on it, released a moment after the previous holder closes it (its
+    /// flusher thread exits late), so a busy lock is retried for up to
+    /// [`LOCK_WAIT`] before it means another controller has it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(path).open()?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(StoreError::Busy(path.to_path_buf()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Ok(Store {
             hosts: db.open_tree("hosts")?,
             tokens: db.open_tree("tokens")?,
@@ -423,6 +449,15 @@ mod tests {
             s.consume_token("nope", "web-2", 1).unwrap(),
             Err(TokenRefused::Unknown)
         );
+    }
+
+    #[test]
+    fn a_store_in_use_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(&dir.path().join("db")).unwrap();
+        let second = Store::open(&dir.path().join("db")).err().unwrap();
+        assert!(matches!(second, StoreError::Busy(_)), "{second}");
+        assert!(second.to_string().contains("another `modi serve`"));
     }
 
     #[tokio::test]

@@ -17,7 +17,10 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
     let server = Server::bind(config, shutdown.clone())
         .await
         .map_err(|e| match e {
-            ServeError::Missing { .. } | ServeError::Pki(_) | ServeError::Bind { .. } => {
+            ServeError::Missing { .. }
+            | ServeError::Pki(_)
+            | ServeError::Bind { .. }
+            | ServeError::Store(crate::store::StoreError::Busy(_)) => {
                 CliError::Input(e.to_string())
             }
             other => CliError::Failed(other.to_string()),
