@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -164,6 +165,8 @@ pub enum Record {
 /// The open store.
 #[derive(Clone)]
 pub struct Store {
+    /// Held while any clone is alive.
+    _lock: Arc<nix::fcntl::Flock<std::fs::File>>,
     db: sled::Db,
     hosts: sled::Tree,
     tokens: sled::Tree,
@@ -192,28 +195,45 @@ fn journal_key(run: u64, seq: u64) -> [u8; 16] {
 }
 
 impl Store {
-    /// Opens (creating) the store at `path`. sled holds an exclusive lock
-    /// on it, released a moment after the previous holder closes it (its
-    /// flusher thread exits late), so a busy lock is retried for up to
-    /// [`LOCK_WAIT`] before it means another controller has it.
+    /// Opens (creating) the store at `path`. The store is ours alone: a
+    /// lock file next to it is held while it is open, and a second
+    /// controller on the same data dir is refused ([`StoreError::Busy`]).
+    /// sled's own lock is released a moment after its previous holder in
+    /// this process closed it (its flusher thread exits late), so opening
+    /// sled is retried for up to [`LOCK_WAIT`].
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match sled::Config::new().path(path).open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
+        let lock = loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path.with_extension("lock"))
+                .map_err(|e| StoreError::Sled(e.into()))?;
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => break lock,
+                Err((_, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
                     return Err(StoreError::Busy(path.to_path_buf()));
+                }
+                Err((_, e)) => return Err(StoreError::Sled(std::io::Error::from(e).into())),
+            }
+        };
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => return Err(e.into()),
             }
         };
         Ok(Store {
+            _lock: Arc::new(lock),
             hosts: db.open_tree("hosts")?,
             tokens: db.open_tree("tokens")?,
             revoked: db.open_tree("revoked")?,
