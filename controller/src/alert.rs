@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::rollout::{AlertKind, Millis};
@@ -39,25 +41,42 @@ pub struct AlertEvent {
     pub at: Millis,
 }
 
-/// Where alerts go.
+/// Where alerts go: one delivery queue per destination, so each receives
+/// the alerts in order, one at a time, and a slow one never holds up the
+/// other (nor a run: firing only queues).
 #[derive(Clone)]
 pub struct Alerts {
-    webhook: Option<String>,
-    command: Option<String>,
-    tasks: TaskTracker,
+    webhook: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    command: Option<mpsc::UnboundedSender<Vec<u8>>>,
 }
 
 impl Alerts {
-    /// Alerts to a webhook and/or command (either may be absent).
-    pub fn new(webhook: Option<String>, command: Option<String>, tasks: TaskTracker) -> Alerts {
-        Alerts {
-            webhook,
-            command,
-            tasks,
-        }
+    /// Alerts to a webhook and/or command (either may be absent). The
+    /// delivery tasks run on `tasks` until `shutdown`.
+    pub fn new(
+        webhook: Option<String>,
+        command: Option<String>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Alerts {
+        let webhook = webhook.map(|url| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tasks.spawn(deliver(rx, shutdown.clone(), move |body| {
+                post_with_retries(url.clone(), body)
+            }));
+            tx
+        });
+        let command = command.map(|command| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tasks.spawn(deliver(rx, shutdown.clone(), move |body| {
+                run_command(command.clone(), body)
+            }));
+            tx
+        });
+        Alerts { webhook, command }
     }
 
-    /// Sends `event` everywhere configured, in the background.
+    /// Queues `event` for every destination configured.
     pub fn fire(&self, event: AlertEvent) {
         tracing::warn!(
             run = event.run,
@@ -68,15 +87,30 @@ impl Alerts {
             event.message
         );
         let body = serde_json::to_vec(&event).expect("alerts serialize");
-        if let Some(url) = self.webhook.clone() {
-            let body = body.clone();
-            self.tasks
-                .spawn(async move { post_with_retries(url, body).await });
+        for queue in [&self.webhook, &self.command].into_iter().flatten() {
+            let _ = queue.send(body.clone());
         }
-        if let Some(command) = self.command.clone() {
-            self.tasks
-                .spawn(async move { run_command(command, body).await });
-        }
+    }
+}
+
+/// Delivers queued alerts one at a time until shutdown.
+async fn deliver<F, Fut>(
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    shutdown: CancellationToken,
+    send: F,
+) where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        let body = tokio::select! {
+            body = rx.recv() => match body {
+                Some(body) => body,
+                None => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        send(body).await;
     }
 }
 

@@ -130,6 +130,7 @@ impl Server {
                 config.webhook.clone(),
                 config.alert_command.clone(),
                 tasks.clone(),
+                shutdown.clone(),
             ),
             judge: judge.clone(),
             shutdown: shutdown.clone(),

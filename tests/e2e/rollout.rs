@@ -379,8 +379,7 @@ changes:
             break;
         }
     }
-    kinds.sort();
-    assert_eq!(kinds, ["failed_no_backout", "run_finished"]);
+    assert_eq!(kinds, ["failed_no_backout", "run_finished"], "in order");
     // The command got the same alerts as JSON on its stdin.
     eventually!(
         10,
@@ -391,9 +390,13 @@ changes:
             == 2,
         "two alerts via the command"
     );
+    // In order, one at a time.
     let text = std::fs::read_to_string(sink.path()).unwrap();
-    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert!(first["kind"] == "failed_no_backout" || first["kind"] == "run_finished");
+    let kinds: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["kind"].clone())
+        .collect();
+    assert_eq!(kinds, ["failed_no_backout", "run_finished"]);
 }
 
 fn ctl_sink() -> tempfile::NamedTempFile {
