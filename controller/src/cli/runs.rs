@@ -104,6 +104,9 @@ pub fn host_counts(status: &RunStatus) -> std::collections::BTreeMap<&'static st
     counts
 }
 
+/// Longest failure text per host in `modi status`.
+const FAILURE_WIDTH: usize = 100;
+
 /// A run's status as text.
 pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
     let mut s = format!("run {run} ({name}): {}\n", status.state.as_str());
@@ -114,13 +117,18 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
             .iter()
             .map(|h| {
                 let why = h.failure.as_ref().map_or(String::new(), |f| {
-                    format!(
+                    let text = format!(
                         "{}[{}] {}: {}",
                         f.phase,
                         f.step,
                         f.reason.as_str(),
                         f.message
-                    )
+                    );
+                    // One line per host; `--output json` has it all.
+                    match text.char_indices().nth(FAILURE_WIDTH) {
+                        Some((cut, _)) => format!("{}…", &text[..cut]),
+                        None => text,
+                    }
                 });
                 vec![
                     format!("  {}", h.name),
