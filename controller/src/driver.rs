@@ -177,10 +177,7 @@ pub async fn start(ctx: &Context, spec: RunSpec, submitted_by: &str) -> Result<u
     Ok(run)
 }
 
-/// Rebuilds a run's engine from its journal. Returns the spec, the engine,
-/// the entry count, the steps the engine has in flight (with whether each
-/// was journaled as dispatched, and whether it was cancelled), and the
-/// submitter.
+/// A run rebuilt from its journal (see [`replay`]).
 pub struct Replayed {
     /// The rendered run.
     pub spec: Arc<RunSpec>,
@@ -212,7 +209,10 @@ pub struct InFlight {
     pub cancelled: bool,
 }
 
-/// Replays run `run`'s journal. `None` if there is no such run.
+/// Replays run `run`'s journal through a fresh engine with the journaled
+/// timestamps: the engine ends in the state it was in, with the same steps
+/// in flight (each marked with whether it was journaled as dispatched and
+/// whether a cancel was asked for). `None` if there is no such run.
 pub fn replay(
     store: &Store,
     judge: Arc<dyn Judge>,
@@ -231,7 +231,7 @@ pub fn replay(
     };
     let spec: Arc<RunSpec> = Arc::from(spec);
     let mut engine = Engine::new(spec.clone(), judge);
-    let mut in_flight = BTreeMap::new();
+    let mut in_flight: BTreeMap<DispatchId, InFlight> = BTreeMap::new();
     let mut dispatches = Vec::new();
     let mut results = BTreeMap::new();
     let mut count = 1;
@@ -241,7 +241,6 @@ pub fn replay(
             Record::Created { .. } => {}
             Record::Dispatched { id } => {
                 if let Some(f) = in_flight.get_mut(&id) {
-                    let f: &mut InFlight = f;
                     f.dispatched = true;
                 }
             }
