@@ -96,20 +96,14 @@ pub fn init(req: &InitRequest) -> Result<InitReport, InitError> {
     let admin = ca.issue(Role::Admin, &req.admin_name, &[])?;
     write(dir, files::CA_KEY, ca_key.as_bytes(), 0o600)?;
     write(dir, files::CA_CERT, ca.cert_pem().as_bytes(), 0o644)?;
-    write(dir, files::SERVER_CERT, server.cert_pem.as_bytes(), 0o644)?;
-    write(
-        dir,
-        files::SERVER_KEY,
-        server.key_pem.as_deref().unwrap_or_default().as_bytes(),
-        0o600,
-    )?;
-    write(dir, files::ADMIN_CERT, admin.cert_pem.as_bytes(), 0o644)?;
-    write(
-        dir,
-        files::ADMIN_KEY,
-        admin.key_pem.as_deref().unwrap_or_default().as_bytes(),
-        0o600,
-    )?;
+    for (issued, cert, key) in [
+        (&server, files::SERVER_CERT, files::SERVER_KEY),
+        (&admin, files::ADMIN_CERT, files::ADMIN_KEY),
+    ] {
+        write(dir, cert, issued.cert_pem.as_bytes(), 0o644)?;
+        let key_pem = issued.key_pem.as_deref().unwrap_or_default();
+        write(dir, key, key_pem.as_bytes(), 0o600)?;
+    }
 
     let host = &req.addresses[0];
     let host = if host.contains(':') {
