@@ -19,6 +19,12 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// How long an agent may stay away while steps are in flight on it before
 /// those steps are declared `lost`.
 pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(300);
+/// How long a backout waits for its host's agent to come back before it
+/// is `backout_failed` and a human is alerted.
+pub const DEFAULT_BACKOUT_WAIT: Duration = Duration::from_secs(3600);
+/// How long an admin call may take before it is answered "deadline
+/// exceeded" (streams count until their first answer).
+pub const ADMIN_DEADLINE: Duration = Duration::from_secs(30);
 /// How long `modi serve` waits for in-flight work when asked to stop.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -111,6 +117,9 @@ pub struct ControllerFile {
     /// `lost`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_lost_after: Option<String>,
+    /// How long a backout waits for its host to come back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backout_wait: Option<String>,
     /// Alerts ("a human must look").
     #[serde(default, skip_serializing_if = "AlertsFile::is_empty")]
     pub alerts: AlertsFile,
@@ -150,6 +159,8 @@ pub struct ControllerConfig {
     pub token_ttl: Duration,
     /// See [`DEFAULT_LOST_AFTER`].
     pub agent_lost_after: Duration,
+    /// See [`DEFAULT_BACKOUT_WAIT`].
+    pub backout_wait: Duration,
     /// Alert webhook.
     pub webhook: Option<String>,
     /// Alert command.
@@ -190,6 +201,10 @@ impl ControllerConfig {
             Some(v) => duration(path, "agent_lost_after", v)?,
             None => DEFAULT_LOST_AFTER,
         };
+        let backout_wait = match &file.backout_wait {
+            Some(v) => duration(path, "backout_wait", v)?,
+            None => DEFAULT_BACKOUT_WAIT,
+        };
         if let Some(w) = &file.alerts.webhook
             && !(w.starts_with("http://") || w.starts_with("https://"))
         {
@@ -213,6 +228,7 @@ impl ControllerConfig {
             advertise: file.advertise,
             token_ttl,
             agent_lost_after,
+            backout_wait,
             webhook: file.alerts.webhook,
             alert_command: file.alerts.command,
             vars,

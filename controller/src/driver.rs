@@ -10,7 +10,7 @@
 //! in flight. Those already journaled as dispatched wait for their agents
 //! to reconnect (which re-reports, never re-runs); the others are sent now.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::{AlertEvent, Alerts};
 use crate::fleet::{Fleet, RunPorts, RunRef, full_id};
+use crate::rollout::AlertKind;
 use crate::rollout::{
-    Action, DispatchId, Engine, Event, Judge, Millis, Progress, RunState, RunStatus, StepResult,
-    Termination,
+    Action, DispatchId, Engine, Event, HostState, Judge, LateResult, Millis, Phase, Progress,
+    RunState, RunStatus, StepResult, Termination,
 };
 use crate::service::agent_convert;
 use crate::spec::{RunSpec, Step};
@@ -31,6 +32,9 @@ use crate::store::{JournalEntry, Record, RunMeta, Store, StoreError};
 const INBOX: usize = 4096;
 /// Most inputs journaled together in one flush.
 const BATCH: usize = 1024;
+/// How often a run held by an unwritable store tries its write again, even
+/// if the store has not said it can write.
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often dispatches held for a host that is not back yet are retried.
 const DEFERRED_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -46,6 +50,17 @@ pub enum DriverMsg {
         /// The agent to ack once it is durable (`None` for a result the
         /// controller made up, e.g. `lost`).
         agent: Option<String>,
+    },
+    /// A result for a step no longer in flight (declared `lost`, or a
+    /// repeat of one already journaled): journaled as late if it was lost,
+    /// then acked either way.
+    Late {
+        /// Which dispatch.
+        id: DispatchId,
+        /// The result.
+        result: StepResult,
+        /// The agent that reported it.
+        agent: String,
     },
     /// An operator's approve/deny/abort/pause/resume.
     Control {
@@ -86,6 +101,14 @@ pub enum WatchItem {
         /// The result.
         result: StepResult,
     },
+    /// A result that came back after its step was declared `lost`; the
+    /// outcome stands.
+    Late {
+        /// Which dispatch.
+        id: DispatchId,
+        /// What really happened.
+        result: StepResult,
+    },
     /// Live output of a step.
     Output {
         /// Which dispatch.
@@ -112,6 +135,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Tracks driver tasks for a clean shutdown.
     pub tasks: tokio_util::task::TaskTracker,
+    /// How long a backout waits for its host to come back.
+    pub backout_wait: std::time::Duration,
 }
 
 struct Driver {
@@ -128,6 +153,29 @@ struct Driver {
     /// Dispatches for hosts not (yet) back after a controller restart,
     /// held during the startup grace.
     deferred: Vec<Action>,
+    /// Why the run is held by the driver (the store cannot write).
+    held: Option<String>,
+    /// Dispatches waiting (in `deferred`) for a reason people see: a
+    /// backout whose host is away, or a host another run holds.
+    waiting: BTreeMap<DispatchId, Waiting>,
+    /// Changes of this run active on each host (it holds the host while
+    /// any is).
+    active: HashMap<String, BTreeSet<usize>>,
+    /// Steps declared `lost` (a late result for them is journaled).
+    lost: HashSet<DispatchId>,
+    /// Late results, journaled.
+    late: Vec<LateResult>,
+    /// Late results to journal.
+    late_in: Vec<(DispatchId, StepResult, String)>,
+}
+
+/// Why a dispatch waits.
+#[derive(Clone, Copy, Debug)]
+struct Waiting {
+    /// Since when.
+    since: Millis,
+    /// Its host shows this meanwhile.
+    shows: HostState,
 }
 
 fn distinct_hosts(spec: &RunSpec) -> u32 {
@@ -141,11 +189,10 @@ fn distinct_hosts(spec: &RunSpec) -> u32 {
 /// Creates run and starts its driver. Returns the run id once the run is
 /// durable.
 pub async fn start(ctx: &Context, spec: RunSpec, submitted_by: &str) -> Result<u64, StoreError> {
-    let run = ctx.store.next_run_id()?;
     let now = crate::clock::now();
     let spec = Arc::new(spec);
     let meta = RunMeta {
-        id: run,
+        id: 0,
         name: spec.name.clone(),
         state: RunState::Pending,
         created_at: now,
@@ -168,10 +215,10 @@ pub async fn start(ctx: &Context, spec: RunSpec, submitted_by: &str) -> Result<u
             },
         },
     ];
-    ctx.store.append(run, 0, &entries)?;
-    ctx.store.put_run(&meta)?;
-    ctx.store.flush().await?;
-    let mut driver = Driver::new(ctx.clone(), run, spec, meta, entries.len() as u64);
+    let seq = entries.len() as u64;
+    let meta = ctx.store.create_run(meta, entries.to_vec()).await?;
+    let run = meta.id;
+    let mut driver = Driver::new(ctx.clone(), run, spec, meta, seq);
     let actions = driver.engine.handle(Event::Start, now);
     driver.spawn(actions);
     Ok(run)
@@ -191,6 +238,8 @@ pub struct Replayed {
     pub dispatches: Vec<(DispatchId, String, Step)>,
     /// Every result journaled.
     pub results: BTreeMap<DispatchId, StepResult>,
+    /// Results that came back after their step was declared lost.
+    pub late: Vec<LateResult>,
     /// Who submitted it.
     pub submitted_by: String,
     /// When it was created.
@@ -234,11 +283,18 @@ pub fn replay(
     let mut in_flight: BTreeMap<DispatchId, InFlight> = BTreeMap::new();
     let mut dispatches = Vec::new();
     let mut results = BTreeMap::new();
+    let mut late = Vec::new();
     let mut count = 1;
     for entry in entries {
         count += 1;
         match entry.record {
             Record::Created { .. } => {}
+            Record::Late { id, host, result } => late.push(LateResult {
+                id,
+                host,
+                at: entry.at,
+                result,
+            }),
             Record::Dispatched { id } => {
                 if let Some(f) = in_flight.get_mut(&id) {
                     f.dispatched = true;
@@ -281,6 +337,7 @@ pub fn replay(
         in_flight,
         dispatches,
         results,
+        late,
         submitted_by,
         created_at: first.at,
     }))
@@ -293,10 +350,27 @@ pub fn resume(ctx: &Context, run: u64, replayed: Replayed, meta: RunMeta) {
         engine,
         entries,
         in_flight,
+        results,
+        late,
         ..
     } = replayed;
     let mut driver = Driver::new(ctx.clone(), run, spec, meta, entries);
     driver.engine = engine;
+    driver.late = late;
+    driver.lost = results
+        .iter()
+        .filter(|(_, r)| r.termination == Some(Termination::Lost))
+        .map(|(id, _)| *id)
+        .collect();
+    // Hosts this run was in the middle of hold them again.
+    for (id, f) in &in_flight {
+        driver
+            .active
+            .entry(f.host.clone())
+            .or_default()
+            .insert(id.change);
+        ctx.fleet.hold(&f.host, run);
+    }
     let key = driver.key();
     let mut fresh = Vec::new();
     for (id, f) in in_flight {
@@ -350,6 +424,12 @@ impl Driver {
             watch,
             local: Vec::new(),
             deferred: Vec::new(),
+            held: None,
+            waiting: BTreeMap::new(),
+            active: HashMap::new(),
+            lost: HashSet::new(),
+            late: Vec::new(),
+            late_in: Vec::new(),
         }
     }
 
@@ -364,8 +444,11 @@ impl Driver {
     fn spawn(mut self, first: Vec<Action>) {
         let tasks = self.ctx.tasks.clone();
         tasks.spawn(async move {
-            if let Err(e) = self.run_loop(first).await {
-                tracing::error!(run = self.run, error = %e, "run driver stopped: the journal cannot be written");
+            match self.run_loop(first).await {
+                Ok(()) | Err(StoreError::Closed) => {}
+                Err(e) => {
+                    tracing::error!(run = self.run, error = %e, "run driver stopped");
+                }
             }
         });
     }
@@ -378,14 +461,185 @@ impl Driver {
             .into_iter()
             .map(|record| JournalEntry { at, record })
             .collect();
-        self.ctx.store.append(self.run, self.seq, &entries)?;
-        self.seq += entries.len() as u64;
-        self.ctx.store.flush().await
+        let n = entries.len() as u64;
+        self.persist(entries, None).await?;
+        self.seq += n;
+        Ok(())
+    }
+
+    /// Writes journal entries (from `self.seq`) and/or the run's summary,
+    /// durably. While the store cannot write, the run is held: it shows
+    /// `paused` (reason `store`), an alert goes out once, status requests
+    /// are answered, results wait their turn, and the write is tried again
+    /// when the store can write. Only a closed store (shutdown) stops it.
+    async fn persist(
+        &mut self,
+        entries: Vec<JournalEntry>,
+        meta: Option<RunMeta>,
+    ) -> Result<(), StoreError> {
+        let mut alerted = false;
+        loop {
+            let written = self
+                .ctx
+                .store
+                .record(self.run, self.seq, entries.clone(), meta.clone())
+                .await;
+            let why = match written {
+                Ok(()) => {
+                    if alerted {
+                        tracing::info!(run = self.run, "the store can write again; run goes on");
+                        let _ = self.watch.send(WatchItem::Progress {
+                            progress: Progress::Run {
+                                state: self.engine.state(),
+                            },
+                        });
+                    }
+                    self.held = None;
+                    return Ok(());
+                }
+                Err(StoreError::Closed) => return Err(StoreError::Closed),
+                Err(e) => e.to_string(),
+            };
+            if self.ctx.shutdown.is_cancelled() {
+                return Err(StoreError::Closed);
+            }
+            self.held = Some(format!("store: {why}"));
+            if !alerted {
+                alerted = true;
+                tracing::error!(run = self.run, error = %why, "run paused: its journal cannot be written");
+                self.ctx.alerts.fire(AlertEvent {
+                    run: self.run,
+                    changeset: self.spec.name.clone(),
+                    kind: AlertKind::StoreUnwritable,
+                    change: None,
+                    host: None,
+                    message: format!(
+                        "run {} is paused: {why}; it goes on by itself once the store can write",
+                        self.run
+                    ),
+                    at: crate::clock::now(),
+                });
+                let _ = self.watch.send(WatchItem::Progress {
+                    progress: Progress::Run {
+                        state: RunState::Paused,
+                    },
+                });
+            }
+            self.wait_for_store().await?;
+        }
+    }
+
+    /// Waits (answering status requests, keeping results for later,
+    /// refusing controls) until the store says it can write, or a retry is
+    /// due anyway.
+    async fn wait_for_store(&mut self) -> Result<(), StoreError> {
+        let store = self.ctx.store.clone();
+        let retry = tokio::time::sleep(STORE_RETRY);
+        tokio::pin!(retry);
+        let writable = store.writable();
+        tokio::pin!(writable);
+        loop {
+            tokio::select! {
+                _ = &mut writable => return Ok(()),
+                _ = &mut retry => return Ok(()),
+                _ = self.ctx.shutdown.cancelled() => return Err(StoreError::Closed),
+                msg = self.inbox.recv() => match msg {
+                    None => return Err(StoreError::Closed),
+                    Some(DriverMsg::Status { reply }) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Some(DriverMsg::Result { id, result, agent }) => {
+                        self.local.push((id, result, agent));
+                    }
+                    Some(DriverMsg::Late { id, result, agent }) => {
+                        self.late_in.push((id, result, agent));
+                    }
+                    Some(DriverMsg::Control { reply, .. }) => {
+                        let why = self.held.clone().unwrap_or_default();
+                        let _ = reply.send(Err(format!(
+                            "run {} is paused ({why}); it goes on by itself once the store can write",
+                            self.run
+                        )));
+                    }
+                },
+            }
+        }
+    }
+
+    /// The engine's status, with the driver's hold if any.
+    fn status(&self) -> RunStatus {
+        let mut status = self.engine.status();
+        if let Some(why) = &self.held {
+            status.state = RunState::Paused;
+            status.held = Some(why.clone());
+        }
+        for (id, w) in &self.waiting {
+            if let Some(h) = status
+                .changes
+                .get_mut(id.change)
+                .and_then(|c| c.hosts.get_mut(id.host))
+            {
+                h.state = w.shows;
+            }
+        }
+        status.late = self.late.clone();
+        status
+    }
+
+    /// The host a dispatch goes to.
+    fn host_of(&self, id: &DispatchId) -> Option<&str> {
+        self.spec
+            .changes
+            .get(id.change)?
+            .hosts
+            .get(id.host)
+            .map(|h| h.host.name.as_str())
+    }
+
+    /// Journals the late results that came in, and acks every result that
+    /// is no longer in flight. A late result never reaches the engine.
+    async fn take_late(&mut self) -> Result<(), StoreError> {
+        let incoming = std::mem::take(&mut self.late_in);
+        if incoming.is_empty() {
+            return Ok(());
+        }
+        let now = crate::clock::now();
+        let mut records = Vec::new();
+        let mut acks = Vec::new();
+        for (id, result, agent) in incoming {
+            if self.host_of(&id) != Some(agent.as_str()) {
+                tracing::warn!(run = self.run, %id, agent, "late result for another host's step; ignored");
+                continue;
+            }
+            if self.lost.remove(&id) {
+                tracing::warn!(run = self.run, %id, agent, "late result for a step declared lost; journaled, the outcome stands");
+                records.push(Record::Late {
+                    id,
+                    host: agent.clone(),
+                    result: result.clone(),
+                });
+                self.late.push(LateResult {
+                    id,
+                    host: agent.clone(),
+                    at: now,
+                    result: result.clone(),
+                });
+                let _ = self.watch.send(WatchItem::Late { id, result });
+            }
+            acks.push((id, agent));
+        }
+        self.journal(records, now).await?;
+        let key = self.key();
+        for (id, agent) in acks {
+            self.ctx.fleet.complete(Some(&agent), &full_id(key, &id));
+        }
+        Ok(())
     }
 
     async fn run_loop(&mut self, first: Vec<Action>) -> Result<(), StoreError> {
         self.act(first).await?;
         while !self.engine.is_finished() {
+            self.take_late().await?;
             if !self.deferred.is_empty() {
                 let again = std::mem::take(&mut self.deferred);
                 self.act(again).await?;
@@ -460,6 +714,10 @@ impl Driver {
             .await?;
             let key = self.key();
             for (id, result, agent) in &results {
+                if result.termination == Some(Termination::Lost) {
+                    self.lost.insert(*id);
+                }
+                self.waiting.remove(id);
                 // Durable now: the agent may forget it.
                 self.ctx.fleet.complete(agent.as_deref(), &full_id(key, id));
                 let _ = self.watch.send(WatchItem::Result {
@@ -488,9 +746,10 @@ impl Driver {
     ) {
         match msg {
             DriverMsg::Result { id, result, agent } => results.push((id, result, agent)),
+            DriverMsg::Late { id, result, agent } => self.late_in.push((id, result, agent)),
             DriverMsg::Control { event, reply } => controls.push((event, reply)),
             DriverMsg::Status { reply } => {
-                let _ = reply.send(self.engine.status());
+                let _ = reply.send(self.status());
             }
         }
     }
@@ -529,17 +788,18 @@ impl Driver {
         let mut cancels = Vec::new();
         for action in actions {
             match action {
-                Action::Dispatch { id, host, step } => {
-                    if self.ctx.fleet.is_connected(&host) {
+                Action::Dispatch { id, host, step } => match self.route(&id, &host) {
+                    Route::Send => {
+                        self.waiting.remove(&id);
                         dispatch.push((id, host, step));
-                    } else if self.ctx.fleet.expected_back(&host) {
-                        self.deferred.push(Action::Dispatch { id, host, step });
-                    } else {
-                        let why = format!("agent {host} is not connected; nothing was sent");
+                    }
+                    Route::Wait => self.deferred.push(Action::Dispatch { id, host, step }),
+                    Route::Fail(why) => {
+                        self.waiting.remove(&id);
                         self.local
                             .push((id, not_sent(Termination::Unreachable, &why), None));
                     }
-                }
+                },
                 Action::Cancel { id, .. } => {
                     if let Some(i) = self
                         .deferred
@@ -547,6 +807,7 @@ impl Driver {
                         .position(|a| matches!(a, Action::Dispatch { id: d, .. } if *d == id))
                     {
                         self.deferred.remove(i);
+                        self.waiting.remove(&id);
                         self.local.push((
                             id,
                             not_sent(Termination::Cancelled, "cancelled before it was sent"),
@@ -571,9 +832,18 @@ impl Driver {
                     at: crate::clock::now(),
                 }),
                 Action::Progress(progress) => {
+                    if let Progress::Host {
+                        change,
+                        host,
+                        state,
+                        ..
+                    } = &progress
+                    {
+                        self.track_host(*change, *host, *state);
+                    }
                     if let Progress::Run { state } = &progress {
                         self.meta.state = *state;
-                        self.ctx.store.put_run(&self.meta)?;
+                        self.persist(Vec::new(), Some(self.meta.clone())).await?;
                     }
                     let _ = self.watch.send(WatchItem::Progress { progress });
                 }
@@ -604,10 +874,12 @@ impl Driver {
     }
 
     async fn finish(&mut self) -> Result<(), StoreError> {
+        for (host, _) in std::mem::take(&mut self.active) {
+            self.ctx.fleet.release(&host, self.run);
+        }
         self.meta.state = self.engine.state();
         self.meta.finished_at = Some(crate::clock::now());
-        self.ctx.store.put_run(&self.meta)?;
-        self.ctx.store.flush().await?;
+        self.persist(Vec::new(), Some(self.meta.clone())).await?;
         self.ctx.fleet.unregister_run(self.run);
         tracing::info!(
             run = self.run,
@@ -615,6 +887,96 @@ impl Driver {
             "run finished"
         );
         Ok(())
+    }
+}
+
+/// Where a dispatch goes now.
+enum Route {
+    /// To its agent.
+    Send,
+    /// Nowhere yet: held in `deferred`, tried again shortly.
+    Wait,
+    /// Nowhere: it fails as `unreachable`, with this reason.
+    Fail(String),
+}
+
+/// Is this a step of a backout (which waits for its host)?
+fn is_backout(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::BackoutCheck | Phase::Restore | Phase::Backout | Phase::BackoutVerify
+    )
+}
+
+impl Driver {
+    /// Decides where a dispatch goes: one host runs one run's change at a
+    /// time (another run's host waits, `queued`); a backout whose host is
+    /// away waits for it up to `backout_wait` (`backout_pending`); after a
+    /// controller restart a host that was connected is waited for during
+    /// the grace; any other step for an absent host is `unreachable`.
+    fn route(&mut self, id: &DispatchId, host: &str) -> Route {
+        let now = crate::clock::now();
+        if !self.ctx.fleet.hold(host, self.run) {
+            self.waiting.entry(*id).or_insert(Waiting {
+                since: now,
+                shows: HostState::Queued,
+            });
+            return Route::Wait;
+        }
+        self.active
+            .entry(host.to_string())
+            .or_default()
+            .insert(id.change);
+        if self.ctx.fleet.is_connected(host) {
+            return Route::Send;
+        }
+        if is_backout(id.phase) {
+            let w = self.waiting.entry(*id).or_insert(Waiting {
+                since: now,
+                shows: HostState::BackoutPending,
+            });
+            w.shows = HostState::BackoutPending;
+            let waited = now.saturating_sub(w.since);
+            if waited < self.ctx.backout_wait.as_millis() as Millis {
+                return Route::Wait;
+            }
+            return Route::Fail(format!(
+                "agent {host} did not come back within backout_wait ({}); the backout was never sent",
+                humantime::format_duration(self.ctx.backout_wait)
+            ));
+        }
+        if self.ctx.fleet.expected_back(host) {
+            return Route::Wait;
+        }
+        Route::Fail(format!("agent {host} is not connected; nothing was sent"))
+    }
+
+    /// Follows a host's state in a change: this run holds the host while
+    /// any of its changes is active there, and lets it go after.
+    fn track_host(&mut self, change: usize, host: usize, state: HostState) {
+        if !state.is_final() {
+            return;
+        }
+        let Some(name) = self
+            .spec
+            .changes
+            .get(change)
+            .and_then(|c| c.hosts.get(host))
+            .map(|h| h.host.name.clone())
+        else {
+            return;
+        };
+        let idle = match self.active.get_mut(&name) {
+            Some(changes) => {
+                changes.remove(&change);
+                changes.is_empty()
+            }
+            None => true,
+        };
+        if idle {
+            self.active.remove(&name);
+            self.ctx.fleet.release(&name, self.run);
+        }
     }
 }
 

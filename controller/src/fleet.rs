@@ -29,9 +29,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::driver::{DriverMsg, WatchItem};
+use crate::rollout::Event;
 use crate::rollout::{DispatchId, Millis, StepResult, Termination};
 use crate::service::agent_convert;
-use crate::store::{HostRecord, Store};
+use crate::store::{HostRecord, JournalEntry, Record, Store};
 
 /// Outbound queue length per agent session.
 const SESSION_QUEUE: usize = 4096;
@@ -63,6 +64,18 @@ struct Inflight {
     cancelled: bool,
     /// Its result is on its way to the journal.
     reported: bool,
+}
+
+/// Where an agent's result goes.
+enum ResultRoute {
+    /// To the run driving the step.
+    Run(mpsc::Sender<DriverMsg>, DispatchId),
+    /// To the run, as a result for a step no longer in flight.
+    Late(mpsc::Sender<DriverMsg>, DispatchId),
+    /// The run has ended: checked against its journal.
+    Ended(u64, DispatchId),
+    /// Nowhere: acked again.
+    Ack,
 }
 
 /// A run's inbox and its watchers.
@@ -102,6 +115,8 @@ struct State {
     away: HashMap<String, u64>,
     /// Agents that have connected to this controller since it started.
     seen: std::collections::HashSet<String>,
+    /// Which run holds each host (one host, one run's change at a time).
+    holders: HashMap<String, u64>,
 }
 
 impl State {
@@ -205,30 +220,40 @@ impl Fleet {
         let recent = self
             .started
             .saturating_sub(RECENTLY_SEEN.as_millis() as Millis);
-        matches!(self.store.host(name), Ok(Some(h)) if h.last_seen >= recent && !h.revoked)
+        matches!(self.store.host(name), Ok(Some(h)) if (h.connected || h.last_seen >= recent) && !h.revoked)
     }
 
     /// Registers a new session for `name` (replacing any older one),
     /// records what it said about itself, sends it everything in flight on
     /// it, and tells it to cancel what it still runs that is no longer in
     /// flight here (a step already declared lost).
-    pub fn connect(
+    pub async fn connect(
         &self,
         name: &str,
         hello: &pb::Hello,
     ) -> Result<SessionHandle, crate::store::StoreError> {
         let now = now();
-        self.store.update_host(name, |host| {
-            let mut host = host.unwrap_or_else(|| HostRecord {
-                name: name.to_string(),
-                enrolled_at: now,
-                ..HostRecord::default()
-            });
-            host.labels = hello.labels.clone();
-            host.facts = hello.facts.clone();
-            host.last_seen = now;
-            host
-        })?;
+        let (owned, labels, facts) = (name.to_string(), hello.labels.clone(), hello.facts.clone());
+        let recorded = self
+            .store
+            .update_host(name, move |host| {
+                let mut host = host.unwrap_or_else(|| HostRecord {
+                    name: owned,
+                    enrolled_at: now,
+                    ..HostRecord::default()
+                });
+                host.labels = labels;
+                host.facts = facts;
+                host.last_seen = now;
+                host.connected = true;
+                host
+            })
+            .await;
+        if let Err(e) = recorded {
+            // The session still serves: results reach their runs, which
+            // wait for the store themselves.
+            tracing::warn!(agent = name, error = %e, "could not record the agent's connection");
+        }
 
         let (tx, outbound) = mpsc::channel(SESSION_QUEUE);
         let token = self.shutdown.child_token();
@@ -284,7 +309,7 @@ impl Fleet {
     }
 
     /// The session `session` of `name` ended.
-    pub fn disconnect(&self, name: &str, session: u64) {
+    pub async fn disconnect(&self, name: &str, session: u64) {
         let last_seen = {
             let mut state = self.lock();
             match state.sessions.get(name) {
@@ -295,13 +320,26 @@ impl Fleet {
             s.token.cancel();
             s.last_seen
         };
-        let _ = self.store.update_host(name, |host| {
-            let mut host = host.unwrap_or_default();
-            host.name = name.to_string();
-            host.last_seen = host.last_seen.max(last_seen);
-            host
-        });
         self.watch_absence(name);
+        if self.shutdown.is_cancelled() {
+            // The controller is stopping, not the agent leaving: it stays
+            // marked connected so the next start waits for it.
+            return;
+        }
+        let owned = name.to_string();
+        let recorded = self
+            .store
+            .update_host(name, move |host| {
+                let mut host = host.unwrap_or_default();
+                host.name = owned;
+                host.last_seen = host.last_seen.max(last_seen);
+                host.connected = false;
+                host
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::warn!(agent = name, error = %e, "could not record the agent's disconnection");
+        }
     }
 
     /// Starts the lost timer for `name` if it has steps in flight, is not
@@ -407,10 +445,10 @@ impl Fleet {
     }
 
     /// Drops `name`'s session at once (revoked).
-    pub fn kick(&self, name: &str) {
+    pub async fn kick(&self, name: &str) {
         let session = self.lock().sessions.get(name).map(|s| s.id);
         if let Some(id) = session {
-            self.disconnect(name, id);
+            self.disconnect(name, id).await;
         }
     }
 
@@ -493,18 +531,26 @@ impl Fleet {
                     f.reported = true;
                     let (run, id) = (f.run, f.id);
                     match state.runs.get(&run) {
-                        Some(p) => Some((p.inbox.clone(), id)),
+                        Some(p) => ResultRoute::Run(p.inbox.clone(), id),
                         None => {
                             state.inflight.remove(&full);
-                            None
+                            ResultRoute::Ack
                         }
                     }
                 }
-                None => None,
+                // Not in flight: its result is durable already (a repeat),
+                // or the step was declared lost. Its run decides which.
+                None => match parse_full_id(&full) {
+                    Some((run, id)) => match state.runs.get(&run) {
+                        Some(p) => ResultRoute::Late(p.inbox.clone(), id),
+                        None => ResultRoute::Ended(run, id),
+                    },
+                    None => ResultRoute::Ack,
+                },
             }
         };
         match route {
-            Some((inbox, id)) => {
+            ResultRoute::Run(inbox, id) => {
                 let msg = DriverMsg::Result {
                     id,
                     result: agent_convert::step_result(result),
@@ -517,8 +563,77 @@ impl Fleet {
                     }
                 }
             }
-            None => self.ack(agent, &full),
+            ResultRoute::Late(inbox, id) => {
+                let msg = DriverMsg::Late {
+                    id,
+                    result: agent_convert::step_result(result),
+                    agent: agent.to_string(),
+                };
+                if inbox.send(msg).await.is_err() {
+                    tracing::debug!(agent, id = %full, "result for a run that just ended; not acked");
+                }
+            }
+            ResultRoute::Ended(run, id) => {
+                self.late_for_ended_run(agent, run, id, &full, result).await
+            }
+            ResultRoute::Ack => self.ack(agent, &full),
         }
+    }
+
+    /// A result for a step of a run that has ended: journaled as late if
+    /// the step was declared lost on this agent, then acked.
+    async fn late_for_ended_run(
+        &self,
+        agent: &str,
+        run: u64,
+        id: DispatchId,
+        full: &str,
+        result: pb::StepResult,
+    ) {
+        let journal = match self.store.journal(run) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(agent, id = %full, error = %e, "cannot read the journal for a late result; not acked");
+                return;
+            }
+        };
+        let mut entries = journal.into_iter();
+        let ours = match entries.next().map(|e| e.record) {
+            Some(Record::Created { spec, .. }) => spec
+                .changes
+                .get(id.change)
+                .and_then(|c| c.hosts.get(id.host))
+                .is_some_and(|h| h.host.name == agent),
+            _ => false,
+        };
+        let mut was_lost = false;
+        for entry in entries {
+            match entry.record {
+                Record::Event {
+                    event: Event::StepFinished { id: done, result },
+                } if done == id => {
+                    was_lost = result.termination == Some(Termination::Lost);
+                }
+                Record::Late { id: late, .. } if late == id => was_lost = false,
+                _ => {}
+            }
+        }
+        if ours && was_lost {
+            tracing::warn!(agent, run, %id, "late result for a step declared lost in an ended run; journaled, the outcome stands");
+            let entry = JournalEntry {
+                at: now(),
+                record: Record::Late {
+                    id,
+                    host: agent.to_string(),
+                    result: agent_convert::step_result(result),
+                },
+            };
+            if let Err(e) = self.store.append_at_end(run, entry).await {
+                tracing::warn!(agent, id = %full, error = %e, "cannot journal a late result; not acked");
+                return;
+            }
+        }
+        self.ack(agent, full);
     }
 
     /// Live output from `agent`, for the run's watchers.
@@ -539,6 +654,21 @@ impl Fleet {
         }
     }
 
+    /// Lets run `run` hold `host` (it may already): false while another
+    /// run holds it.
+    pub fn hold(&self, host: &str, run: u64) -> bool {
+        let mut state = self.lock();
+        *state.holders.entry(host.to_string()).or_insert(run) == run
+    }
+
+    /// Run `run` is done with `host` for now.
+    pub fn release(&self, host: &str, run: u64) {
+        let mut state = self.lock();
+        if state.holders.get(host) == Some(&run) {
+            state.holders.remove(host);
+        }
+    }
+
     /// Registers a running run's ports.
     pub fn register_run(&self, run: u64, ports: RunPorts) {
         self.lock().runs.insert(run, ports);
@@ -549,6 +679,7 @@ impl Fleet {
         let mut state = self.lock();
         state.runs.remove(&run);
         state.inflight.retain(|_, f| f.run != run);
+        state.holders.retain(|_, r| *r != run);
     }
 
     /// A running run's ports.

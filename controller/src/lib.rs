@@ -32,3 +32,5 @@ pub mod server;
 pub mod service;
 pub mod spec;
 pub mod store;
+#[cfg(test)]
+mod testfs;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alert::Alerts;
-use crate::config::{ControllerConfig, SHUTDOWN_GRACE, files};
+use crate::config::{ADMIN_DEADLINE, ControllerConfig, SHUTDOWN_GRACE, files};
 use crate::driver;
 use crate::fleet::Fleet;
 use crate::pki::{self, Ca, RevokedSerials};
@@ -135,6 +135,7 @@ impl Server {
             judge: judge.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
+            backout_wait: config.backout_wait,
         };
         let shared = Arc::new(Shared {
             config,
@@ -205,13 +206,36 @@ impl Server {
             pb::admin_service_server::AdminServiceServer::new(AdminApi::new(shared.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
-        let served = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            .add_service(agent)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown.cancelled())
-            .await;
+        let serve_shutdown = shutdown.clone();
+        let mut serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                // No call waits forever: past this it is answered
+                // "deadline exceeded" (a stream counts until it starts).
+                .timeout(ADMIN_DEADLINE)
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+                .add_service(agent)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                    serve_shutdown.cancelled().await
+                }),
+        );
+        let served = tokio::select! {
+            served = &mut serving => served,
+            _ = shutdown.cancelled() => {
+                // Open streams (watchers, agents) are given the grace to
+                // end, then cut.
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await {
+                    Ok(served) => served,
+                    Err(_) => {
+                        tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                        serving.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        let served = served.unwrap_or(Ok(()));
         // Drain: drivers finish the journal write they are in.
         shutdown.cancel();
         shared.tasks.close();
@@ -221,7 +245,11 @@ impl Server {
         {
             tracing::warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}");
         }
-        shared.store.flush().await?;
+        // Last: everything written is durable (the writer answers at once
+        // with the cause if the store cannot write).
+        if let Err(e) = shared.store.flush().await {
+            tracing::warn!(error = %e, "final flush of the store failed");
+        }
         served?;
         Ok(())
     }

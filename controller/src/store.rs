@@ -1,4 +1,4 @@
-//! The controller's durable state in sled.
+//! The controller's durable state in sled, behind one writer.
 //!
 //! Trees:
 //! - `hosts`: name → [`HostRecord`] (labels, facts, enrolment, last seen).
@@ -12,7 +12,23 @@
 //!   its state is replayed.
 //! - `meta`: counters.
 //!
-//! Values are JSON. Every append is flushed before the caller acts on it.
+//! Values are JSON.
+//!
+//! **One writer.** Reads go straight to sled. Every write is a job sent to
+//! the store's one writer thread, which takes every job queued, applies
+//! them in order, flushes once and only then answers each caller (group
+//! commit): a write that returned `Ok` is durable. Nothing else flushes
+//! (sled 0.34 deadlocks when `flush_async` runs concurrently, and its own
+//! background flusher is off). A write waits at most [`WRITE_DEADLINE`].
+//!
+//! **A store that cannot write** (disk full, I/O error): sled refuses every
+//! write after its first I/O error, so the writer marks the store
+//! unwritable with the cause ([`Store::health`]), fails every write at once
+//! with it ([`StoreError::Unwritable`]), and probes with backoff; when a
+//! probe file can be written it reopens sled (which recovers exactly what
+//! was flushed) and the store is writable again ([`Store::writable`]).
+//! Reads keep working throughout. Runs whose creation was never durable
+//! are never listed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -20,11 +36,23 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::rollout::{DispatchId, Event, Millis, RunState};
+use crate::rollout::{DispatchId, Event, Millis, RunState, StepResult};
 use crate::spec::RunSpec;
 
 /// How long [`Store::open`] waits for the store's lock.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// The longest a write may wait to be durable before its caller is told.
+pub const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most jobs the writer applies under one flush.
+pub const GROUP_COMMIT: usize = 4096;
+/// First wait between probes of an unwritable store; doubles up to
+/// [`PROBE_MAX`].
+pub const PROBE_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest wait between probes of an unwritable store.
+pub const PROBE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// Bytes the probe writes (and removes) next to the store: a little more
+/// than one write needs.
+const PROBE_BYTES: usize = 256 << 10;
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +65,16 @@ pub enum StoreError {
     /// sled failed.
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
+    /// The store cannot write now (disk full, I/O error); reads work, and
+    /// the writer retries by itself.
+    #[error("the store cannot write: {0}")]
+    Unwritable(Arc<str>),
+    /// A write was not durable within [`WRITE_DEADLINE`].
+    #[error("the store did not finish a write within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The store was closed (the controller is stopping).
+    #[error("the store is closed (the controller is stopping)")]
+    Closed,
     /// A record does not decode (written by another version?).
     #[error("store: damaged record in {tree}: {detail}")]
     Corrupt {
@@ -77,6 +115,12 @@ pub struct HostRecord {
     /// When it was last heard from.
     #[serde(default)]
     pub last_seen: Millis,
+    /// Connected when last written: set on connect, cleared on a
+    /// disconnect (not on the controller's own shutdown), so after a
+    /// restart every host that was connected is waited for, however long
+    /// it had been connected.
+    #[serde(default)]
+    pub connected: bool,
     /// Serial numbers of every certificate issued to this name.
     #[serde(default)]
     pub serials: Vec<Vec<u8>>,
@@ -160,13 +204,21 @@ pub enum Record {
         /// Which.
         id: DispatchId,
     },
+    /// A result that came back after its step was declared `lost`: kept
+    /// and shown, never fed to the engine.
+    Late {
+        /// Which dispatch.
+        id: DispatchId,
+        /// The agent that reported it.
+        host: String,
+        /// What really happened.
+        result: StepResult,
+    },
 }
 
-/// The open store.
+/// sled's trees, as readers and the writer see them.
 #[derive(Clone)]
-pub struct Store {
-    /// Held while any clone is alive.
-    _lock: Arc<nix::fcntl::Flock<std::fs::File>>,
+struct Trees {
     db: sled::Db,
     hosts: sled::Tree,
     tokens: sled::Tree,
@@ -174,6 +226,108 @@ pub struct Store {
     runs: sled::Tree,
     journal: sled::Tree,
     meta: sled::Tree,
+}
+
+impl Trees {
+    fn open(path: &Path, deadline: std::time::Instant) -> Result<Trees, StoreError> {
+        let db = loop {
+            // sled's own lock is released a moment after its previous
+            // holder in this process closed it.
+            match sled::Config::new().path(path).flush_every_ms(None).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if std::time::Instant::now() < deadline
+                        && e.kind() != std::io::ErrorKind::StorageFull =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Ok(Trees {
+            hosts: db.open_tree("hosts")?,
+            tokens: db.open_tree("tokens")?,
+            revoked: db.open_tree("revoked")?,
+            runs: db.open_tree("runs")?,
+            journal: db.open_tree("journal")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+}
+
+/// What the writer hands a job: the trees to write to.
+pub struct Tx<'a> {
+    trees: &'a Trees,
+    /// Run ids created by this job (listed once durable).
+    created: &'a mut Vec<u64>,
+}
+
+/// Called once the job's writes are durable (or not), with the outcome.
+type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// A write in the writer's queue.
+type Job = Box<dyn Write>;
+
+/// A queued write: applied then answered after the flush, or refused
+/// without being applied.
+trait Write: Send {
+    /// Applies the write; returns what to call once flushed.
+    fn apply(self: Box<Self>, tx: &mut Tx<'_>) -> Done;
+    /// Answers without applying.
+    fn refuse(self: Box<Self>, why: StoreError);
+}
+
+struct Pending<F, R> {
+    job: F,
+    reply: tokio::sync::oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<F, R> Write for Pending<F, R>
+where
+    F: FnOnce(&mut Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    R: Send + 'static,
+{
+    fn apply(self: Box<Self>, tx: &mut Tx<'_>) -> Done {
+        let Pending { job, reply } = *self;
+        let outcome = job(tx);
+        Box::new(move |flushed: Result<(), StoreError>| {
+            let _ = reply.send(flushed.and(outcome));
+        })
+    }
+
+    fn refuse(self: Box<Self>, why: StoreError) {
+        let _ = self.reply.send(Err(why));
+    }
+}
+
+/// The writer's and the readers' shared state.
+struct Shared {
+    path: std::path::PathBuf,
+    trees: std::sync::RwLock<Option<Trees>>,
+    /// `None` while writable, else why not.
+    health: tokio::sync::watch::Sender<Option<Arc<str>>>,
+    /// Highest run id whose creation is durable: listings stop there.
+    durable_run: std::sync::atomic::AtomicU64,
+}
+
+/// Counters of the writer's work, for benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Jobs applied.
+    pub jobs: u64,
+    /// Flushes made.
+    pub flushes: u64,
+}
+
+/// The open store. Cheap to clone; the writer stops when the last clone
+/// is dropped (after a last flush).
+#[derive(Clone)]
+pub struct Store {
+    /// Held while any clone is alive.
+    _lock: Arc<nix::fcntl::Flock<std::fs::File>>,
+    shared: Arc<Shared>,
+    writer: std::sync::mpsc::SyncSender<Job>,
+    stats: Arc<std::sync::Mutex<WriterStats>>,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -194,13 +348,26 @@ fn journal_key(run: u64, seq: u64) -> [u8; 16] {
     key
 }
 
+fn get<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+    key: impl AsRef<[u8]>,
+) -> Result<Option<T>, StoreError> {
+    tree.get(key)?.map(|v| decode(name, &v)).transpose()
+}
+
+fn next_run_counter(meta: &sled::Tree) -> Result<u64, StoreError> {
+    Ok(meta
+        .get("next_run")?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
 impl Store {
-    /// Opens (creating) the store at `path`. The store is ours alone: a
-    /// lock file next to it is held while it is open, and a second
-    /// controller on the same data dir is refused ([`StoreError::Busy`]).
-    /// sled's own lock is released a moment after its previous holder in
-    /// this process closed it (its flusher thread exits late), so opening
-    /// sled is retried for up to [`LOCK_WAIT`].
+    /// Opens (creating) the store at `path` and starts its writer. The
+    /// store is ours alone: a lock file next to it is held while it is
+    /// open, and a second controller on the same data dir is refused
+    /// ([`StoreError::Busy`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let lock = loop {
@@ -223,71 +390,136 @@ impl Store {
                 Err((_, e)) => return Err(StoreError::Sled(std::io::Error::from(e).into())),
             }
         };
-        let db = loop {
-            match sled::Config::new().path(path).open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let trees = Trees::open(path, deadline)?;
+        let durable_run = next_run_counter(&trees.meta)?;
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            trees: std::sync::RwLock::new(Some(trees)),
+            health: tokio::sync::watch::Sender::new(None),
+            durable_run: durable_run.into(),
+        });
+        let (writer, jobs) = std::sync::mpsc::sync_channel::<Job>(GROUP_COMMIT);
+        let stats = Arc::new(std::sync::Mutex::new(WriterStats::default()));
+        let thread_shared = shared.clone();
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("modi-store-writer".into())
+            .spawn(move || write_loop(&thread_shared, &jobs, &thread_stats))
+            .map_err(|e| StoreError::Sled(e.into()))?;
         Ok(Store {
             _lock: Arc::new(lock),
-            hosts: db.open_tree("hosts")?,
-            tokens: db.open_tree("tokens")?,
-            revoked: db.open_tree("revoked")?,
-            runs: db.open_tree("runs")?,
-            journal: db.open_tree("journal")?,
-            meta: db.open_tree("meta")?,
-            db,
+            shared,
+            writer,
+            stats,
         })
     }
 
-    /// Makes everything written so far durable.
+    /// The trees, for a read.
+    fn trees(&self) -> Result<Trees, StoreError> {
+        self.shared
+            .trees
+            .read()
+            .expect("store trees lock")
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unwritable("the store is being reopened after a write failure".into())
+            })
+    }
+
+    /// Runs `job` in the writer and returns its result once it is durable.
+    /// Fails at once while the store cannot write, and after
+    /// [`WRITE_DEADLINE`].
+    pub async fn write<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Tx<'_>) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        if let Some(cause) = self.health() {
+            return Err(StoreError::Unwritable(cause));
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(Pending { job, reply });
+        let writer = self.writer.clone();
+        // The queue is bounded: a full queue waits (off the runtime's
+        // threads) rather than growing without end.
+        let queued = match writer.try_send(job) {
+            Ok(()) => true,
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                let sent = tokio::time::timeout(
+                    WRITE_DEADLINE,
+                    tokio::task::spawn_blocking(move || writer.send(job).is_ok()),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(queued)) => queued,
+                    Ok(Err(_)) => false,
+                    Err(_) => return Err(StoreError::Timeout(WRITE_DEADLINE)),
+                }
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        };
+        if !queued {
+            return Err(StoreError::Closed);
+        }
+        match tokio::time::timeout(WRITE_DEADLINE, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::Closed),
+            Err(_) => Err(StoreError::Timeout(WRITE_DEADLINE)),
+        }
+    }
+
+    /// Waits until everything written before is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.write(|_| Ok(())).await
+    }
+
+    /// Why the store cannot write now; `None` while it can.
+    pub fn health(&self) -> Option<Arc<str>> {
+        self.shared.health.borrow().clone()
+    }
+
+    /// Waits until the store can write.
+    pub async fn writable(&self) {
+        let mut rx = self.shared.health.subscribe();
+        let _ = rx.wait_for(Option::is_none).await;
+    }
+
+    /// A receiver of the store's health changes (`None` = writable).
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
+        self.shared.health.subscribe()
+    }
+
+    /// What the writer did so far.
+    pub fn writer_stats(&self) -> WriterStats {
+        *self.stats.lock().expect("writer stats lock")
     }
 
     // ---- hosts -------------------------------------------------------
 
     /// The host called `name`.
     pub fn host(&self, name: &str) -> Result<Option<HostRecord>, StoreError> {
-        self.hosts
-            .get(name)?
-            .map(|v| decode("hosts", &v))
-            .transpose()
+        get(&self.trees()?.hosts, "hosts", name)
     }
 
-    /// Writes a host record.
-    pub fn put_host(&self, host: &HostRecord) -> Result<(), StoreError> {
-        self.hosts.insert(host.name.as_bytes(), encode(host))?;
-        Ok(())
-    }
-
-    /// Updates the host called `name` atomically: `f` gets the current
-    /// record (if any) and returns the new one; a concurrent writer makes
-    /// it run again on the newer record, so no update is lost.
-    pub fn update_host(
+    /// Updates the host called `name`: `f` gets the current record (if
+    /// any) and returns the new one. Durable on return.
+    pub async fn update_host(
         &self,
         name: &str,
-        f: impl Fn(Option<HostRecord>) -> HostRecord,
+        f: impl FnOnce(Option<HostRecord>) -> HostRecord + Send + 'static,
     ) -> Result<HostRecord, StoreError> {
-        loop {
-            let old = self.hosts.get(name)?;
-            let current = old.as_ref().map(|v| decode("hosts", v)).transpose()?;
-            let new = f(current);
-            let swapped = self.hosts.compare_and_swap(name, old, Some(encode(&new)))?;
-            if swapped.is_ok() {
-                return Ok(new);
-            }
-        }
+        let name = name.to_string();
+        self.write(move |t| {
+            let new = f(get(&t.trees.hosts, "hosts", &name)?);
+            t.trees.hosts.insert(name.as_bytes(), encode(&new))?;
+            Ok(new)
+        })
+        .await
     }
 
     /// Every host, by name.
     pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
-        self.hosts
+        self.trees()?
+            .hosts
             .iter()
             .values()
             .map(|v| decode("hosts", &v?))
@@ -296,73 +528,114 @@ impl Store {
 
     // ---- tokens ------------------------------------------------------
 
-    /// Records a token by its hash.
-    pub fn put_token(&self, hash: &str, token: &TokenRecord) -> Result<(), StoreError> {
-        self.tokens.insert(hash.as_bytes(), encode(token))?;
-        Ok(())
+    /// Records a token by its hash. Durable on return.
+    pub async fn put_token(&self, hash: &str, token: TokenRecord) -> Result<(), StoreError> {
+        let hash = hash.to_string();
+        self.write(move |t| {
+            t.trees.tokens.insert(hash.as_bytes(), encode(&token))?;
+            Ok(())
+        })
+        .await
     }
 
-    /// Uses the token with this hash for agent `name`, exactly once: two
-    /// agents racing with one token cannot both win.
-    pub fn consume_token(
+    /// Uses the token with this hash for agent `name`, exactly once (the
+    /// one writer decides between racers). Durable on return.
+    pub async fn consume_token(
         &self,
         hash: &str,
         name: &str,
         now: Millis,
     ) -> Result<Result<TokenRecord, TokenRefused>, StoreError> {
-        loop {
-            let Some(old) = self.tokens.get(hash.as_bytes())? else {
+        let (hash, name) = (hash.to_string(), name.to_string());
+        self.write(move |t| {
+            let Some(mut token) = get::<TokenRecord>(&t.trees.tokens, "tokens", &hash)? else {
                 return Ok(Err(TokenRefused::Unknown));
             };
-            let mut token: TokenRecord = decode("tokens", &old)?;
             if let Some(by) = token.used_by {
                 return Ok(Err(TokenRefused::Used(by)));
             }
             if now >= token.expires_at {
                 return Ok(Err(TokenRefused::Expired));
             }
-            token.used_by = Some(name.to_string());
-            let swapped =
-                self.tokens
-                    .compare_and_swap(hash.as_bytes(), Some(old), Some(encode(&token)))?;
-            if swapped.is_ok() {
-                return Ok(Ok(token));
+            token.used_by = Some(name);
+            t.trees.tokens.insert(hash.as_bytes(), encode(&token))?;
+            Ok(Ok(token))
+        })
+        .await
+    }
+
+    /// Enrols agent `name`: uses the token with this hash exactly once
+    /// and records the host with the certificate serial it was issued, in
+    /// one write (a token is never used up without its host). Durable on
+    /// return.
+    pub async fn enroll(
+        &self,
+        hash: &str,
+        name: &str,
+        serial: Vec<u8>,
+        now: Millis,
+    ) -> Result<Result<HostRecord, TokenRefused>, StoreError> {
+        let (hash, name) = (hash.to_string(), name.to_string());
+        self.write(move |t| {
+            let Some(mut token) = get::<TokenRecord>(&t.trees.tokens, "tokens", &hash)? else {
+                return Ok(Err(TokenRefused::Unknown));
+            };
+            if let Some(by) = token.used_by {
+                return Ok(Err(TokenRefused::Used(by)));
             }
-        }
+            if now >= token.expires_at {
+                return Ok(Err(TokenRefused::Expired));
+            }
+            token.used_by = Some(name.clone());
+            let mut host =
+                get::<HostRecord>(&t.trees.hosts, "hosts", &name)?.unwrap_or_else(|| HostRecord {
+                    name: name.clone(),
+                    ..HostRecord::default()
+                });
+            host.enrolled_at = now;
+            host.revoked = false;
+            host.serials.push(serial);
+            t.trees.tokens.insert(hash.as_bytes(), encode(&token))?;
+            t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
+            Ok(Ok(host))
+        })
+        .await
     }
 
     // ---- revocation --------------------------------------------------
 
     /// Revokes every certificate issued to `name`; `None` if there is no
-    /// such host. Returns the host as revoked.
-    pub fn revoke(
+    /// such host. Returns the host as revoked. Durable on return.
+    pub async fn revoke(
         &self,
         name: &str,
         by: &str,
         now: Millis,
     ) -> Result<Option<HostRecord>, StoreError> {
-        if self.host(name)?.is_none() {
-            return Ok(None);
-        }
-        let host = self.update_host(name, |host| {
-            let mut host = host.unwrap_or_default();
-            host.revoked = true;
-            host
-        })?;
-        for serial in &host.serials {
-            let r = Revocation {
-                name: host.name.clone(),
-                at: now,
-                by: by.to_string(),
+        let (name, by) = (name.to_string(), by.to_string());
+        self.write(move |t| {
+            let Some(mut host) = get::<HostRecord>(&t.trees.hosts, "hosts", &name)? else {
+                return Ok(None);
             };
-            self.revoked.insert(serial.as_slice(), encode(&r))?;
-        }
-        Ok(Some(host))
+            host.revoked = true;
+            t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
+            for serial in &host.serials {
+                let r = Revocation {
+                    name: host.name.clone(),
+                    at: now,
+                    by: by.clone(),
+                };
+                t.trees.revoked.insert(serial.as_slice(), encode(&r))?;
+            }
+            Ok(Some(host))
+        })
+        .await
     }
 
     /// Every revoked serial.
     pub fn revoked_serials(&self) -> Result<HashSet<Vec<u8>>, StoreError> {
-        self.revoked
+        self.trees()?
+            .revoked
             .iter()
             .keys()
             .map(|k| Ok(k?.to_vec()))
@@ -371,68 +644,260 @@ impl Store {
 
     // ---- runs --------------------------------------------------------
 
-    /// A new run id, never reused.
-    pub fn next_run_id(&self) -> Result<u64, StoreError> {
-        let next = self.meta.update_and_fetch("next_run", |old| {
-            let n = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_be_bytes);
-            Some((n + 1).to_be_bytes().to_vec())
-        })?;
-        let bytes = next.expect("update_and_fetch always stores a value");
-        Ok(u64::from_be_bytes(
-            <[u8; 8]>::try_from(bytes.as_ref()).expect("8 bytes"),
-        ))
+    /// Creates a run: a new id (never reused once durable), its summary
+    /// (`meta.id` is set) and the first entries of its journal, all in one
+    /// write. Durable on return; listed from then on.
+    pub async fn create_run(
+        &self,
+        mut meta: RunMeta,
+        entries: Vec<JournalEntry>,
+    ) -> Result<RunMeta, StoreError> {
+        self.write(move |t| {
+            let id = next_run_counter(&t.trees.meta)? + 1;
+            meta.id = id;
+            t.trees.meta.insert("next_run", &id.to_be_bytes())?;
+            let mut batch = sled::Batch::default();
+            for (i, entry) in entries.iter().enumerate() {
+                batch.insert(&journal_key(id, i as u64), encode(entry));
+            }
+            t.trees.journal.apply_batch(batch)?;
+            t.trees.runs.insert(id.to_be_bytes(), encode(&meta))?;
+            t.created.push(id);
+            Ok(meta)
+        })
+        .await
     }
 
-    /// Writes a run's summary.
-    pub fn put_run(&self, run: &RunMeta) -> Result<(), StoreError> {
-        self.runs.insert(run.id.to_be_bytes(), encode(run))?;
-        Ok(())
+    /// Writes a run's summary. Durable on return.
+    pub async fn put_run(&self, run: &RunMeta) -> Result<(), StoreError> {
+        self.record(run.id, 0, Vec::new(), Some(run.clone())).await
     }
 
-    /// A run's summary.
+    /// Appends `entries` to run `run`'s journal from sequence `first_seq`
+    /// (the caller, the run's only writer, keeps the count; writing the
+    /// same entries again is harmless) and, if given, its new summary, in
+    /// one write. Durable on return.
+    pub async fn record(
+        &self,
+        run: u64,
+        first_seq: u64,
+        entries: Vec<JournalEntry>,
+        meta: Option<RunMeta>,
+    ) -> Result<(), StoreError> {
+        self.write(move |t| {
+            if !entries.is_empty() {
+                let mut batch = sled::Batch::default();
+                for (i, entry) in entries.iter().enumerate() {
+                    batch.insert(&journal_key(run, first_seq + i as u64), encode(entry));
+                }
+                t.trees.journal.apply_batch(batch)?;
+            }
+            if let Some(meta) = meta {
+                t.trees.runs.insert(run.to_be_bytes(), encode(&meta))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Appends one entry at the end of a run that no driver writes any
+    /// more (a late result for a finished run). Durable on return.
+    pub async fn append_at_end(&self, run: u64, entry: JournalEntry) -> Result<(), StoreError> {
+        self.write(move |t| {
+            let next = t
+                .trees
+                .journal
+                .range(journal_key(run, 0)..=journal_key(run, u64::MAX))
+                .next_back()
+                .transpose()?
+                .map_or(0, |(k, _)| {
+                    u64::from_be_bytes(<[u8; 8]>::try_from(&k[8..16]).expect("16-byte key")) + 1
+                });
+            t.trees
+                .journal
+                .insert(journal_key(run, next), encode(&entry))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A run's summary (only runs whose creation is durable).
     pub fn run(&self, id: u64) -> Result<Option<RunMeta>, StoreError> {
-        self.runs
-            .get(id.to_be_bytes())?
-            .map(|v| decode("runs", &v))
-            .transpose()
+        if id > self.durable_run() {
+            return Ok(None);
+        }
+        get(&self.trees()?.runs, "runs", id.to_be_bytes())
     }
 
-    /// Every run, oldest first.
+    fn durable_run(&self) -> u64 {
+        self.shared
+            .durable_run
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Every run, oldest first (only runs whose creation is durable).
     pub fn runs(&self) -> Result<Vec<RunMeta>, StoreError> {
-        self.runs
-            .iter()
+        let upto = self.durable_run();
+        self.trees()?
+            .runs
+            .range(..=upto.to_be_bytes())
             .values()
             .map(|v| decode("runs", &v?))
             .collect()
     }
 
-    /// Appends entries to a run's journal starting at sequence `first_seq`
-    /// (the caller, the run's only writer, keeps the count). Not durable
-    /// until [`Store::flush`].
-    pub fn append(
-        &self,
-        run: u64,
-        first_seq: u64,
-        entries: &[JournalEntry],
-    ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (i, entry) in entries.iter().enumerate() {
-            batch.insert(&journal_key(run, first_seq + i as u64), encode(entry));
-        }
-        self.journal.apply_batch(batch)?;
-        Ok(())
-    }
-
     /// A run's journal, in order.
     pub fn journal(&self, run: u64) -> Result<Vec<JournalEntry>, StoreError> {
-        self.journal
+        self.trees()?
+            .journal
             .range(journal_key(run, 0)..=journal_key(run, u64::MAX))
             .values()
             .map(|v| decode("journal", &v?))
             .collect()
     }
+}
+
+/// The writer thread: batches, applies, flushes once, answers; on a
+/// failure, marks the store unwritable and probes until it can write.
+fn write_loop(
+    shared: &Shared,
+    jobs: &std::sync::mpsc::Receiver<Job>,
+    stats: &std::sync::Mutex<WriterStats>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(trees) = shared.trees.read().expect("store trees lock").clone() else {
+            for job in batch {
+                refuse(shared, job);
+            }
+            continue;
+        };
+        let mut created = Vec::new();
+        let mut done = Vec::with_capacity(batch.len());
+        {
+            let mut tx = Tx {
+                trees: &trees,
+                created: &mut created,
+            };
+            for job in batch {
+                done.push(job.apply(&mut tx));
+            }
+        }
+        let flushed = trees.db.flush();
+        {
+            let mut s = stats.lock().expect("writer stats lock");
+            s.jobs += done.len() as u64;
+            s.flushes += 1;
+        }
+        match flushed {
+            Ok(_) => {
+                if let Some(&last) = created.iter().max() {
+                    shared
+                        .durable_run
+                        .fetch_max(last, std::sync::atomic::Ordering::AcqRel);
+                }
+                for d in done {
+                    d(Ok(()));
+                }
+            }
+            Err(e) => {
+                let cause: Arc<str> = cause_of(&e).into();
+                tracing::error!(error = %cause, "the store cannot write");
+                shared.health.send_replace(Some(cause.clone()));
+                for d in done {
+                    d(Err(StoreError::Unwritable(cause.clone())));
+                }
+                drop(trees);
+                recover(shared, jobs);
+            }
+        }
+    }
+    // Every handle is gone: a last flush of whatever sled holds.
+    if let Some(trees) = shared.trees.read().expect("store trees lock").as_ref() {
+        let _ = trees.db.flush();
+    }
+}
+
+/// The OS's words for a sled error.
+fn cause_of(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Probes with backoff until a file can be written next to the store, then
+/// reopens sled (it refuses every write after an I/O error). Jobs that
+/// arrive meanwhile are answered "cannot write" without being applied.
+fn recover(shared: &Shared, jobs: &std::sync::mpsc::Receiver<Job>) {
+    let mut wait = PROBE_MIN;
+    loop {
+        match jobs.recv_timeout(wait) {
+            Ok(job) => {
+                refuse(shared, job);
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        wait = (wait * 2).min(PROBE_MAX);
+        if let Err(e) = probe(&shared.path) {
+            let cause: Arc<str> = e.to_string().into();
+            shared.health.send_replace(Some(cause));
+            continue;
+        }
+        // Reopen: readers wait on the lock for the few ms it takes.
+        let mut slot = shared.trees.write().expect("store trees lock");
+        *slot = None;
+        match Trees::open(&shared.path, std::time::Instant::now() + LOCK_WAIT) {
+            Ok(trees) => {
+                let counter = next_run_counter(&trees.meta).unwrap_or(0);
+                // What was listed was durable; ids above it were never
+                // acknowledged and may be given again.
+                shared
+                    .durable_run
+                    .store(counter, std::sync::atomic::Ordering::Release);
+                *slot = Some(trees);
+                drop(slot);
+                tracing::info!("the store can write again");
+                shared.health.send_replace(None);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reopening the store failed; retrying");
+                shared.health.send_replace(Some(e.to_string().into()));
+            }
+        }
+    }
+}
+
+/// Answers a job "cannot write" without applying it.
+fn refuse(shared: &Shared, job: Job) {
+    let cause = shared
+        .health
+        .borrow()
+        .clone()
+        .unwrap_or_else(|| "the store is recovering from a write failure".into());
+    job.refuse(StoreError::Unwritable(cause));
+}
+
+/// Writes, syncs and removes a probe file next to the store.
+fn probe(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let probe = path.with_extension("probe");
+    let result = (|| {
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(&vec![0u8; PROBE_BYTES])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    result
 }
 
 #[cfg(test)]
@@ -445,28 +910,52 @@ mod tests {
         (dir, store)
     }
 
-    #[test]
-    fn a_token_works_once_and_not_after_expiry() {
-        let (_d, s) = store();
-        let t = TokenRecord {
+    fn token(expires_at: Millis) -> TokenRecord {
+        TokenRecord {
             created_at: 0,
-            expires_at: 1000,
+            expires_at,
             created_by: "admin".into(),
             used_by: None,
-        };
-        s.put_token("h1", &t).unwrap();
-        s.put_token("h2", &t).unwrap();
-        assert!(s.consume_token("h1", "web-1", 10).unwrap().is_ok());
+        }
+    }
+
+    fn meta(name: &str) -> RunMeta {
+        RunMeta {
+            id: 0,
+            name: name.into(),
+            state: RunState::Pending,
+            created_at: 1,
+            finished_at: None,
+            submitted_by: "admin".into(),
+            hosts: 1,
+        }
+    }
+
+    fn approve(by: &str) -> JournalEntry {
+        JournalEntry {
+            at: 5,
+            record: Record::Event {
+                event: Event::Approve { by: by.into() },
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_works_once_and_not_after_expiry() {
+        let (_d, s) = store();
+        s.put_token("h1", token(1000)).await.unwrap();
+        s.put_token("h2", token(1000)).await.unwrap();
+        assert!(s.consume_token("h1", "web-1", 10).await.unwrap().is_ok());
         assert_eq!(
-            s.consume_token("h1", "web-2", 10).unwrap(),
+            s.consume_token("h1", "web-2", 10).await.unwrap(),
             Err(TokenRefused::Used("web-1".into()))
         );
         assert_eq!(
-            s.consume_token("h2", "web-2", 1000).unwrap(),
+            s.consume_token("h2", "web-2", 1000).await.unwrap(),
             Err(TokenRefused::Expired)
         );
         assert_eq!(
-            s.consume_token("nope", "web-2", 1).unwrap(),
+            s.consume_token("nope", "web-2", 1).await.unwrap(),
             Err(TokenRefused::Unknown)
         );
     }
@@ -486,18 +975,13 @@ mod tests {
         let path = dir.path().join("db");
         {
             let s = Store::open(&path).unwrap();
-            assert_eq!(s.next_run_id().unwrap(), 1);
-            assert_eq!(s.next_run_id().unwrap(), 2);
-            let e = |by: &str| JournalEntry {
-                at: 5,
-                record: Record::Event {
-                    event: Event::Approve { by: by.into() },
-                },
-            };
-            s.append(1, 0, &[e("a"), e("b")]).unwrap();
-            s.append(2, 0, &[e("x")]).unwrap();
-            s.append(1, 2, &[e("c")]).unwrap();
-            s.flush().await.unwrap();
+            let one = s.create_run(meta("one"), vec![approve("a")]).await.unwrap();
+            let two = s.create_run(meta("two"), vec![approve("x")]).await.unwrap();
+            assert_eq!((one.id, two.id), (1, 2));
+            s.record(1, 1, vec![approve("b"), approve("c")], None)
+                .await
+                .unwrap();
+            s.append_at_end(1, approve("d")).await.unwrap();
         }
         let s = Store::open(&path).unwrap();
         let by: Vec<String> = s
@@ -511,8 +995,123 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(by, ["a", "b", "c"]);
+        assert_eq!(by, ["a", "b", "c", "d"]);
         assert_eq!(s.journal(2).unwrap().len(), 1);
-        assert_eq!(s.next_run_id().unwrap(), 3, "ids are never reused");
+        assert_eq!(s.runs().unwrap().len(), 2);
+        let three = s.create_run(meta("three"), vec![]).await.unwrap();
+        assert_eq!(three.id, 3, "ids are never reused");
+    }
+
+    /// Many writers at once: every write is answered, durable, and far
+    /// fewer flushes than writes are made (sled 0.34 deadlocks when
+    /// flushes run concurrently; the one writer makes that impossible).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_of_every_kind_all_finish_in_group_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = Store::open(&path).unwrap();
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let s = s.clone();
+            calls.spawn(async move {
+                let started = std::time::Instant::now();
+                match i % 4 {
+                    0 => s
+                        .put_token(&format!("t{i}"), token(u64::MAX))
+                        .await
+                        .map(|_| ()),
+                    1 => s
+                        .update_host(&format!("h{i}"), move |h| {
+                            let mut h = h.unwrap_or_default();
+                            h.name = format!("h{i}");
+                            h
+                        })
+                        .await
+                        .map(|_| ()),
+                    2 => s
+                        .create_run(meta(&format!("r{i}")), vec![approve("a")])
+                        .await
+                        .map(|_| ()),
+                    _ => s.flush().await,
+                }
+                .unwrap();
+                started.elapsed()
+            });
+        }
+        let mut slowest = std::time::Duration::ZERO;
+        while let Some(took) = calls.join_next().await {
+            slowest = slowest.max(took.unwrap());
+        }
+        assert!(slowest < WRITE_DEADLINE, "a write took {slowest:?}");
+        let stats = s.writer_stats();
+        assert_eq!(stats.jobs, 200);
+        assert!(stats.flushes < 200, "group commit: {stats:?}");
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.runs().unwrap().len(), 50);
+        assert_eq!(s.hosts().unwrap().len(), 50);
+        let ids: HashSet<u64> = s.runs().unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(ids.len(), 50, "every run got its own id");
+    }
+
+    /// A real full filesystem (a 4 MiB tmpfs, mounted here when we may):
+    /// writes fail at once with the cause, reads keep working, nothing
+    /// acknowledged is lost, a run whose creation failed is never listed,
+    /// and once space is freed the store writes again by itself.
+    #[tokio::test]
+    async fn a_full_disk_fails_writes_with_the_cause_and_recovers_by_itself() {
+        let Some(mnt) = crate::testfs::Tmpfs::mount(4) else {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        let path = mnt.path().join("db");
+        let s = Store::open(&path).unwrap();
+        let kept = s
+            .create_run(meta("kept"), vec![approve("a")])
+            .await
+            .unwrap();
+        let filler = mnt.fill();
+        let mut failed = None;
+        for i in 0..10_000u64 {
+            let big = JournalEntry {
+                at: i,
+                record: Record::Event {
+                    event: Event::Approve {
+                        by: "x".repeat(16 << 10),
+                    },
+                },
+            };
+            if let Err(e) = s.record(kept.id, 1 + i, vec![big], None).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        let failed = failed.expect("the disk filled up");
+        assert!(
+            failed.to_string().contains("No space left on device"),
+            "{failed}"
+        );
+        assert!(s.health().is_some());
+        // Fails at once now, with the cause, and is never listed.
+        let started = std::time::Instant::now();
+        let e = s.create_run(meta("refused"), vec![]).await.unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(e.to_string().contains("cannot write"), "{e}");
+        // Reads keep working.
+        let listed: Vec<String> = s.runs().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(listed, ["kept"]);
+        // Free the space: the writer notices by itself.
+        drop(filler);
+        tokio::time::timeout(std::time::Duration::from_secs(20), s.writable())
+            .await
+            .expect("writable again within 20 s");
+        let again = s
+            .create_run(meta("after"), vec![approve("b")])
+            .await
+            .unwrap();
+        let listed: Vec<String> = s.runs().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(listed, ["kept", "after"]);
+        assert!(again.id > kept.id);
+        assert_eq!(s.journal(kept.id).unwrap()[0], approve("a"));
     }
 }

@@ -110,6 +110,9 @@ const FAILURE_WIDTH: usize = 100;
 /// A run's status as text.
 pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
     let mut s = format!("run {run} ({name}): {}\n", status.state.as_str());
+    if let Some(why) = &status.held {
+        s.push_str(&format!("held: {why}\n"));
+    }
     for c in &status.changes {
         s.push_str(&format!("\nchange {}: {}\n", c.name, c.state.as_str()));
         let rows: Vec<Vec<String>> = c
@@ -144,6 +147,22 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
             .collect();
         if !rows.is_empty() {
             s.push_str(&table(&["  HOST", "STATE", "", "FAILURE"], &rows));
+        }
+    }
+    if !status.late.is_empty() {
+        s.push_str("\nlate results (their steps were declared lost; the outcome stands):\n");
+        for l in &status.late {
+            let what = match (l.result.termination, l.result.exit_code) {
+                (Some(t), _) => format!("{t:?}").to_lowercase(),
+                (None, Some(code)) => format!("exit {code}"),
+                (None, None) => "finished".to_string(),
+            };
+            s.push_str(&format!(
+                "  {} {}: {what} at {} UTC\n",
+                l.host,
+                l.id,
+                when(l.at)
+            ));
         }
     }
     if !status.decisions.is_empty() {

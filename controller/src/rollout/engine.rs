@@ -262,6 +262,8 @@ impl Engine {
             state: self.state(),
             changes,
             decisions: self.decisions.clone(),
+            held: None,
+            late: Vec::new(),
         }
     }
 

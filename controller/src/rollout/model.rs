@@ -217,6 +217,12 @@ pub enum HostState {
     Cancelled,
     /// Its outcome cannot be known.
     Lost,
+    /// Its backout waits for its agent to come back (shown by the driver;
+    /// the engine sees the backout as in flight).
+    BackoutPending,
+    /// Waiting for another run to finish with the host (shown by the
+    /// driver; one host runs one change at a time).
+    Queued,
 }
 
 impl HostState {
@@ -234,6 +240,8 @@ impl HostState {
             HostState::BackoutFailed => "backout_failed",
             HostState::Cancelled => "cancelled",
             HostState::Lost => "lost",
+            HostState::BackoutPending => "backout_pending",
+            HostState::Queued => "queued",
         }
     }
 
@@ -245,6 +253,8 @@ impl HostState {
                 | HostState::Running
                 | HostState::RetryPending
                 | HostState::BackingOut
+                | HostState::BackoutPending
+                | HostState::Queued
         )
     }
 }
@@ -368,6 +378,9 @@ pub enum AlertKind {
     BailedOut,
     /// The run ended (any final state).
     RunFinished,
+    /// The controller's store cannot write: the run waits, paused, and
+    /// goes on by itself once it can.
+    StoreUnwritable,
 }
 
 /// What the engine asks the driver to do.
@@ -477,6 +490,28 @@ pub struct RunStatus {
     /// Every operator decision the engine took, in order.
     #[serde(default)]
     pub decisions: Vec<Decision>,
+    /// Why the run is held although the engine would go on (the driver
+    /// says so: `store: the store cannot write: ...`); its state then shows
+    /// `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+    /// Results that came back after their step was declared `lost`: shown,
+    /// never changing the outcome already decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<LateResult>,
+}
+
+/// A result that arrived after its step was declared `lost`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LateResult {
+    /// Which dispatch.
+    pub id: DispatchId,
+    /// The host.
+    pub host: String,
+    /// When it arrived (controller clock).
+    pub at: Millis,
+    /// What really happened.
+    pub result: StepResult,
 }
 
 /// An approve, deny, abort, pause or resume, with who gave it (the name on

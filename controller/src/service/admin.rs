@@ -51,7 +51,9 @@ impl AdminApi {
         let replayed = driver::replay(&self.shared.store, self.shared.judge.clone(), run)
             .map_err(convert::store_error)?
             .ok_or_else(|| Status::not_found(format!("no journal for run {run}")))?;
-        Ok((meta, replayed.engine.status()))
+        let mut status = replayed.engine.status();
+        status.late = replayed.late;
+        Ok((meta, status))
     }
 }
 
@@ -77,17 +79,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .store
             .put_token(
                 &super::agent::token_hash(&token),
-                &TokenRecord {
+                TokenRecord {
                     created_at: now,
                     expires_at,
                     created_by: admin.name.clone(),
                     used_by: None,
                 },
             )
-            .map_err(convert::store_error)?;
-        self.shared
-            .store
-            .flush()
             .await
             .map_err(convert::store_error)?;
         let ca = self.shared.ca.fingerprint();
@@ -144,15 +142,15 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let store = &self.shared.store;
         let host = store
             .revoke(&name, &admin.name, crate::clock::now())
+            .await
             .map_err(convert::store_error)?
             .ok_or_else(|| Status::not_found(format!("no agent named {name:?}")))?;
-        store.flush().await.map_err(convert::store_error)?;
         self.shared
             .revoked
             .write()
             .expect("revoked lock")
             .extend(host.serials.iter().cloned());
-        self.shared.fleet.kick(&name);
+        self.shared.fleet.kick(&name).await;
         tracing::warn!(agent = %name, by = %admin.name, "agent revoked");
         Ok(Response::new(pb::RevokeAgentResponse {}))
     }
@@ -188,13 +186,20 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        // While the store cannot write, runs being driven wait as paused.
+        let held = self.shared.store.health().is_some();
         let runs = self
             .shared
             .store
             .runs()
             .map_err(convert::store_error)?
-            .iter()
-            .map(convert::run_summary)
+            .into_iter()
+            .map(|mut m| {
+                if held && m.finished_at.is_none() {
+                    m.state = crate::rollout::RunState::Paused;
+                }
+                convert::run_summary(&m)
+            })
             .collect();
         Ok(Response::new(pb::ListRunsResponse { runs }))
     }

@@ -17,7 +17,11 @@ use crate::store::{HostRecord, RunMeta, StoreError};
 /// Store failures are the controller's problem, not the caller's.
 pub fn store_error(e: StoreError) -> Status {
     tracing::error!(error = %e, "store failure");
-    Status::internal(e.to_string())
+    match e {
+        StoreError::Unwritable(_) | StoreError::Closed => Status::unavailable(e.to_string()),
+        StoreError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
 }
 
 /// JSON for a `*_json` field.
@@ -186,7 +190,7 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
         id: run,
         stamp: replayed.created_at,
     };
-    Ok(replayed
+    let mut entries: Vec<pb::LogEntry> = replayed
         .dispatches
         .iter()
         .filter(|(_, h, _)| host.is_empty() || h == host)
@@ -204,7 +208,28 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
                 },
             }
         })
-        .collect())
+        .collect();
+    // Results that came back after their step was declared lost: shown,
+    // marked late; the outcome above stands.
+    for late in replayed
+        .late
+        .iter()
+        .filter(|l| host.is_empty() || l.host == host)
+    {
+        let step = replayed
+            .dispatches
+            .iter()
+            .find(|(id, _, _)| *id == late.id)
+            .map(|(_, _, step)| driver::describe(step))
+            .unwrap_or_default();
+        let mut e = finished_entry(spec, run, &late.id, &late.host, &step, &late.result);
+        e.outcome = format!(
+            "late result (the step was declared lost; the outcome stands): {}",
+            e.outcome
+        );
+        entries.push(e);
+    }
+    Ok(entries)
 }
 
 /// A live watch item as a log entry, if it concerns `host` (or any host

@@ -13,10 +13,26 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth;
 use crate::server::Shared;
-use crate::store::HostRecord;
 
 /// How long a new session may take to say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The heartbeat interval of an agent that does not say its own.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Shortest heartbeat interval the controller believes (a silence timeout
+/// shorter than two of these would drop healthy sessions).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(200);
+/// Longest heartbeat interval the controller believes.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
+
+/// How long a session may stay silent before it is ended: two heartbeat
+/// intervals (as the agent announced them, bounded).
+pub fn silence_limit(hello: &pb::Hello) -> Duration {
+    let interval = match hello.heartbeat_interval_ms {
+        0 => DEFAULT_HEARTBEAT,
+        ms => Duration::from_millis(ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT),
+    };
+    interval * 2
+}
 
 /// The agent-facing service.
 pub struct AgentApi {
@@ -39,8 +55,8 @@ pub fn token_hash(token: &str) -> String {
     identity::sha256_hex(token.as_bytes())
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
+fn internal(e: crate::store::StoreError) -> Status {
+    super::admin_convert::store_error(e)
 }
 
 #[tonic::async_trait]
@@ -72,26 +88,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .sign_csr(&req.csr_pem, Role::Agent, &req.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let now = crate::clock::now();
-        if let Err(refused) = store
-            .consume_token(&token_hash(&req.token), &req.name, now)
-            .map_err(internal)?
-        {
+        let enrolled = store
+            .enroll(
+                &token_hash(&req.token),
+                &req.name,
+                issued.serial.clone(),
+                now,
+            )
+            .await
+            .map_err(internal)?;
+        if let Err(refused) = enrolled {
             tracing::warn!(name = %req.name, reason = %refused, "enrolment refused");
             return Err(Status::permission_denied(refused.to_string()));
         }
-        store
-            .update_host(&req.name, |host| {
-                let mut host = host.unwrap_or_else(|| HostRecord {
-                    name: req.name.clone(),
-                    ..HostRecord::default()
-                });
-                host.enrolled_at = now;
-                host.revoked = false;
-                host.serials.push(issued.serial.clone());
-                host
-            })
-            .map_err(internal)?;
-        store.flush().await.map_err(internal)?;
         tracing::info!(name = %req.name, "agent enrolled");
         Ok(Response::new(pb::EnrollResponse {
             cert_pem: issued.cert_pem,
@@ -131,15 +140,23 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
         };
         let fleet = self.shared.fleet.clone();
-        let session = fleet.connect(&name, &hello).map_err(internal)?;
+        let session = fleet.connect(&name, &hello).await.map_err(internal)?;
         let (id, token) = (session.id, session.token.clone());
+        let silence = silence_limit(&hello);
         tracing::info!(agent = %name, session = id, version = %hello.agent_version, "agent connected");
         self.shared.tasks.spawn(async move {
             loop {
-                // A replaced, dropped or kicked session is heard no more.
+                // A replaced, dropped or kicked session is heard no more; a
+                // silent one (two heartbeats missed) is ended: the network
+                // may be gone without TCP noticing for a long while.
                 let msg = tokio::select! {
                     msg = inbound.message() => msg,
                     _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(silence) => {
+                        tracing::warn!(agent = %name, session = id, silent_for = ?silence,
+                            "agent missed two heartbeats; ending its session");
+                        break;
+                    }
                 };
                 match msg {
                     Ok(Some(pb::AgentMessage { msg: Some(msg) })) => match msg {
@@ -160,7 +177,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 }
             }
             tracing::info!(agent = %name, session = id, "agent disconnected");
-            fleet.disconnect(&name, id);
+            fleet.disconnect(&name, id).await;
         });
         let outbound = session.outbound;
         let stream = ReceiverStream::new(outbound).map(Ok);
