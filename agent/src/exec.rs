@@ -6,6 +6,12 @@
 //!   counted, chunks streamed live as they come. A timeout or a cancel
 //!   kills the whole group (TERM, then KILL after [`KILL_GRACE`]); the
 //!   child is always reaped.
+//! - Every step process (`run`, `argv`, a `file` step's `validate`,
+//!   `interact`) is recorded in the journal, once spawned, as the leader
+//!   of its process group ([`Executor::record_groups_in`]): `kill_on_drop`
+//!   does nothing when the agent itself is SIGKILLed, so the next agent
+//!   kills the orphaned group before it reports the step `lost`. A group
+//!   that cannot be recorded is killed at once and the step is `lost`.
 //! - `file` and `restore` steps live in [`file`]; `interact` in
 //!   [`interact`].
 
@@ -14,6 +20,7 @@ mod interact;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use modi_proto::v1 as pb;
@@ -23,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::journal::Journal;
 
 /// Bytes of each output stream kept per step.
 pub const OUTPUT_CAP: usize = 1 << 20;
@@ -45,6 +54,8 @@ pub const BACKUP_RECORD_RETENTION: Duration = Duration::from_secs(365 * 86_400);
 pub struct Executor {
     work_dir: PathBuf,
     backups: PathBuf,
+    /// Where each step's process group is recorded, if anywhere.
+    journal: Option<Arc<Journal>>,
 }
 
 /// Where live output goes (the session forwards it to the controller when
@@ -88,7 +99,48 @@ impl Executor {
                 tracing::warn!(dir = %backups.display(), error = %e, "cannot prune old backups");
             }
         }
-        Ok(Executor { work_dir, backups })
+        Ok(Executor {
+            work_dir,
+            backups,
+            journal: None,
+        })
+    }
+
+    /// Records the process group of every step it spawns in `journal`,
+    /// under the step's dispatch id, so that an agent restarting after a
+    /// crash can kill what is left of it (see [`crate::journal`]).
+    pub fn record_groups_in(mut self, journal: Arc<Journal>) -> Executor {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Records the group `child` leads (it was just spawned with a group of
+    /// its own) in the journal. If that fails the step must not go on
+    /// unrecorded: its group is killed at once and `Err` holds the result
+    /// to report.
+    pub(crate) async fn record_group(
+        &self,
+        id: &str,
+        child: &mut Child,
+    ) -> Result<(), pb::StepResult> {
+        let (Some(journal), Some(pid)) = (&self.journal, child.id()) else {
+            return Ok(());
+        };
+        let Err(e) = journal.record_group(id, pid) else {
+            return Ok(());
+        };
+        tracing::error!(id, pid, error = %e, "cannot record a step's process group; killing it");
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = child.wait().await;
+        Err(pb::StepResult {
+            termination: pb::Termination::Lost as i32,
+            stderr: format!(
+                "modi-agent: cannot record the step's process group {pid} in the journal ({e}); \
+                 it was killed as soon as it started, its outcome is unknown\n"
+            )
+            .into_bytes(),
+            ..Default::default()
+        })
     }
 
     /// Runs `step` under dispatch id `id`. Never fails: anything that goes
@@ -193,6 +245,9 @@ impl Executor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
+        if let Err(result) = self.record_group(ctx.id, &mut child).await {
+            return Ok(result);
+        }
         if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), step.stdin.clone()) {
             tokio::spawn(async move {
                 // A child that exits without reading its input is fine.

@@ -6,7 +6,10 @@
 //! - [`session`]: the connection loop (`run`), the heart of the agent.
 //! - [`exec`]: how a step runs (process groups, timeouts, output caps,
 //!   `file`, `restore` and `interact` steps).
-//! - [`journal`]: the local record that makes steps exactly-once.
+//! - [`journal`]: the local record that makes steps exactly-once and has
+//!   a restarting agent kill the steps its previous life left running.
+//! - [`pgroup`]: steps' process groups as the journal records them, and
+//!   how they are found and killed after a restart.
 //! - [`enroll`]: `modi-agent join`.
 //! - [`config`]: the typed configuration and its defaults.
 //! - [`facts`]: what the agent reports about its host.
@@ -21,6 +24,7 @@ pub mod exec;
 pub mod facts;
 pub mod fsutil;
 pub mod journal;
+pub mod pgroup;
 pub mod session;
 
 pub use config::AgentConfig;

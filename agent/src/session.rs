@@ -130,13 +130,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         path: config.data_dir.join(what),
         detail: e.to_string(),
     };
-    let (journal, recovered) =
-        Journal::open(&config.data_dir.join("journal")).map_err(|e| state("journal", e))?;
+    // Opening may wait for steps a crashed agent left running to be killed.
+    let journal_dir = config.data_dir.join("journal");
+    let (journal, recovered) = tokio::task::spawn_blocking(move || Journal::open(&journal_dir))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|opened| opened)
+        .map_err(|e| state("journal", e))?;
     if !recovered.is_empty() {
         tracing::info!(count = recovered.len(), "results waiting to be reported");
     }
+    let journal = Arc::new(journal);
     let exec = Executor::new(config.work_dir(), config.data_dir.join("backups"))
-        .map_err(|e| state("work", e))?;
+        .map_err(|e| state("work", e))?
+        .record_groups_in(journal.clone());
     let channel = tls::channel(
         &config.controller,
         Trust::Ca(&ca),
@@ -147,7 +154,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (internal_tx, mut internal_rx) = mpsc::channel(INTERNAL_QUEUE);
     let agent = Agent {
         config,
-        journal: Arc::new(journal),
+        journal,
         exec,
         running: Arc::default(),
         internal_tx,
@@ -218,6 +225,7 @@ impl Agent {
             labels: self.config.labels.clone(),
             facts: crate::facts::gather(),
             running,
+            heartbeat_interval_ms: self.config.heartbeat().as_millis() as u64,
         };
         // The first message on an empty queue: there is room.
         let _ = out_tx.try_send(pb::AgentMessage {
@@ -408,7 +416,10 @@ mod tests {
     /// An agent on a fresh data dir, with no controller.
     fn agent(dir: &Path, queue: usize) -> (Agent, mpsc::Receiver<Internal>) {
         let (journal, _) = Journal::open(&dir.join("journal")).unwrap();
-        let exec = Executor::new(dir.join("work"), dir.join("backups")).unwrap();
+        let journal = Arc::new(journal);
+        let exec = Executor::new(dir.join("work"), dir.join("backups"))
+            .unwrap()
+            .record_groups_in(journal.clone());
         let (internal_tx, internal_rx) = mpsc::channel(queue);
         let agent = Agent {
             config: AgentConfig {
@@ -419,7 +430,7 @@ mod tests {
                 heartbeat_secs: 3600,
                 data_dir: dir.to_path_buf(),
             },
-            journal: Arc::new(journal),
+            journal,
             exec,
             running: Arc::default(),
             internal_tx,

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `modi` and `modi-agent` binaries on
 //! loopback. One test binary; the suites are listed here.
 
+mod agent_orphans;
 mod durability;
 mod foundation;
 mod language;

@@ -193,6 +193,9 @@ pub(super) async fn run(
         .kill_on_drop(true)
         .spawn(pts)
         .map_err(|e| format!("cannot start on a pty: {e}"))?;
+    if let Err(result) = exec.record_group(ctx.id, &mut child).await {
+        return Ok(result);
+    }
     // A session leader: its pid is its process group.
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let (reader, writer) = pty.into_split();

@@ -476,3 +476,80 @@ async fn restoring_an_expired_backup_fails_loudly() {
     );
     assert_eq!(std::fs::read(&path).unwrap(), b"after", "left as it is");
 }
+
+/// An executor recording process groups in a journal of its own.
+fn journaled() -> (Fixture, PathBuf) {
+    let mut f = fixture();
+    let dir = f._dir.path().join("journal");
+    let (journal, _) = crate::journal::Journal::open(&dir).unwrap();
+    f.exec = f
+        .exec
+        .clone()
+        .record_groups_in(std::sync::Arc::new(journal));
+    (f, dir)
+}
+
+fn recorded_pgid(journal: &Path, id: &str) -> i32 {
+    let text = std::fs::read_to_string(journal.join(format!("{id}.pgid"))).unwrap();
+    crate::pgroup::Group::decode(&text).unwrap().pgid
+}
+
+fn pid_in(out: &[u8]) -> i32 {
+    let out = String::from_utf8_lossy(out);
+    out.trim()
+        .trim_start_matches("pid=")
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {out:?}"))
+}
+
+#[tokio::test]
+async fn every_step_process_has_its_group_recorded_in_the_journal() {
+    let (f, journal) = journaled();
+
+    let r = execute(&f, "g1", run("echo $$")).await;
+    assert_eq!(exited(&r), Some(0));
+    assert_eq!(recorded_pgid(&journal, "g1"), pid_in(&r.stdout));
+
+    let argv = pb::Step {
+        action: Some(pb::step::Action::Argv(pb::Argv {
+            args: vec!["/bin/sh".into(), "-c".into(), "echo $$".into()],
+        })),
+        ..Default::default()
+    };
+    let r = execute(&f, "g2", argv).await;
+    assert_eq!(exited(&r), Some(0));
+    assert_eq!(recorded_pgid(&journal, "g2"), pid_in(&r.stdout));
+
+    let validate = format!("echo $$ > {}", f.work.join("validate.pid").display());
+    let r = execute(&f, "g3", file_step("conf", b"x", None, &validate)).await;
+    assert_eq!(exited(&r), Some(0), "{r:?}");
+    let pid = pid_in(&std::fs::read(f.work.join("validate.pid")).unwrap());
+    assert_eq!(recorded_pgid(&journal, "g3"), pid);
+
+    let r = execute(&f, "g4", interact_step("echo pid=$$", &[])).await;
+    assert_eq!(exited(&r), Some(0), "{r:?}");
+    assert_eq!(recorded_pgid(&journal, "g4"), pid_in(&r.stdout));
+}
+
+#[tokio::test]
+async fn a_step_whose_group_cannot_be_recorded_is_killed_at_once() {
+    let (f, journal) = journaled();
+    // A journal that can no longer be written (as on a full disk).
+    std::fs::remove_dir_all(&journal).unwrap();
+    let marker = f.work.join("ran");
+    let step = run(&format!("sleep 1; touch {}", marker.display()));
+    let started = std::time::Instant::now();
+    let r = execute(&f, "g5", step).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "it was not killed"
+    );
+    assert_eq!(r.termination, pb::Termination::Lost as i32, "{r:?}");
+    let why = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        why.contains("cannot record the step's process group"),
+        "{why}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!marker.exists(), "the step went on");
+}
