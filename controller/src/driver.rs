@@ -13,18 +13,21 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{AlertEvent, Alerts};
-use crate::fleet::{Fleet, RunPorts, RunRef, full_id};
+use crate::clock::Clock;
+use crate::fleet::{Fleet, RunRef, full_id};
 use crate::rollout::AlertKind;
 use crate::rollout::{
     Action, DispatchId, Engine, Event, HostState, Judge, LateResult, Millis, Phase, Progress,
     RunState, RunStatus, StepResult, Termination,
 };
-use crate::service::agent_convert;
+/// Where it was before it moved below the fleet; `modi-tests`'
+/// fanout-bench still names it here.
+pub use crate::run_ports::WatchItem;
+use crate::run_ports::{DriverMsg, RunPorts};
 use crate::spec::{RunSpec, Step};
 use crate::store::{JournalEntry, Record, RunMeta, Store, StoreError};
 
@@ -37,88 +40,6 @@ const BATCH: usize = 1024;
 const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often dispatches held for a host that is not back yet are retried.
 const DEFERRED_POLL: std::time::Duration = std::time::Duration::from_millis(200);
-
-/// What a run driver receives.
-#[derive(Debug)]
-pub enum DriverMsg {
-    /// A step's result from its agent (or `lost`, from the fleet).
-    Result {
-        /// Which dispatch.
-        id: DispatchId,
-        /// The result.
-        result: StepResult,
-        /// The agent to ack once it is durable (`None` for a result the
-        /// controller made up, e.g. `lost`).
-        agent: Option<String>,
-    },
-    /// A result for a step no longer in flight (declared `lost`, or a
-    /// repeat of one already journaled): journaled as late if it was lost,
-    /// then acked either way.
-    Late {
-        /// Which dispatch.
-        id: DispatchId,
-        /// The result.
-        result: StepResult,
-        /// The agent that reported it.
-        agent: String,
-    },
-    /// An operator's approve/deny/abort/pause/resume.
-    Control {
-        /// The event.
-        event: Event,
-        /// The run's state after it, or why it was refused.
-        reply: oneshot::Sender<Result<RunState, String>>,
-    },
-    /// A status snapshot, please.
-    Status {
-        /// Where to send it.
-        reply: oneshot::Sender<RunStatus>,
-    },
-}
-
-/// What watchers of a run see.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "type")]
-pub enum WatchItem {
-    /// A progress event from the engine.
-    Progress {
-        /// The event.
-        progress: Progress,
-    },
-    /// A step was sent.
-    Dispatched {
-        /// Which dispatch.
-        id: DispatchId,
-        /// To which host.
-        host: String,
-        /// What it runs, for people.
-        step: String,
-    },
-    /// A step's result arrived (judged by the next `Progress::Step`).
-    Result {
-        /// Which dispatch.
-        id: DispatchId,
-        /// The result.
-        result: StepResult,
-    },
-    /// A result that came back after its step was declared `lost`; the
-    /// outcome stands.
-    Late {
-        /// Which dispatch.
-        id: DispatchId,
-        /// What really happened.
-        result: StepResult,
-    },
-    /// Live output of a step.
-    Output {
-        /// Which dispatch.
-        id: DispatchId,
-        /// stderr (else stdout).
-        stderr: bool,
-        /// The text.
-        data: String,
-    },
-}
 
 /// Everything a driver needs from the controller.
 #[derive(Clone)]
@@ -137,6 +58,8 @@ pub struct Context {
     pub tasks: tokio_util::task::TaskTracker,
     /// How long a backout waits for its host to come back.
     pub backout_wait: std::time::Duration,
+    /// What time it is (the fleet's clock).
+    pub clock: Clock,
 }
 
 struct Driver {
@@ -189,7 +112,7 @@ fn distinct_hosts(spec: &RunSpec) -> u32 {
 /// Creates run and starts its driver. Returns the run id once the run is
 /// durable.
 pub async fn start(ctx: &Context, spec: RunSpec, submitted_by: &str) -> Result<u64, StoreError> {
-    let now = crate::clock::now();
+    let now = ctx.clock.now();
     let spec = Arc::new(spec);
     let meta = RunMeta {
         id: 0,
@@ -377,8 +300,7 @@ pub fn resume(ctx: &Context, run: u64, replayed: Replayed, meta: RunMeta) {
         if f.dispatched {
             // It may have run: the agent re-reports it, or runs it if it
             // never got it. A cancel asked for before the crash goes too.
-            let msg = agent_convert::run_step(key, &id, &f.step);
-            ctx.fleet.send_step(run, id, &f.host, msg);
+            ctx.fleet.send_step(key, id, &f.host, Arc::new(f.step));
             if f.cancelled {
                 ctx.fleet.cancel_step(&full_id(key, &id));
             }
@@ -517,7 +439,7 @@ impl Driver {
                         "run {} is paused: {why}; it goes on by itself once the store can write",
                         self.run
                     ),
-                    at: crate::clock::now(),
+                    at: self.ctx.clock.now(),
                 });
                 let _ = self.watch.send(WatchItem::Progress {
                     progress: Progress::Run {
@@ -603,7 +525,7 @@ impl Driver {
         if incoming.is_empty() {
             return Ok(());
         }
-        let now = crate::clock::now();
+        let now = self.ctx.clock.now();
         let mut records = Vec::new();
         let mut acks = Vec::new();
         for (id, result, agent) in incoming {
@@ -647,15 +569,16 @@ impl Driver {
             let mut results = std::mem::take(&mut self.local);
             let mut controls = Vec::new();
             if results.is_empty() {
+                let clock = self.ctx.clock;
                 let mut wake = self.engine.next_deadline();
                 if !self.deferred.is_empty() {
-                    let soon = crate::clock::now() + DEFERRED_POLL.as_millis() as Millis;
+                    let soon = clock.now() + DEFERRED_POLL.as_millis() as Millis;
                     wake = Some(wake.map_or(soon, |w| w.min(soon)));
                 }
                 let sleep = async {
                     match wake {
                         Some(at) => {
-                            let wait = at.saturating_sub(crate::clock::now());
+                            let wait = at.saturating_sub(clock.now());
                             tokio::time::sleep(std::time::Duration::from_millis(wait)).await
                         }
                         None => std::future::pending().await,
@@ -679,7 +602,7 @@ impl Driver {
 
             // Journal everything first: an event is durable before the
             // engine acts on it.
-            let now = crate::clock::now();
+            let now = self.ctx.clock.now();
             let mut events: Vec<Event> = results
                 .iter()
                 .map(|(id, result, _)| Event::StepFinished {
@@ -829,7 +752,7 @@ impl Driver {
                     change,
                     host,
                     message,
-                    at: crate::clock::now(),
+                    at: self.ctx.clock.now(),
                 }),
                 Action::Progress(progress) => {
                     if let Progress::Host {
@@ -856,15 +779,14 @@ impl Driver {
                 .iter()
                 .map(|(id, _, _)| Record::Dispatched { id: *id })
                 .collect();
-            self.journal(records, crate::clock::now()).await?;
+            self.journal(records, self.ctx.clock.now()).await?;
             for (id, host, step) in dispatch {
                 let _ = self.watch.send(WatchItem::Dispatched {
                     id,
                     host: host.clone(),
                     step: describe(&step),
                 });
-                let msg = agent_convert::run_step(key, &id, &step);
-                self.ctx.fleet.send_step(self.run, id, &host, msg);
+                self.ctx.fleet.send_step(key, id, &host, Arc::new(step));
             }
         }
         for id in cancels {
@@ -878,7 +800,7 @@ impl Driver {
             self.ctx.fleet.release(&host, self.run);
         }
         self.meta.state = self.engine.state();
-        self.meta.finished_at = Some(crate::clock::now());
+        self.meta.finished_at = Some(self.ctx.clock.now());
         self.persist(Vec::new(), Some(self.meta.clone())).await?;
         self.ctx.fleet.unregister_run(self.run);
         tracing::info!(
@@ -915,7 +837,7 @@ impl Driver {
     /// controller restart a host that was connected is waited for during
     /// the grace; any other step for an absent host is `unreachable`.
     fn route(&mut self, id: &DispatchId, host: &str) -> Route {
-        let now = crate::clock::now();
+        let now = self.ctx.clock.now();
         if !self.ctx.fleet.hold(host, self.run) {
             self.waiting.entry(*id).or_insert(Waiting {
                 since: now,

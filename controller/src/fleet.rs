@@ -1,10 +1,11 @@
 //! The live fleet: which agents are connected, what is in flight on each,
 //! and where their results go.
 //!
-//! - A connected agent has one [`Session`]: the sender half of its
-//!   `Connect` stream and a token that ends its reader. A newer session for
-//!   the same name replaces the older; a session whose queue is full or
-//!   closed is dropped, so the agent reconnects and gets everything again.
+//! - A connected agent has one [`Session`]: the queue of what goes down its
+//!   `Connect` stream (as [`ToAgent`]; the agent service converts) and a
+//!   token that ends its reader. A newer session for the same name
+//!   replaces the older; a session whose queue is full or closed is
+//!   dropped, so the agent reconnects and gets everything again.
 //! - Every step sent to an agent sits in the in-flight table under its full
 //!   dispatch id until its result is durable. When an agent (re)connects,
 //!   everything in flight on it is sent again: the agent runs what it never
@@ -16,22 +17,27 @@
 //!   those steps are reported `lost` to their runs; if it comes back still
 //!   running one of them, it is told to cancel it.
 //! - An agent can report results only for steps dispatched to it.
+//!
+//! The fleet speaks only our types ([`Hello`], [`AgentResult`],
+//! [`OutputChunk`] in, [`ToAgent`] out): the agent service converts from
+//! and to the wire. It tells a run what happened through the run's
+//! [`RunPorts`], never by calling its driver, and reads the time from the
+//! [`Clock`] it was given.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use modi_proto::v1 as pb;
-use pb::controller_message::Msg as Down;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::driver::{DriverMsg, WatchItem};
+use crate::clock::Clock;
 use crate::rollout::Event;
 use crate::rollout::{DispatchId, Millis, StepResult, Termination};
-use crate::service::agent_convert;
+use crate::run_ports::{DriverMsg, RunPorts, WatchItem};
+use crate::spec::Step;
 use crate::store::{HostRecord, JournalEntry, Record, Store};
 
 /// Outbound queue length per agent session.
@@ -44,10 +50,61 @@ pub const STARTUP_GRACE: Duration = Duration::from_secs(45);
 /// was connected to the previous controller, and is expected back.
 pub const RECENTLY_SEEN: Duration = Duration::from_secs(600);
 
+/// What an agent said about itself when it connected.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hello {
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its facts (hostname, os, ...).
+    pub facts: BTreeMap<String, String>,
+    /// Full dispatch ids of the steps it is running right now.
+    pub running: Vec<String>,
+    /// How often it sends a heartbeat (`None`: it did not say).
+    pub heartbeat: Option<Duration>,
+}
+
+/// A step's result, as an agent reported it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentResult {
+    /// The full dispatch id (see [`full_id`]).
+    pub full_id: String,
+    /// What happened.
+    pub result: StepResult,
+}
+
+/// Live output of a step, as an agent sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// The full dispatch id (see [`full_id`]).
+    pub full_id: String,
+    /// stderr (else stdout).
+    pub stderr: bool,
+    /// The bytes, as they came.
+    pub data: Vec<u8>,
+}
+
+/// What goes down an agent's session, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToAgent {
+    /// Run this step (or, if it ran already, report its result again).
+    Run {
+        /// Its run.
+        run: RunRef,
+        /// Its engine id (with `run`, its full dispatch id).
+        id: DispatchId,
+        /// What to run.
+        step: Arc<Step>,
+    },
+    /// Stop the step with this full dispatch id.
+    Cancel(String),
+    /// The result for this full dispatch id is durable: forget it.
+    Ack(String),
+}
+
 /// A connected agent.
 struct Session {
     id: u64,
-    tx: mpsc::Sender<pb::ControllerMessage>,
+    tx: mpsc::Sender<ToAgent>,
     /// Cancelled when the session is replaced, dropped or kicked: its
     /// reader stops accepting anything from it.
     token: CancellationToken,
@@ -58,12 +115,23 @@ struct Session {
 /// A step sent (or about to be sent) to an agent.
 struct Inflight {
     agent: String,
-    run: u64,
+    run: RunRef,
     id: DispatchId,
-    msg: pb::RunStep,
+    step: Arc<Step>,
     cancelled: bool,
     /// Its result is on its way to the journal.
     reported: bool,
+}
+
+impl Inflight {
+    /// The message that sends it.
+    fn to_agent(&self) -> ToAgent {
+        ToAgent::Run {
+            run: self.run,
+            id: self.id,
+            step: self.step.clone(),
+        }
+    }
 }
 
 /// Where an agent's result goes.
@@ -76,15 +144,6 @@ enum ResultRoute {
     Ended(u64, DispatchId),
     /// Nowhere: acked again.
     Ack,
-}
-
-/// A run's inbox and its watchers.
-#[derive(Clone)]
-pub struct RunPorts {
-    /// The run driver's inbox.
-    pub inbox: mpsc::Sender<DriverMsg>,
-    /// What watchers of the run see.
-    pub watch: broadcast::Sender<WatchItem>,
 }
 
 /// What `modi hosts` shows of a live agent.
@@ -101,7 +160,7 @@ pub struct SessionHandle {
     /// The session's id.
     pub id: u64,
     /// What to send down its stream.
-    pub outbound: mpsc::Receiver<pb::ControllerMessage>,
+    pub outbound: mpsc::Receiver<ToAgent>,
     /// Cancelled when the session must end.
     pub token: CancellationToken,
 }
@@ -123,15 +182,11 @@ impl State {
     /// Sends `msg` to `agent`'s session. A full or closed queue drops the
     /// session (the agent reconnects and is sent everything again); returns
     /// whether it was queued.
-    fn send(&mut self, agent: &str, msg: Down) -> bool {
+    fn send(&mut self, agent: &str, msg: ToAgent) -> bool {
         let Some(session) = self.sessions.get(agent) else {
             return false;
         };
-        if session
-            .tx
-            .try_send(pb::ControllerMessage { msg: Some(msg) })
-            .is_ok()
-        {
+        if session.tx.try_send(msg).is_ok() {
             return true;
         }
         tracing::warn!(agent, "session queue full or closed; dropping the session");
@@ -148,6 +203,7 @@ pub struct Fleet {
     state: Arc<Mutex<State>>,
     store: Store,
     lost_after: Duration,
+    clock: Clock,
     started: Millis,
     generation: Arc<AtomicU64>,
     tasks: TaskTracker,
@@ -175,18 +231,15 @@ pub fn parse_full_id(full: &str) -> Option<(u64, DispatchId)> {
     let rest = full.strip_prefix('r')?;
     let (run, id) = rest.split_once('.')?;
     let (run, _stamp) = run.split_once('-')?;
-    Some((run.parse().ok()?, agent_convert::parse_dispatch_id(id)?))
-}
-
-fn now() -> Millis {
-    crate::clock::now()
+    Some((run.parse().ok()?, DispatchId::parse(id)?))
 }
 
 impl Fleet {
-    /// An empty fleet.
+    /// An empty fleet. `started` (for the startup grace) is `clock`'s now.
     pub fn new(
         store: Store,
         lost_after: Duration,
+        clock: Clock,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Fleet {
@@ -194,7 +247,8 @@ impl Fleet {
             state: Arc::default(),
             store,
             lost_after,
-            started: now(),
+            clock,
+            started: clock.now(),
             generation: Arc::new(AtomicU64::new(1)),
             tasks,
             shutdown,
@@ -212,7 +266,7 @@ impl Fleet {
     /// failed as unreachable. A host that left this controller is not
     /// waited for.
     pub fn expected_back(&self, name: &str) -> bool {
-        if now() >= self.started + STARTUP_GRACE.as_millis() as Millis
+        if self.clock.now() >= self.started + STARTUP_GRACE.as_millis() as Millis
             || self.lock().seen.contains(name)
         {
             return false;
@@ -230,9 +284,9 @@ impl Fleet {
     pub async fn connect(
         &self,
         name: &str,
-        hello: &pb::Hello,
+        hello: &Hello,
     ) -> Result<SessionHandle, crate::store::StoreError> {
-        let now = now();
+        let now = self.clock.now();
         let (owned, labels, facts) = (name.to_string(), hello.labels.clone(), hello.facts.clone());
         let recorded = self
             .store
@@ -267,26 +321,19 @@ impl Fleet {
             .values()
             .filter(|f| f.agent == name && !f.reported)
         {
-            msgs.push(Down::Run(f.msg.clone()));
+            msgs.push(f.to_agent());
             if f.cancelled {
-                msgs.push(Down::Cancel(pb::CancelStep {
-                    dispatch_id: f.msg.dispatch_id.clone(),
-                }));
+                msgs.push(ToAgent::Cancel(full_id(f.run, &f.id)));
             }
         }
         for running in &hello.running {
             if !state.inflight.contains_key(running) {
                 tracing::warn!(agent = name, id = %running, "agent runs a step no longer in flight; cancelling it");
-                msgs.push(Down::Cancel(pb::CancelStep {
-                    dispatch_id: running.clone(),
-                }));
+                msgs.push(ToAgent::Cancel(running.clone()));
             }
         }
         for msg in msgs {
-            if tx
-                .try_send(pb::ControllerMessage { msg: Some(msg) })
-                .is_err()
-            {
+            if tx.try_send(msg).is_err() {
                 tracing::warn!(agent = name, "too much in flight to resend at once");
                 break;
             }
@@ -385,7 +432,7 @@ impl Fleet {
             let mut lost = Vec::new();
             for k in ids {
                 if let Some(f) = state.inflight.remove(&k)
-                    && let Some(p) = state.runs.get(&f.run)
+                    && let Some(p) = state.runs.get(&f.run.id)
                 {
                     lost.push((p.clone(), f.id));
                 }
@@ -418,7 +465,7 @@ impl Fleet {
         if let Some(s) = self.lock().sessions.get_mut(name)
             && s.id == session
         {
-            s.last_seen = now();
+            s.last_seen = self.clock.now();
         }
     }
 
@@ -452,23 +499,22 @@ impl Fleet {
         }
     }
 
-    /// Puts `msg` in flight on `agent` and sends it if connected. The
-    /// caller has journaled the dispatch already.
-    pub fn send_step(&self, run: u64, id: DispatchId, agent: &str, msg: pb::RunStep) {
+    /// Puts step `id` of `run` in flight on `agent` and sends it if
+    /// connected. The caller has journaled the dispatch already.
+    pub fn send_step(&self, run: RunRef, id: DispatchId, agent: &str, step: Arc<Step>) {
         let sent = {
             let mut state = self.lock();
-            state.inflight.insert(
-                msg.dispatch_id.clone(),
-                Inflight {
-                    agent: agent.to_string(),
-                    run,
-                    id,
-                    msg: msg.clone(),
-                    cancelled: false,
-                    reported: false,
-                },
-            );
-            state.send(agent, Down::Run(msg))
+            let f = Inflight {
+                agent: agent.to_string(),
+                run,
+                id,
+                step,
+                cancelled: false,
+                reported: false,
+            };
+            let msg = f.to_agent();
+            state.inflight.insert(full_id(run, &id), f);
+            state.send(agent, msg)
         };
         if !sent {
             // It goes out when the agent is back, or is lost.
@@ -484,21 +530,11 @@ impl Fleet {
         };
         f.cancelled = true;
         let agent = f.agent.clone();
-        state.send(
-            &agent,
-            Down::Cancel(pb::CancelStep {
-                dispatch_id: full_id.to_string(),
-            }),
-        );
+        state.send(&agent, ToAgent::Cancel(full_id.to_string()));
     }
 
     fn ack(&self, agent: &str, full_id: &str) {
-        self.lock().send(
-            agent,
-            Down::Ack(pb::Ack {
-                dispatch_id: full_id.to_string(),
-            }),
-        );
+        self.lock().send(agent, ToAgent::Ack(full_id.to_string()));
     }
 
     /// The result for `full_id` is durable: forget the step and, if an
@@ -514,8 +550,11 @@ impl Fleet {
     /// this agent and its result is not already on its way; a result for a
     /// step no longer in flight (its result is durable, or its run ended)
     /// is acked again; a result for another agent's step is refused.
-    pub async fn result(&self, agent: &str, result: pb::StepResult) {
-        let full = result.dispatch_id.clone();
+    pub async fn result(&self, agent: &str, result: AgentResult) {
+        let AgentResult {
+            full_id: full,
+            result,
+        } = result;
         let route = {
             let mut state = self.lock();
             match state.inflight.get_mut(&full) {
@@ -529,7 +568,7 @@ impl Fleet {
                 Some(f) if f.reported => return,
                 Some(f) => {
                     f.reported = true;
-                    let (run, id) = (f.run, f.id);
+                    let (run, id) = (f.run.id, f.id);
                     match state.runs.get(&run) {
                         Some(p) => ResultRoute::Run(p.inbox.clone(), id),
                         None => {
@@ -553,7 +592,7 @@ impl Fleet {
             ResultRoute::Run(inbox, id) => {
                 let msg = DriverMsg::Result {
                     id,
-                    result: agent_convert::step_result(result),
+                    result,
                     agent: Some(agent.to_string()),
                 };
                 if inbox.send(msg).await.is_err() {
@@ -566,7 +605,7 @@ impl Fleet {
             ResultRoute::Late(inbox, id) => {
                 let msg = DriverMsg::Late {
                     id,
-                    result: agent_convert::step_result(result),
+                    result,
                     agent: agent.to_string(),
                 };
                 if inbox.send(msg).await.is_err() {
@@ -588,7 +627,7 @@ impl Fleet {
         run: u64,
         id: DispatchId,
         full: &str,
-        result: pb::StepResult,
+        result: StepResult,
     ) {
         let journal = match self.store.journal(run) {
             Ok(j) => j,
@@ -621,11 +660,11 @@ impl Fleet {
         if ours && was_lost {
             tracing::warn!(agent, run, %id, "late result for a step declared lost in an ended run; journaled, the outcome stands");
             let entry = JournalEntry {
-                at: now(),
+                at: self.clock.now(),
                 record: Record::Late {
                     id,
                     host: agent.to_string(),
-                    result: agent_convert::step_result(result),
+                    result,
                 },
             };
             if let Err(e) = self.store.append_at_end(run, entry).await {
@@ -637,18 +676,18 @@ impl Fleet {
     }
 
     /// Live output from `agent`, for the run's watchers.
-    pub fn output(&self, agent: &str, chunk: pb::OutputChunk) {
+    pub fn output(&self, agent: &str, chunk: OutputChunk) {
         let state = self.lock();
-        let Some(f) = state.inflight.get(&chunk.dispatch_id) else {
+        let Some(f) = state.inflight.get(&chunk.full_id) else {
             return;
         };
         if f.agent != agent {
             return;
         }
-        if let Some(p) = state.runs.get(&f.run) {
+        if let Some(p) = state.runs.get(&f.run.id) {
             let _ = p.watch.send(WatchItem::Output {
                 id: f.id,
-                stderr: chunk.stream == pb::OutputStream::Stderr as i32,
+                stderr: chunk.stderr,
                 data: String::from_utf8_lossy(&chunk.data).into_owned(),
             });
         }
@@ -678,7 +717,7 @@ impl Fleet {
     pub fn unregister_run(&self, run: u64) {
         let mut state = self.lock();
         state.runs.remove(&run);
-        state.inflight.retain(|_, f| f.run != run);
+        state.inflight.retain(|_, f| f.run.id != run);
         state.holders.retain(|_, r| *r != run);
     }
 
@@ -687,3 +726,6 @@ impl Fleet {
         self.lock().runs.get(&run).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests;

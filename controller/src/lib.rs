@@ -10,13 +10,21 @@
 //! - [`driver`]: the one task per run that journals events, feeds the
 //!   engine and carries out its actions.
 //! - [`fleet`]: connected agents, steps in flight, result routing.
+//! - [`run_ports`]: a run's inbox and watch channel, through which the
+//!   fleet and the services reach its driver.
 //! - [`service`]: the gRPC services (agent-facing and admin-facing) and
 //!   their conversions.
 //! - [`server`]: `modi serve`'s life: bind, resume runs, serve, drain.
 //! - [`store`]: the sled store and each run's append-only journal.
 //! - [`pki`]: the CA and the server side of the trust scheme.
 //! - [`cli`]: the operator CLI, one module per subcommand.
-//! - [`config`], [`init`], [`alert`], [`clock`]: the rest.
+//! - [`clock`]: the injected [`clock::Clock`] that everything deciding by
+//!   time reads.
+//! - [`config`], [`init`], [`alert`]: the rest.
+//!
+//! Imports point down: `server` → `service` → `driver` → `fleet` →
+//! `run_ports` → `rollout`. A lower layer tells a higher one something by
+//! sending on a channel it was given; `pb::` types stop at `service`.
 
 pub mod alert;
 pub mod changeset;
@@ -28,6 +36,7 @@ pub mod fleet;
 pub mod init;
 pub mod pki;
 pub mod rollout;
+pub mod run_ports;
 pub mod server;
 pub mod service;
 pub mod spec;

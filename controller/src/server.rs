@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alert::Alerts;
+use crate::clock::Clock;
 use crate::config::{ADMIN_DEADLINE, ControllerConfig, SHUTDOWN_GRACE, files};
 use crate::driver;
 use crate::fleet::Fleet;
@@ -116,9 +117,11 @@ impl Server {
                     source,
                 })?;
         let tasks = TaskTracker::new();
+        let clock = Clock::system();
         let fleet = Fleet::new(
             store.clone(),
             config.agent_lost_after,
+            clock,
             tasks.clone(),
             shutdown.clone(),
         );
@@ -136,6 +139,7 @@ impl Server {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             backout_wait: config.backout_wait,
+            clock,
         };
         let shared = Arc::new(Shared {
             config,

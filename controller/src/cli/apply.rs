@@ -10,8 +10,8 @@ use super::progress::Display;
 use super::runs::{Control, fetch_status, send_control, status_text};
 use super::validate::plan_request;
 use super::{CliError, Client, Outcome, Output, Vars};
-use crate::driver::WatchItem;
 use crate::rollout::{Progress, RunStatus};
+use crate::run_ports::WatchItem;
 
 /// Submits the changeset; follows the run unless `detach`.
 pub async fn apply(

@@ -5,8 +5,8 @@
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Output;
-use crate::driver::WatchItem;
 use crate::rollout::{HostState, Phase, Progress, RunStatus};
+use crate::run_ports::WatchItem;
 
 struct ChangeView {
     name: String,

@@ -34,6 +34,18 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in sequence order.
+    pub const ALL: [Phase; 8] = [
+        Phase::SkipIf,
+        Phase::Check,
+        Phase::Apply,
+        Phase::Verify,
+        Phase::BackoutCheck,
+        Phase::Restore,
+        Phase::Backout,
+        Phase::BackoutVerify,
+    ];
+
     /// The name used in dispatch ids, CEL (`failure.phase`) and output.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -88,6 +100,30 @@ impl fmt::Display for DispatchId {
             "c{}.h{}.{}.{}.a{}",
             self.change, self.host, self.phase, self.step, self.attempt
         )
+    }
+}
+
+impl DispatchId {
+    /// Parses a dispatch id (`c0.h1.apply.0.a0`), the inverse of its
+    /// `Display`.
+    pub fn parse(s: &str) -> Option<DispatchId> {
+        let mut parts = s.split('.');
+        let change = parts.next()?.strip_prefix('c')?.parse().ok()?;
+        let host = parts.next()?.strip_prefix('h')?.parse().ok()?;
+        let phase_name = parts.next()?;
+        let phase = *Phase::ALL.iter().find(|p| p.as_str() == phase_name)?;
+        let step = parts.next()?.parse().ok()?;
+        let attempt = parts.next()?.strip_prefix('a')?.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(DispatchId {
+            change,
+            host,
+            phase,
+            step,
+            attempt,
+        })
     }
 }
 

@@ -13,8 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::admin_convert as convert;
 use super::auth;
-use crate::driver::{self, DriverMsg, WatchItem};
+use crate::driver;
 use crate::rollout::{Event, RunStatus};
+use crate::run_ports::{DriverMsg, WatchItem};
 use crate::server::Shared;
 use crate::store::TokenRecord;
 

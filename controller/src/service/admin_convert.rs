@@ -7,9 +7,10 @@ use modi_proto::v1 as pb;
 use tonic::Status;
 
 use crate::changeset;
-use crate::driver::{self, WatchItem};
+use crate::driver;
 use crate::fleet::{Presence, RunRef, full_id};
 use crate::rollout::{DispatchId, StepResult, Termination};
+use crate::run_ports::WatchItem;
 use crate::server::Shared;
 use crate::spec::{HostInfo, RunSpec};
 use crate::store::{HostRecord, RunMeta, StoreError};

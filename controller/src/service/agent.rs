@@ -11,7 +11,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth;
+use super::{agent_convert as convert, auth};
+use crate::fleet::Hello;
 use crate::server::Shared;
 
 /// How long a new session may take to say Hello.
@@ -26,11 +27,10 @@ pub const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
 
 /// How long a session may stay silent before it is ended: two heartbeat
 /// intervals (as the agent announced them, bounded).
-pub fn silence_limit(hello: &pb::Hello) -> Duration {
-    let interval = match hello.heartbeat_interval_ms {
-        0 => DEFAULT_HEARTBEAT,
-        ms => Duration::from_millis(ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT),
-    };
+pub fn silence_limit(hello: &Hello) -> Duration {
+    let interval = hello
+        .heartbeat
+        .map_or(DEFAULT_HEARTBEAT, |i| i.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT));
     interval * 2
 }
 
@@ -131,7 +131,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             }
         }
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        let mut hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage {
                 msg: Some(Up::Hello(hello)),
             }))) => hello,
@@ -139,11 +139,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
         };
+        let version = std::mem::take(&mut hello.agent_version);
+        let hello = convert::hello(hello);
         let fleet = self.shared.fleet.clone();
         let session = fleet.connect(&name, &hello).await.map_err(internal)?;
         let (id, token) = (session.id, session.token.clone());
         let silence = silence_limit(&hello);
-        tracing::info!(agent = %name, session = id, version = %hello.agent_version, "agent connected");
+        tracing::info!(agent = %name, session = id, %version, "agent connected");
         self.shared.tasks.spawn(async move {
             loop {
                 // A replaced, dropped or kicked session is heard no more; a
@@ -161,10 +163,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 match msg {
                     Ok(Some(pb::AgentMessage { msg: Some(msg) })) => match msg {
                         Up::Heartbeat(_) => fleet.heartbeat(&name, id),
-                        Up::Output(chunk) => fleet.output(&name, chunk),
+                        Up::Output(chunk) => fleet.output(&name, convert::output_chunk(chunk)),
                         Up::Result(result) => {
                             fleet.heartbeat(&name, id);
-                            fleet.result(&name, result).await
+                            fleet.result(&name, convert::agent_result(result)).await
                         }
                         Up::Hello(_) => tracing::debug!(agent = %name, "extra Hello ignored"),
                     },
@@ -180,7 +182,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             fleet.disconnect(&name, id).await;
         });
         let outbound = session.outbound;
-        let stream = ReceiverStream::new(outbound).map(Ok);
+        // Converted to the wire as it is written.
+        let stream = ReceiverStream::new(outbound).map(|msg| Ok(convert::to_agent(msg)));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,45 +1,40 @@
-//! Conversions between `pb::` agent-protocol types and ours.
+//! Conversions between `pb::` agent-protocol types and ours. The only
+//! place that sees both: the fleet takes and gives our types.
+
+use std::time::Duration;
 
 use modi_proto::v1 as pb;
 
-use crate::rollout::{DispatchId, Phase, StepResult, Termination};
+use crate::fleet::{AgentResult, Hello, OutputChunk, RunRef, ToAgent, full_id};
+use crate::rollout::{DispatchId, StepResult, Termination};
 use crate::spec::{Step, StepAction};
 
-const PHASES: [Phase; 8] = [
-    Phase::SkipIf,
-    Phase::Check,
-    Phase::Apply,
-    Phase::Verify,
-    Phase::BackoutCheck,
-    Phase::Restore,
-    Phase::Backout,
-    Phase::BackoutVerify,
-];
-
-/// Parses an engine dispatch id (`c0.h1.apply.0.a0`), the inverse of its
-/// `Display`.
-pub fn parse_dispatch_id(s: &str) -> Option<DispatchId> {
-    let mut parts = s.split('.');
-    let change = parts.next()?.strip_prefix('c')?.parse().ok()?;
-    let host = parts.next()?.strip_prefix('h')?.parse().ok()?;
-    let phase_name = parts.next()?;
-    let phase = *PHASES.iter().find(|p| p.as_str() == phase_name)?;
-    let step = parts.next()?.parse().ok()?;
-    let attempt = parts.next()?.strip_prefix('a')?.parse().ok()?;
-    if parts.next().is_some() {
-        return None;
+/// What an agent said about itself, as the fleet sees it.
+pub fn hello(h: pb::Hello) -> Hello {
+    Hello {
+        labels: h.labels.into_iter().collect(),
+        facts: h.facts.into_iter().collect(),
+        running: h.running,
+        heartbeat: match h.heartbeat_interval_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
     }
-    Some(DispatchId {
-        change,
-        host,
-        phase,
-        step,
-        attempt,
-    })
+}
+
+/// A message for an agent, as the wire carries it.
+pub fn to_agent(msg: ToAgent) -> pb::ControllerMessage {
+    use pb::controller_message::Msg as Down;
+    let msg = match msg {
+        ToAgent::Run { run, id, step } => Down::Run(run_step(run, &id, &step)),
+        ToAgent::Cancel(dispatch_id) => Down::Cancel(pb::CancelStep { dispatch_id }),
+        ToAgent::Ack(dispatch_id) => Down::Ack(pb::Ack { dispatch_id }),
+    };
+    pb::ControllerMessage { msg: Some(msg) }
 }
 
 /// The `RunStep` for one dispatch of run `run`.
-pub fn run_step(run: crate::fleet::RunRef, id: &DispatchId, step: &Step) -> pb::RunStep {
+pub fn run_step(run: RunRef, id: &DispatchId, step: &Step) -> pb::RunStep {
     use pb::step::Action;
     let action = match &step.action {
         StepAction::Run { command } => Action::Run(command.clone()),
@@ -67,7 +62,7 @@ pub fn run_step(run: crate::fleet::RunRef, id: &DispatchId, step: &Step) -> pb::
         }),
     };
     pb::RunStep {
-        dispatch_id: crate::fleet::full_id(run, id),
+        dispatch_id: full_id(run, id),
         step: Some(pb::Step {
             action: Some(action),
             timeout_ms: step.timeout.map_or(0, |t| t.as_millis() as u64),
@@ -76,6 +71,14 @@ pub fn run_step(run: crate::fleet::RunRef, id: &DispatchId, step: &Step) -> pb::
             user: step.user.clone().unwrap_or_default(),
             stdin: step.stdin.clone().map(String::into_bytes),
         }),
+    }
+}
+
+/// An agent's result, as the fleet sees it.
+pub fn agent_result(mut r: pb::StepResult) -> AgentResult {
+    AgentResult {
+        full_id: std::mem::take(&mut r.dispatch_id),
+        result: step_result(r),
     }
 }
 
@@ -101,33 +104,17 @@ pub fn step_result(r: pb::StepResult) -> StepResult {
     }
 }
 
+/// Live output, as the fleet sees it.
+pub fn output_chunk(c: pb::OutputChunk) -> OutputChunk {
+    OutputChunk {
+        stderr: c.stream == pb::OutputStream::Stderr as i32,
+        full_id: c.dispatch_id,
+        data: c.data,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn dispatch_ids_round_trip() {
-        for phase in PHASES {
-            let id = DispatchId {
-                change: 3,
-                host: 17,
-                phase,
-                step: 2,
-                attempt: 1,
-            };
-            assert_eq!(parse_dispatch_id(&id.to_string()), Some(id));
-            let run = crate::fleet::RunRef {
-                id: 42,
-                stamp: 1_764_000_000_000,
-            };
-            let full = crate::fleet::full_id(run, &id);
-            assert_eq!(full, format!("r42-1764000000000.{id}"));
-            assert_eq!(crate::fleet::parse_full_id(&full), Some((42, id)));
-        }
-        assert_eq!(parse_dispatch_id("c0.h0.apply.0"), None);
-        assert_eq!(parse_dispatch_id("c0.h0.nope.0.a0"), None);
-    }
-
     #[test]
     fn the_placeholder_is_the_protocols() {
         assert_eq!(
