@@ -21,13 +21,12 @@ use crate::clock::Clock;
 use crate::fleet::{Fleet, RunRef, full_id};
 use crate::rollout::AlertKind;
 use crate::rollout::{
-    Action, DispatchId, Engine, Event, HostState, Judge, LateResult, Millis, Phase, Progress,
-    RunState, RunStatus, StepResult, Termination,
+    Action, DispatchId, Engine, Event, HostState, Judge, LateResult, Millis, Progress, RunState,
+    RunStatus, StepResult, Termination,
 };
 /// Where it was before it moved below the fleet; `modi-tests`'
 /// fanout-bench still names it here.
-pub use crate::run_ports::WatchItem;
-use crate::run_ports::{DriverMsg, RunPorts};
+use crate::run_ports::{DriverMsg, RunPorts, WatchItem};
 use crate::spec::{RunSpec, Step};
 use crate::store::{JournalEntry, Record, RunMeta, Store, StoreError};
 
@@ -822,14 +821,6 @@ enum Route {
     Fail(String),
 }
 
-/// Is this a step of a backout (which waits for its host)?
-fn is_backout(phase: Phase) -> bool {
-    matches!(
-        phase,
-        Phase::BackoutCheck | Phase::Restore | Phase::Backout | Phase::BackoutVerify
-    )
-}
-
 impl Driver {
     /// Decides where a dispatch goes: one host runs one run's change at a
     /// time (another run's host waits, `queued`); a backout whose host is
@@ -852,7 +843,7 @@ impl Driver {
         if self.ctx.fleet.is_connected(host) {
             return Route::Send;
         }
-        if is_backout(id.phase) {
+        if id.phase.is_backout() {
             let w = self.waiting.entry(*id).or_insert(Waiting {
                 since: now,
                 shows: HostState::BackoutPending,

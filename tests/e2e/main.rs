@@ -3,6 +3,7 @@
 
 mod agent_orphans;
 mod durability;
+mod faults;
 mod foundation;
 mod language;
 mod refusals;

@@ -400,6 +400,11 @@ impl Controller {
         )
     }
 
+    /// Waits until run `run`'s status satisfies `done`; that status.
+    pub fn wait_status_of(&self, run: &str, done: impl Fn(&Value) -> bool) -> Value {
+        self.wait_status(run, done, "the awaited state")
+    }
+
     fn wait_status(&self, run: &str, done: impl Fn(&Value) -> bool, what: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -544,4 +549,200 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+impl Agent {
+    /// Sets `key = value` (a TOML value, e.g. `"\"https://...\""` or `1`)
+    /// in its `agent.toml`, replacing any such line.
+    pub fn configure(&self, key: &str, value: &str) {
+        let path = self.dir.join("agent.toml");
+        let text = std::fs::read_to_string(&path).expect("agent.toml");
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.split('=').next().map(str::trim) != Some(key))
+            .map(str::to_string)
+            .collect();
+        // Top-level keys go before the first table.
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with('['))
+            .unwrap_or(lines.len());
+        lines.insert(at, format!("{key} = {value}"));
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write agent.toml");
+    }
+}
+
+/// A TCP proxy on loopback between agents and a controller that can stop
+/// forwarding (a network partition: connections stay open, nothing
+/// moves) and heal (stalled connections are reset, as the far side has
+/// long given up on them; new ones flow again).
+pub struct FaultProxy {
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted before this generation are reset.
+    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Forwards 127.0.0.1:`port` (a fresh one) to 127.0.0.1:`to`.
+    pub fn start(to: u16) -> FaultProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, e, s) = (blocked.clone(), epoch.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if b.load(Ordering::Relaxed) {
+                    // Partitioned: the SYN got through to us, nothing else.
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let born = e.load(Ordering::Relaxed);
+                for (from, into) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    let (b, e, s) = (b.clone(), e.clone(), s.clone());
+                    std::thread::spawn(move || pipe(from, into, &b, &e, born, &s));
+                }
+            }
+        });
+        FaultProxy {
+            port,
+            blocked,
+            epoch,
+            stop,
+        }
+    }
+
+    /// Its URL, for agents.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops forwarding anything.
+    pub fn partition(&self) {
+        self.blocked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resets the stalled connections and forwards again.
+    pub fn heal(&self) {
+        self.epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.blocked
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `into` while not partitioned; holds still while it is;
+/// ends (closing both) when the proxy heals past this connection's epoch.
+fn pipe(
+    mut from: std::net::TcpStream,
+    mut into: std::net::TcpStream,
+    blocked: &std::sync::atomic::AtomicBool,
+    epoch: &std::sync::atomic::AtomicU64,
+    born: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if epoch.load(Ordering::Relaxed) != born || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if blocked.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = into.shutdown(std::net::Shutdown::Both);
+}
+
+/// A tmpfs mounted on a fresh folder (needs root); unmounted on drop.
+pub struct Tmpfs {
+    /// Where it is mounted.
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB on `path` (created).
+    pub fn mount(path: &Path, mib: u32) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path))
+        .ok();
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.path.join("filler");
+        let mut f = std::fs::File::create(&path).expect("create the filler");
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
 }

@@ -12,8 +12,8 @@ use std::time::Instant;
 use clap::Parser;
 use modi_controller::cli::Client;
 use modi_controller::config::CliConfig;
-use modi_controller::driver::WatchItem;
 use modi_controller::rollout::{Progress, RunStatus};
+use modi_controller::run_ports::WatchItem;
 use modi_proto::v1 as pb;
 use modi_tests::{Agent, Controller, bin_dir, rss_kib};
 
