@@ -848,7 +848,13 @@ impl Driver {
                 since: now,
                 shows: HostState::BackoutPending,
             });
-            w.shows = HostState::BackoutPending;
+            if w.shows != HostState::BackoutPending {
+                // It was queued behind another run until now.
+                *w = Waiting {
+                    since: now,
+                    shows: HostState::BackoutPending,
+                };
+            }
             let waited = now.saturating_sub(w.since);
             if waited < self.ctx.backout_wait.as_millis() as Millis {
                 return Route::Wait;
@@ -858,6 +864,8 @@ impl Driver {
                 humantime::format_duration(self.ctx.backout_wait)
             ));
         }
+        // No longer queued behind another run.
+        self.waiting.remove(id);
         if self.ctx.fleet.expected_back(host) {
             return Route::Wait;
         }

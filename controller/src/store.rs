@@ -538,32 +538,6 @@ impl Store {
         .await
     }
 
-    /// Uses the token with this hash for agent `name`, exactly once (the
-    /// one writer decides between racers). Durable on return.
-    pub async fn consume_token(
-        &self,
-        hash: &str,
-        name: &str,
-        now: Millis,
-    ) -> Result<Result<TokenRecord, TokenRefused>, StoreError> {
-        let (hash, name) = (hash.to_string(), name.to_string());
-        self.write(move |t| {
-            let Some(mut token) = get::<TokenRecord>(&t.trees.tokens, "tokens", &hash)? else {
-                return Ok(Err(TokenRefused::Unknown));
-            };
-            if let Some(by) = token.used_by {
-                return Ok(Err(TokenRefused::Used(by)));
-            }
-            if now >= token.expires_at {
-                return Ok(Err(TokenRefused::Expired));
-            }
-            token.used_by = Some(name);
-            t.trees.tokens.insert(hash.as_bytes(), encode(&token))?;
-            Ok(Ok(token))
-        })
-        .await
-    }
-
     /// Enrols agent `name`: uses the token with this hash exactly once
     /// and records the host with the certificate serial it was issued, in
     /// one write (a token is never used up without its host). Durable on
@@ -586,6 +560,8 @@ impl Store {
             if now >= token.expires_at {
                 return Ok(Err(TokenRefused::Expired));
             }
+            // The one writer decides between two agents racing with one
+            // token: the second finds it used.
             token.used_by = Some(name.clone());
             let mut host =
                 get::<HostRecord>(&t.trees.hosts, "hosts", &name)?.unwrap_or_else(|| HostRecord {
@@ -945,18 +921,23 @@ mod tests {
         let (_d, s) = store();
         s.put_token("h1", token(1000)).await.unwrap();
         s.put_token("h2", token(1000)).await.unwrap();
-        assert!(s.consume_token("h1", "web-1", 10).await.unwrap().is_ok());
+        let host = s.enroll("h1", "web-1", vec![1], 10).await.unwrap().unwrap();
+        assert_eq!((host.name.as_str(), host.serials.len()), ("web-1", 1));
         assert_eq!(
-            s.consume_token("h1", "web-2", 10).await.unwrap(),
+            s.enroll("h1", "web-2", vec![2], 10).await.unwrap(),
             Err(TokenRefused::Used("web-1".into()))
         );
         assert_eq!(
-            s.consume_token("h2", "web-2", 1000).await.unwrap(),
+            s.enroll("h2", "web-2", vec![2], 1000).await.unwrap(),
             Err(TokenRefused::Expired)
         );
         assert_eq!(
-            s.consume_token("nope", "web-2", 1).await.unwrap(),
+            s.enroll("nope", "web-2", vec![2], 1).await.unwrap(),
             Err(TokenRefused::Unknown)
+        );
+        assert!(
+            s.host("web-2").unwrap().is_none(),
+            "a refused token records no host"
         );
     }
 
