@@ -135,6 +135,7 @@ pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
             token: req.token.clone(),
             csr_pem: csr,
             name: name.clone(),
+            labels: req.labels.clone().into_iter().collect(),
         })
         .await
         .map_err(|status| match status.code() {

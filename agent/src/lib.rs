@@ -25,6 +25,7 @@ pub mod facts;
 pub mod fsutil;
 pub mod journal;
 pub mod pgroup;
+pub mod renew;
 pub mod session;
 
 pub use config::AgentConfig;

@@ -69,7 +69,14 @@ struct Agent {
     internal_tx: mpsc::Sender<Internal>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Certificate renewal in progress, if any.
+    renewal: crate::renew::Renewal,
+    /// A renewed certificate was installed: reconnect with it.
+    renewed: std::sync::atomic::AtomicBool,
 }
+
+/// How often the agent checks whether its certificate is due for renewal.
+const RENEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn read_state(config: &AgentConfig, file: &str) -> Result<String, RunError> {
     let path = config.data_dir.join(file);
@@ -119,11 +126,12 @@ fn now_ms() -> u64 {
 /// shutdown are killed (their results are `lost` on the next start only if
 /// the agent dies before recording them).
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    // A certificate renewal a crash cut short is finished first.
+    crate::renew::recover(&config.data_dir).map_err(|e| RunError::State {
+        path: config.data_dir.join(config::CERT_FILE),
+        detail: e.to_string(),
+    })?;
     let ca = read_state(&config, config::CA_FILE)?;
-    let identity = ClientIdentity {
-        cert_pem: read_state(&config, config::CERT_FILE)?,
-        key_pem: read_state(&config, config::KEY_FILE)?,
-    };
     // Before the journal: its recovery must not race another agent's steps.
     let _lock = lock_data_dir(&config.data_dir)?;
     let state = |what: &str, e: std::io::Error| RunError::State {
@@ -144,13 +152,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let exec = Executor::new(config.work_dir(), config.data_dir.join("backups"))
         .map_err(|e| state("work", e))?
         .record_groups_in(journal.clone());
-    let channel = tls::channel(
-        &config.controller,
-        Trust::Ca(&ca),
-        Some(&identity),
-        config::CONNECT_TIMEOUT,
-    )
-    .map_err(|e| RunError::Config(e.to_string()))?;
     let (internal_tx, mut internal_rx) = mpsc::channel(INTERNAL_QUEUE);
     let agent = Agent {
         config,
@@ -160,8 +161,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         internal_tx,
         tasks: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        renewal: crate::renew::Renewal::default(),
+        renewed: false.into(),
     };
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = agent.client(&ca)?;
     let mut backoff = config::BACKOFF_MIN;
     tracing::info!(controller = %agent.config.controller, name = %agent.config.name, "agent starting");
     while !shutdown.is_cancelled() {
@@ -171,6 +174,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         if shutdown.is_cancelled() {
             break;
+        }
+        if agent
+            .renewed
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Reconnect at once with the new certificate.
+            client = agent.client(&ca)?;
+            tracing::info!("certificate renewed; reconnecting with it");
+            continue;
         }
         // Full jitter on the upper half, so a fleet that lost its
         // controller does not come back all at once.
@@ -193,6 +205,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 }
 
 impl Agent {
+    /// A client for the controller with the certificate now on disk.
+    fn client(&self, ca: &str) -> Result<AgentServiceClient<tonic::transport::Channel>, RunError> {
+        let identity = ClientIdentity {
+            cert_pem: read_state(&self.config, config::CERT_FILE)?,
+            key_pem: read_state(&self.config, config::KEY_FILE)?,
+        };
+        let channel = tls::channel(
+            &self.config.controller,
+            Trust::Ca(ca),
+            Some(&identity),
+            config::CONNECT_TIMEOUT,
+        )
+        .map_err(|e| RunError::Config(e.to_string()))?;
+        Ok(AgentServiceClient::new(channel))
+    }
+
     /// Kills the steps in flight and waits for their tasks.
     async fn stop(self, internal_rx: mpsc::Receiver<Internal>) {
         // Nobody reads step events any more: a step finishing now must not
@@ -270,10 +298,18 @@ impl Agent {
         let mut results: VecDeque<pb::StepResult> = VecDeque::new();
         let mut heartbeat = tokio::time::interval(self.config.heartbeat());
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew_check = tokio::time::interval(RENEW_CHECK);
+        renew_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let renew_due = crate::renew::due(&self.config.data_dir);
         loop {
             tokio::select! {
                 msg = inbound.next() => match msg {
-                    Some(Ok(msg)) => results.extend(self.handle(msg)),
+                    Some(Ok(msg)) => {
+                        results.extend(self.handle(msg));
+                        if self.renewed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                    }
                     None => {
                         tracing::info!("controller closed the session");
                         return;
@@ -302,6 +338,12 @@ impl Agent {
                 _ = heartbeat.tick() => {
                     let _ = out_tx.try_send(up(Up::Heartbeat(pb::Heartbeat { sent_at_ms: now_ms() })));
                 }
+                _ = renew_check.tick(), if renew_due.is_some_and(|at| now_ms() >= at) => {
+                    if let Some(csr_pem) = self.renewal.request(&self.config.name) {
+                        tracing::info!("certificate two thirds through its life; asking for a new one");
+                        let _ = out_tx.try_send(up(Up::Renew(pb::RenewRequest { csr_pem })));
+                    }
+                }
                 _ = self.shutdown.cancelled() => return,
             }
         }
@@ -329,6 +371,17 @@ impl Agent {
                 }
             }
             Some(Down::Ack(_)) => {}
+            Some(Down::Renewed(r)) => {
+                match self
+                    .renewal
+                    .install(&self.config.data_dir, &self.config.name, &r.cert_pem)
+                {
+                    Ok(()) => self
+                        .renewed
+                        .store(true, std::sync::atomic::Ordering::Relaxed),
+                    Err(e) => tracing::error!(error = %e, "certificate renewal failed"),
+                }
+            }
             None => {}
         }
         None
@@ -436,6 +489,8 @@ mod tests {
             internal_tx,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            renewal: crate::renew::Renewal::default(),
+            renewed: false.into(),
         };
         (agent, internal_rx)
     }

@@ -3,8 +3,10 @@
 //! them and does the work, and one [`Output`] through which everything is
 //! printed, so `--output json` is one switch. One function maps errors to
 //! exit codes: 0 success, 1 the change failed, 2 usage or input error, 3
-//! the controller could not be reached.
+//! the controller could not be reached, 4 refused: this operator may not
+//! do that.
 
+mod access;
 mod apply;
 mod client;
 mod demo;
@@ -92,9 +94,26 @@ pub enum Command {
         command: TokenCommand,
     },
     /// List enrolled hosts.
+    /// List hosts (optionally those matching SELECTOR), or change their
+    /// labels: `modi hosts label HOST k=v k2-`.
     Hosts {
-        /// Only hosts matching this selector (`role=web`, `web-1,web-2`, ...).
+        /// A selector (`role=web`, `web-01,web-02`, `all`).
         selector: Option<String>,
+        /// `label`: change a host's labels.
+        #[command(subcommand)]
+        command: Option<HostsCommand>,
+    },
+    /// Operators: named people with a role (viewer, operator, admin).
+    Operator {
+        /// What to do.
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// The audit journal: who changed what, when, with what outcome.
+    Audit {
+        /// Only the newest N entries (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
     },
     /// Check a changeset without touching anything.
     Validate {
@@ -202,11 +221,70 @@ pub enum Command {
 /// `modi token ...`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Print a one-time join token and the `modi-agent join` line.
+    /// Print a join token and the `modi-agent join` line.
     Create {
-        /// Lifetime (e.g. 30m, 1h, 1d; default 1h).
+        /// How long it works (e.g. 30m, 2h; at most the controller's
+        /// max_token_ttl, 7 days by default).
         #[arg(long)]
         ttl: Option<String>,
+        /// A label every host joining with it gets (wins over the join's).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// How many hosts may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// Every token, with its id, state and uses.
+    List,
+    /// Stop a token from working.
+    Revoke {
+        /// Its id (from `modi token list`).
+        id: String,
+    },
+}
+
+/// `modi hosts ...`.
+#[derive(Debug, Subcommand)]
+pub enum HostsCommand {
+    /// Set (KEY=VALUE) and remove (KEY-) a host's labels.
+    Label {
+        /// The host.
+        host: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+}
+
+/// `modi operator ...`.
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Add an operator and write its CLI bundle (config, key, certificate).
+    Add {
+        /// Its name.
+        name: String,
+        /// viewer (read), operator (also apply and decide), admin (also
+        /// tokens, hosts, operators).
+        #[arg(long)]
+        role: String,
+        /// Where to write the bundle (default ./modi-operator-NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Every operator.
+    List,
+    /// Revoke an operator: refused from its next call on.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+    /// A new certificate (and key) for an operator, as a new bundle.
+    Renew {
+        /// Its name.
+        name: String,
+        /// Where to write the bundle (default ./modi-operator-NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -232,6 +310,9 @@ pub enum CliError {
     /// The change (or the command) failed: exit 1.
     #[error("{0}")]
     Failed(String),
+    /// This operator may not do that (exit 4).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl CliError {
@@ -241,6 +322,7 @@ impl CliError {
             CliError::Failed(_) => 1,
             CliError::Input(_) => 2,
             CliError::Unreachable(_) => 3,
+            CliError::Refused(_) => 4,
         }
     }
 }
@@ -266,11 +348,44 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             admin,
         } => init::run(&out, data, addresses, listen, admin, config).map(|()| Outcome::Ok),
         Command::Serve { config: file } => serve::run(file).await.map(|()| Outcome::Ok),
-        Command::Token {
-            command: TokenCommand::Create { ttl },
-        } => hosts::token(&out, &Client::connect(config).await?, ttl).await,
-        Command::Hosts { selector } => {
-            hosts::list(&out, &Client::connect(config).await?, selector).await
+        Command::Token { command } => {
+            let client = Client::connect(config).await?;
+            match command {
+                TokenCommand::Create { ttl, labels, uses } => {
+                    let labels = access::parse_labels("--label", &labels)?;
+                    hosts::token(&out, &client, ttl, labels, uses).await
+                }
+                TokenCommand::List => access::list_tokens(&out, &client).await,
+                TokenCommand::Revoke { id } => access::revoke_token(&out, &client, id).await,
+            }
+        }
+        Command::Hosts {
+            command: Some(HostsCommand::Label { host, changes }),
+            ..
+        } => access::label_host(&out, &Client::connect(config).await?, host, changes).await,
+        Command::Hosts {
+            selector,
+            command: None,
+        } => hosts::list(&out, &Client::connect(config).await?, selector).await,
+        Command::Operator { command } => {
+            let client = Client::connect(config).await?;
+            match command {
+                OperatorCommand::Add {
+                    name,
+                    role,
+                    out: dir,
+                } => access::add_operator(&out, &client, name, role, dir).await,
+                OperatorCommand::List => access::list_operators(&out, &client).await,
+                OperatorCommand::Revoke { name } => {
+                    access::revoke_operator(&out, &client, name).await
+                }
+                OperatorCommand::Renew { name, out: dir } => {
+                    access::renew_operator(&out, &client, name, dir).await
+                }
+            }
+        }
+        Command::Audit { limit } => {
+            access::audit(&out, &Client::connect(config).await?, limit).await
         }
         Command::Agents {
             command: AgentsCommand::Revoke { name },

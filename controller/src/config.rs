@@ -19,6 +19,8 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// How long an agent may stay away while steps are in flight on it before
 /// those steps are declared `lost`.
 pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(300);
+/// The longest a join token may live (`--ttl`).
+pub const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86400);
 /// How long a backout waits for its host's agent to come back before it
 /// is `backout_failed` and a human is alerted.
 pub const DEFAULT_BACKOUT_WAIT: Duration = Duration::from_secs(3600);
@@ -120,6 +122,15 @@ pub struct ControllerFile {
     /// How long a backout waits for its host to come back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backout_wait: Option<String>,
+    /// The longest a join token may live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_ttl: Option<String>,
+    /// Lifetime of agent certificates (renewed at two thirds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cert_lifetime: Option<String>,
+    /// Lifetime of operator certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_cert_lifetime: Option<String>,
     /// Alerts ("a human must look").
     #[serde(default, skip_serializing_if = "AlertsFile::is_empty")]
     pub alerts: AlertsFile,
@@ -161,6 +172,12 @@ pub struct ControllerConfig {
     pub agent_lost_after: Duration,
     /// See [`DEFAULT_BACKOUT_WAIT`].
     pub backout_wait: Duration,
+    /// See [`DEFAULT_MAX_TOKEN_TTL`].
+    pub max_token_ttl: Duration,
+    /// See [`crate::pki::AGENT_CERT_LIFETIME`].
+    pub agent_cert_lifetime: Duration,
+    /// See [`crate::pki::OPERATOR_CERT_LIFETIME`].
+    pub operator_cert_lifetime: Duration,
     /// Alert webhook.
     pub webhook: Option<String>,
     /// Alert command.
@@ -205,6 +222,47 @@ impl ControllerConfig {
             Some(v) => duration(path, "backout_wait", v)?,
             None => DEFAULT_BACKOUT_WAIT,
         };
+        let max_token_ttl = match &file.max_token_ttl {
+            Some(v) => duration(path, "max_token_ttl", v)?,
+            None => DEFAULT_MAX_TOKEN_TTL,
+        };
+        let agent_cert_lifetime = match &file.agent_cert_lifetime {
+            Some(v) => duration(path, "agent_cert_lifetime", v)?,
+            None => crate::pki::AGENT_CERT_LIFETIME,
+        };
+        let operator_cert_lifetime = match &file.operator_cert_lifetime {
+            Some(v) => duration(path, "operator_cert_lifetime", v)?,
+            None => crate::pki::OPERATOR_CERT_LIFETIME,
+        };
+        for (key, value, d) in [
+            ("token_ttl", &file.token_ttl, token_ttl),
+            ("max_token_ttl", &file.max_token_ttl, max_token_ttl),
+            (
+                "agent_cert_lifetime",
+                &file.agent_cert_lifetime,
+                agent_cert_lifetime,
+            ),
+            (
+                "operator_cert_lifetime",
+                &file.operator_cert_lifetime,
+                operator_cert_lifetime,
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(
+                    key,
+                    value.as_deref().unwrap_or("0"),
+                    "must be longer than 0",
+                ));
+            }
+        }
+        if token_ttl > max_token_ttl {
+            return Err(invalid(
+                "token_ttl",
+                file.token_ttl.as_deref().unwrap_or_default(),
+                "is longer than max_token_ttl",
+            ));
+        }
         if let Some(w) = &file.alerts.webhook
             && !(w.starts_with("http://") || w.starts_with("https://"))
         {
@@ -229,6 +287,9 @@ impl ControllerConfig {
             token_ttl,
             agent_lost_after,
             backout_wait,
+            max_token_ttl,
+            agent_cert_lifetime,
+            operator_cert_lifetime,
             webhook: file.alerts.webhook,
             alert_command: file.alerts.command,
             vars,

@@ -99,6 +99,8 @@ pub enum ToAgent {
     Cancel(String),
     /// The result for this full dispatch id is durable: forget it.
     Ack(String),
+    /// The agent's renewed certificate (PEM).
+    Renewed(String),
 }
 
 /// A connected agent.
@@ -287,7 +289,16 @@ impl Fleet {
         hello: &Hello,
     ) -> Result<SessionHandle, crate::store::StoreError> {
         let now = self.clock.now();
-        let (owned, labels, facts) = (name.to_string(), hello.labels.clone(), hello.facts.clone());
+        // Labels belong to the controller: what the agent says of them is
+        // ignored, and logged when it differs.
+        if let Ok(Some(known)) = self.store.host(name)
+            && !hello.labels.is_empty()
+            && known.labels != hello.labels
+        {
+            tracing::warn!(agent = name, said = ?hello.labels, kept = ?known.labels,
+                "agent reported labels other than its own; ignored (change them with `modi hosts label`)");
+        }
+        let (owned, facts) = (name.to_string(), hello.facts.clone());
         let recorded = self
             .store
             .update_host(name, move |host| {
@@ -296,7 +307,6 @@ impl Fleet {
                     enrolled_at: now,
                     ..HostRecord::default()
                 });
-                host.labels = labels;
                 host.facts = facts;
                 host.last_seen = now;
                 host.connected = true;
@@ -690,6 +700,15 @@ impl Fleet {
                 stderr: chunk.stderr,
                 data: String::from_utf8_lossy(&chunk.data).into_owned(),
             });
+        }
+    }
+
+    /// Sends `msg` to session `session` of `name`, if it is still the
+    /// current one.
+    pub fn tell(&self, name: &str, session: u64, msg: ToAgent) {
+        let mut state = self.lock();
+        if state.sessions.get(name).is_some_and(|s| s.id == session) {
+            state.send(name, msg);
         }
     }
 

@@ -8,7 +8,7 @@ use modi_agent::fsutil;
 use modi_proto::identity::Role;
 
 use crate::config::{self, CliConfig, ControllerFile, files};
-use crate::pki::{Ca, PkiError};
+use crate::pki::{self, Ca, PkiError};
 
 /// What `modi init` was asked for.
 #[derive(Clone, Debug)]
@@ -92,8 +92,18 @@ pub fn init(req: &InitRequest) -> Result<InitReport, InitError> {
         source,
     })?;
     let (ca, ca_key) = Ca::generate("modi CA")?;
-    let server = ca.issue(Role::Controller, "controller", &req.addresses)?;
-    let admin = ca.issue(Role::Admin, &req.admin_name, &[])?;
+    let server = ca.issue(
+        Role::Controller,
+        "controller",
+        &req.addresses,
+        pki::LEAF_LIFETIME.unsigned_abs(),
+    )?;
+    let admin = ca.issue(
+        Role::Admin,
+        &req.admin_name,
+        &[],
+        pki::OPERATOR_CERT_LIFETIME,
+    )?;
     write(dir, files::CA_KEY, ca_key.as_bytes(), 0o600)?;
     write(dir, files::CA_CERT, ca.cert_pem().as_bytes(), 0o644)?;
     for (issued, cert, key) in [

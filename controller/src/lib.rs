@@ -34,6 +34,7 @@ pub mod config;
 pub mod driver;
 pub mod fleet;
 pub mod init;
+pub mod limits;
 pub mod pki;
 pub mod rollout;
 pub mod run_ports;

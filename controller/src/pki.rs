@@ -30,10 +30,16 @@ use time::{Duration, OffsetDateTime};
 
 /// Lifetime of the CA certificate.
 pub const CA_LIFETIME: Duration = Duration::days(20 * 365);
-/// Lifetime of controller, agent and admin certificates.
+/// Lifetime of the controller's own server certificate.
 pub const LEAF_LIFETIME: Duration = Duration::days(5 * 365);
-/// Certificates start this long before they are issued, so a host whose
-/// clock runs a little behind still accepts them.
+/// Default lifetime of an agent's certificate (it renews its own over its
+/// session when two thirds of it have passed).
+pub const AGENT_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
+/// Default lifetime of an operator's certificate (`modi operator renew`).
+pub const OPERATOR_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 86400);
+/// Certificates start this long before they are issued (or a tenth of
+/// their lifetime, if less), so a host whose clock runs a little behind
+/// still accepts them.
 pub const BACKDATE: Duration = Duration::hours(1);
 
 /// What can go wrong with keys and certificates.
@@ -63,6 +69,8 @@ pub struct Issued {
     pub key_pem: Option<String>,
     /// Its serial number (what revocation records).
     pub serial: Vec<u8>,
+    /// When it expires (ms since the epoch).
+    pub expires_at: u64,
 }
 
 /// The controller's CA: its certificate and signing key.
@@ -150,7 +158,8 @@ impl Ca {
         role: Role,
         name: &str,
         addresses: &[String],
-    ) -> Result<CertificateParams, PkiError> {
+        lifetime: std::time::Duration,
+    ) -> Result<(CertificateParams, u64), PkiError> {
         identity::valid_name(name).map_err(|e| PkiError::BadInput {
             what: "name",
             detail: e.to_string(),
@@ -190,18 +199,27 @@ impl Ca {
             Role::Agent | Role::Admin => ExtendedKeyUsagePurpose::ClientAuth,
         }];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + LEAF_LIFETIME;
+        let lifetime = Duration::try_from(lifetime).unwrap_or(LEAF_LIFETIME);
+        params.not_before = now - BACKDATE.min(lifetime / 10);
+        params.not_after = now + lifetime;
         params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         params.use_authority_key_identifier_extension = true;
-        Ok(params)
+        let expires_at = (params.not_after.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        Ok((params, expires_at))
     }
 
-    /// Issues a certificate and a fresh key for `role`/`name`;
-    /// `addresses` (DNS names or IPs) become SANs (for the controller).
-    pub fn issue(&self, role: Role, name: &str, addresses: &[String]) -> Result<Issued, PkiError> {
+    /// Issues a certificate and a fresh key for `role`/`name`, valid for
+    /// `lifetime`; `addresses` (DNS names or IPs) become SANs (for the
+    /// controller).
+    pub fn issue(
+        &self,
+        role: Role,
+        name: &str,
+        addresses: &[String],
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
-        let params = Self::leaf_params(role, name, addresses)?;
+        let (params, expires_at) = Self::leaf_params(role, name, addresses, lifetime)?;
         let serial = params
             .serial_number
             .as_ref()
@@ -212,18 +230,26 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: Some(key.serialize_pem()),
             serial,
+            expires_at,
         })
     }
 
-    /// Signs an agent's CSR. Only the CSR's public key is used: the name,
-    /// role and every extension come from us.
-    pub fn sign_csr(&self, csr_pem: &str, role: Role, name: &str) -> Result<Issued, PkiError> {
+    /// Signs a CSR (an agent's, or an operator's) for `lifetime`. Only the
+    /// CSR's public key is used: the name, role and every extension come
+    /// from us.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        role: Role,
+        name: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, PkiError> {
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::BadInput {
                 what: "CSR",
                 detail: e.to_string(),
             })?;
-        let params = Self::leaf_params(role, name, &[])?;
+        let (params, expires_at) = Self::leaf_params(role, name, &[], lifetime)?;
         let serial = params
             .serial_number
             .as_ref()
@@ -238,6 +264,7 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: None,
             serial,
+            expires_at,
         })
     }
 }
@@ -255,7 +282,9 @@ pub fn serial_of(der: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Client certificates: optional (for `Enroll`), but if presented they
-/// must chain to our CA, carry the agent or admin role and not be revoked.
+/// must chain to our CA, carry the agent or admin role, and for an agent
+/// not be revoked (a revoked operator is refused by every admin call, with
+/// a message that says why).
 #[derive(Debug)]
 pub struct ClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
@@ -313,7 +342,10 @@ impl ClientCertVerifier for ClientVerifier {
             ));
         }
         let serial = serial_of(end_entity).unwrap_or_default();
-        if self.revoked.read().expect("revoked lock").contains(&serial) {
+        // A revoked operator is let through the handshake only to be told,
+        // call by call, that it was revoked (the admin API's authorisation
+        // refuses it before anything runs); an agent is refused here.
+        if id.role == Role::Agent && self.revoked.read().expect("revoked lock").contains(&serial) {
             return Err(rustls::Error::General(format!(
                 "client certificate refused: {id} was revoked"
             )));
@@ -393,6 +425,7 @@ mod tests {
                 Role::Controller,
                 "ctl",
                 &["localhost".into(), "127.0.0.1".into()],
+                std::time::Duration::from_secs(3600),
             )
             .unwrap();
         let der = modi_proto::tls::certs_from_pem("x", &issued.cert_pem)
@@ -407,7 +440,15 @@ mod tests {
         let mut req = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
         req.distinguished_name.push(DnType::CommonName, "admin");
         let csr = req.serialize_request(&agent_key).unwrap().pem().unwrap();
-        let issued = ca.sign_csr(&csr, Role::Agent, "web-1").unwrap();
+        let issued = ca
+            .sign_csr(&csr, Role::Agent, "web-1", AGENT_CERT_LIFETIME)
+            .unwrap();
+        let now_ms = crate::clock::now();
+        let days = (issued.expires_at - now_ms) / 86_400_000;
+        assert!(
+            (29..=30).contains(&days),
+            "an agent certificate lives 30 days: {days}"
+        );
         let der = modi_proto::tls::certs_from_pem("x", &issued.cert_pem)
             .unwrap()
             .remove(0);
@@ -421,6 +462,9 @@ mod tests {
     #[test]
     fn bad_names_are_refused() {
         let (ca, _) = Ca::generate("modi test CA").unwrap();
-        assert!(ca.issue(Role::Agent, "../x", &[]).is_err());
+        assert!(
+            ca.issue(Role::Agent, "../x", &[], AGENT_CERT_LIFETIME)
+                .is_err()
+        );
     }
 }

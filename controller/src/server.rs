@@ -22,6 +22,7 @@ use crate::pki::{self, Ca, RevokedSerials};
 use crate::rollout::Judge;
 use crate::service::admin::AdminApi;
 use crate::service::agent::AgentApi;
+use crate::service::authz::Authz;
 use crate::store::{Store, StoreError};
 
 /// Largest gRPC message (plans of big fleets are large).
@@ -107,6 +108,7 @@ impl Server {
         let cert = read(&config, files::SERVER_CERT)?;
         let key = read(&config, files::SERVER_KEY)?;
         let store = Store::open(&config.file(files::DB))?;
+        bootstrap_operator(&store, &config).await?;
         let revoked: RevokedSerials = Arc::new(RwLock::new(store.revoked_serials()?));
         let tls = pki::server_config(&ca, &cert, &key, revoked.clone())?;
         let listener =
@@ -202,14 +204,20 @@ impl Server {
                 });
             }
         });
+        // What an agent sends is bounded on the way in too.
         let agent =
             pb::agent_service_server::AgentServiceServer::new(AgentApi::new(shared.clone()))
-                .max_decoding_message_size(MAX_MESSAGE)
+                .max_decoding_message_size(crate::limits::MAX_AGENT_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
-        let admin =
+        // Every admin call passes the one authorisation layer first.
+        let admin = Authz::new(
             pb::admin_service_server::AdminServiceServer::new(AdminApi::new(shared.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
+                .max_encoding_message_size(MAX_MESSAGE),
+            shared.store.clone(),
+            shared.revoked.clone(),
+            shared.drivers.clock,
+        );
         let serve_shutdown = shutdown.clone();
         let mut serving = tokio::spawn(
             tonic::transport::Server::builder()
@@ -257,6 +265,42 @@ impl Server {
         served?;
         Ok(())
     }
+}
+
+/// The first operator: with no operator on record (a new controller, or
+/// one from before operators were named), the holder of the admin
+/// certificate `modi init` made is the admin.
+async fn bootstrap_operator(store: &Store, config: &ControllerConfig) -> Result<(), ServeError> {
+    if !store.operators()?.is_empty() {
+        return Ok(());
+    }
+    let Ok(pem) = std::fs::read_to_string(config.file(files::ADMIN_CERT)) else {
+        tracing::warn!("no operators and no admin certificate: nobody can use the admin API");
+        return Ok(());
+    };
+    let der = modi_proto::tls::certs_from_pem("admin certificate", &pem)
+        .map_err(|e| pki::PkiError::BadInput {
+            what: "admin certificate",
+            detail: e.to_string(),
+        })?
+        .remove(0);
+    let id = modi_proto::identity::from_der(&der).map_err(|e| pki::PkiError::BadInput {
+        what: "admin certificate",
+        detail: e.to_string(),
+    })?;
+    let op = crate::store::OperatorRecord {
+        name: id.name.clone(),
+        role: crate::store::OperatorRole::Admin,
+        created_at: crate::clock::now(),
+        created_by: "modi init".into(),
+        serials: pki::serial_of(&der).into_iter().collect(),
+        cert_expires_at: 0,
+        revoked: false,
+    };
+    // The store was just checked empty; a failure here is a store failure.
+    let _ = store.add_operator(op).await?;
+    tracing::info!(operator = %id.name, "first operator (role admin) from the admin certificate");
+    Ok(())
 }
 
 /// Carries every run that was not finished on to its end.

@@ -6,10 +6,15 @@
 //!
 //! - [`agent`]: `AgentService` (Enroll, Connect), with [`agent_convert`].
 //! - [`admin`]: `AdminService` for the CLI, with [`admin_convert`].
-//! - [`auth`]: who is calling, and with which role.
+//! - [`auth`]: who is calling, and with which certificate role.
+//! - [`authz`]: which operator may call which admin method (one table,
+//!   default deny), and the audit journal.
+//! - [`admin_access`]: tokens, labels, operators, audit.
 
 pub mod admin;
+pub mod admin_access;
 pub mod admin_convert;
 pub mod agent;
 pub mod agent_convert;
 pub mod auth;
+pub mod authz;

@@ -11,6 +11,9 @@
 //!   [`JournalEntry`]: the append-only event journal of each run, from which
 //!   its state is replayed.
 //! - `meta`: counters.
+//! - `operators`: name → [`OperatorRecord`] (role, certificate serials).
+//! - `audit`: sequence number (u64 big-endian) → [`AuditEntry`]: every
+//!   admin call that changed something.
 //!
 //! Values are JSON.
 //!
@@ -37,7 +40,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::rollout::{DispatchId, Event, Millis, RunState, StepResult};
+
+pub mod access;
 use crate::spec::RunSpec;
+pub use access::{AuditEntry, OperatorRecord, OperatorRole};
 
 /// How long [`Store::open`] waits for the store's lock.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -97,6 +103,9 @@ pub enum TokenRefused {
     /// Past its expiry.
     #[error("this join token expired")]
     Expired,
+    /// Revoked by an operator.
+    #[error("this join token was revoked")]
+    Revoked,
 }
 
 /// A known agent.
@@ -121,6 +130,9 @@ pub struct HostRecord {
     /// it had been connected.
     #[serde(default)]
     pub connected: bool,
+    /// When its newest certificate expires.
+    #[serde(default)]
+    pub cert_expires_at: Millis,
     /// Serial numbers of every certificate issued to this name.
     #[serde(default)]
     pub serials: Vec<Vec<u8>>,
@@ -136,11 +148,39 @@ pub struct TokenRecord {
     pub created_at: Millis,
     /// When it stops working.
     pub expires_at: Millis,
-    /// Who made it (admin cert name).
+    /// Who made it (operator name).
     pub created_by: String,
-    /// Set once used: by which agent name.
+    /// The agent names that used it, in order.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub used_by: Vec<String>,
+    /// How many hosts may enrol with it.
+    #[serde(default = "one_use")]
+    pub uses: u32,
+    /// Labels every host enrolled with it gets (winning over the join's).
     #[serde(default)]
-    pub used_by: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Revoked by an operator.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+fn one_use() -> u32 {
+    1
+}
+
+/// `used_by` was one name before tokens could be used more than once.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(name)) => vec![name],
+        Some(OneOrMany::Many(names)) => names,
+    })
 }
 
 /// A revoked certificate.
@@ -226,6 +266,8 @@ struct Trees {
     runs: sled::Tree,
     journal: sled::Tree,
     meta: sled::Tree,
+    operators: sled::Tree,
+    audit: sled::Tree,
 }
 
 impl Trees {
@@ -251,6 +293,8 @@ impl Trees {
             runs: db.open_tree("runs")?,
             journal: db.open_tree("journal")?,
             meta: db.open_tree("meta")?,
+            operators: db.open_tree("operators")?,
+            audit: db.open_tree("audit")?,
             db,
         })
     }
@@ -538,15 +582,17 @@ impl Store {
         .await
     }
 
-    /// Enrols agent `name`: uses the token with this hash exactly once
-    /// and records the host with the certificate serial it was issued, in
-    /// one write (a token is never used up without its host). Durable on
-    /// return.
+    /// Enrols agent `name`: uses the token with this hash (once per
+    /// host, up to its `uses`) and records the host with the certificate
+    /// serial it was issued and its labels — the token's if it names any,
+    /// else `asked` — in one write (a token is never used up without its
+    /// host). Durable on return.
     pub async fn enroll(
         &self,
         hash: &str,
         name: &str,
-        serial: Vec<u8>,
+        serial: (Vec<u8>, Millis),
+        asked: BTreeMap<String, String>,
         now: Millis,
     ) -> Result<Result<HostRecord, TokenRefused>, StoreError> {
         let (hash, name) = (hash.to_string(), name.to_string());
@@ -554,15 +600,18 @@ impl Store {
             let Some(mut token) = get::<TokenRecord>(&t.trees.tokens, "tokens", &hash)? else {
                 return Ok(Err(TokenRefused::Unknown));
             };
-            if let Some(by) = token.used_by {
-                return Ok(Err(TokenRefused::Used(by)));
+            if token.revoked {
+                return Ok(Err(TokenRefused::Revoked));
+            }
+            if token.used_by.len() >= token.uses.max(1) as usize {
+                return Ok(Err(TokenRefused::Used(token.used_by.join(", "))));
             }
             if now >= token.expires_at {
                 return Ok(Err(TokenRefused::Expired));
             }
-            // The one writer decides between two agents racing with one
-            // token: the second finds it used.
-            token.used_by = Some(name.clone());
+            // The one writer decides between agents racing with one
+            // token: the last one past its uses finds it used.
+            token.used_by.push(name.clone());
             let mut host =
                 get::<HostRecord>(&t.trees.hosts, "hosts", &name)?.unwrap_or_else(|| HostRecord {
                     name: name.clone(),
@@ -570,7 +619,13 @@ impl Store {
                 });
             host.enrolled_at = now;
             host.revoked = false;
-            host.serials.push(serial);
+            host.serials.push(serial.0);
+            host.cert_expires_at = serial.1;
+            host.labels = if token.labels.is_empty() {
+                asked
+            } else {
+                token.labels.clone()
+            };
             t.trees.tokens.insert(hash.as_bytes(), encode(&token))?;
             t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
             Ok(Ok(host))
@@ -891,7 +946,10 @@ mod tests {
             created_at: 0,
             expires_at,
             created_by: "admin".into(),
-            used_by: None,
+            used_by: Vec::new(),
+            uses: 1,
+            labels: BTreeMap::new(),
+            revoked: false,
         }
     }
 
@@ -921,18 +979,29 @@ mod tests {
         let (_d, s) = store();
         s.put_token("h1", token(1000)).await.unwrap();
         s.put_token("h2", token(1000)).await.unwrap();
-        let host = s.enroll("h1", "web-1", vec![1], 10).await.unwrap().unwrap();
+        let none = BTreeMap::new;
+        let host = s
+            .enroll("h1", "web-1", (vec![1], 0), none(), 10)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((host.name.as_str(), host.serials.len()), ("web-1", 1));
         assert_eq!(
-            s.enroll("h1", "web-2", vec![2], 10).await.unwrap(),
+            s.enroll("h1", "web-2", (vec![2], 0), none(), 10)
+                .await
+                .unwrap(),
             Err(TokenRefused::Used("web-1".into()))
         );
         assert_eq!(
-            s.enroll("h2", "web-2", vec![2], 1000).await.unwrap(),
+            s.enroll("h2", "web-2", (vec![2], 0), none(), 1000)
+                .await
+                .unwrap(),
             Err(TokenRefused::Expired)
         );
         assert_eq!(
-            s.enroll("nope", "web-2", vec![2], 1).await.unwrap(),
+            s.enroll("nope", "web-2", (vec![2], 0), none(), 1)
+                .await
+                .unwrap(),
             Err(TokenRefused::Unknown)
         );
         assert!(

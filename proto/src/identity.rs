@@ -152,6 +152,22 @@ pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
     found.ok_or(IdentityError::Missing)
 }
 
+/// When a DER certificate starts and stops being valid, in milliseconds
+/// since the UNIX epoch.
+pub fn validity(der: &[u8]) -> Result<(u64, u64), IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let v = cert.validity();
+    let ms = |t: i64| (t.max(0) as u64) * 1000;
+    Ok((ms(v.not_before.timestamp()), ms(v.not_after.timestamp())))
+}
+
+/// When a certificate valid from `not_before` to `not_after` (ms) is due
+/// for renewal: once two thirds of its life have passed.
+pub fn renew_at(not_before: u64, not_after: u64) -> u64 {
+    not_before + not_after.saturating_sub(not_before) / 3 * 2
+}
+
 /// Reads the identity and insists on `role`.
 pub fn expect_role(der: &[u8], role: Role) -> Result<Identity, IdentityError> {
     let id = from_der(der)?;

@@ -8,3 +8,4 @@ mod foundation;
 mod language;
 mod refusals;
 mod rollout;
+mod trust;

@@ -165,7 +165,7 @@ fn the_admin_api_needs_an_admin_certificate() {
         ),
     );
     let out = modi(&as_agent, &["token", "create"]);
-    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(out.code, 4, "refused: {out:?}");
     assert!(
         out.stderr.contains("certificate is for agent \"web-1\""),
         "{out:?}"

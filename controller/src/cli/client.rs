@@ -82,8 +82,12 @@ impl Client {
                     modi_agent::error_chain(&status)
                 ))
             }
-            Code::Unauthenticated | Code::PermissionDenied => CliError::Unreachable(format!(
+            Code::Unauthenticated => CliError::Unreachable(format!(
                 "the controller at {url} refused this CLI: {}",
+                status.message()
+            )),
+            Code::PermissionDenied => CliError::Refused(format!(
+                "refused by the controller at {url}: {}",
                 status.message()
             )),
             Code::InvalidArgument

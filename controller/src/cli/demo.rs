@@ -154,7 +154,10 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
         for (name, role) in AGENTS {
             let token = client
                 .admin()
-                .create_token(pb::CreateTokenRequest { ttl_seconds: 300 })
+                .create_token(pb::CreateTokenRequest {
+                    ttl_seconds: 300,
+                    ..Default::default()
+                })
                 .await
                 .map_err(|s| client.error(s))?
                 .into_inner();

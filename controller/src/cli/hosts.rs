@@ -8,6 +8,8 @@ use super::{CliError, Client, Outcome, Output};
 
 #[derive(Serialize)]
 struct Token<'a> {
+    id: &'a str,
+    uses: u32,
     token: &'a str,
     expires_at_ms: u64,
     join_command: &'a str,
@@ -20,25 +22,43 @@ pub async fn token(
     out: &Output,
     client: &Client,
     ttl: Option<String>,
+    labels: std::collections::BTreeMap<String, String>,
+    uses: u32,
 ) -> Result<Outcome, CliError> {
     let ttl_seconds = match ttl {
-        Some(t) => humantime::parse_duration(&t)
-            .map_err(|e| {
+        Some(t) => {
+            let d = humantime::parse_duration(&t).map_err(|e| {
                 CliError::Input(format!(
                     "--ttl {t:?}: expected a duration like 30m or 1h ({e})"
                 ))
-            })?
-            .as_secs()
-            .max(1),
+            })?;
+            if d.as_secs() == 0 {
+                return Err(CliError::Input(format!(
+                    "--ttl {t:?}: a token must live at least a second"
+                )));
+            }
+            d.as_secs()
+        }
         None => 0,
     };
+    if uses == 0 {
+        return Err(CliError::Input(
+            "--uses 0: a token must work at least once".into(),
+        ));
+    }
     let r = client
         .admin()
-        .create_token(pb::CreateTokenRequest { ttl_seconds })
+        .create_token(pb::CreateTokenRequest {
+            ttl_seconds,
+            labels: labels.into_iter().collect(),
+            uses,
+        })
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
     let t = Token {
+        id: &r.id,
+        uses: r.uses,
         token: &r.token,
         expires_at_ms: r.expires_at_ms,
         join_command: &r.join_command,
@@ -46,8 +66,13 @@ pub async fn token(
         controller: &r.controller_url,
     };
     out.data(&t, || {
+        let uses = match r.uses {
+            0 | 1 => "One-time join token".to_string(),
+            n => format!("Join token for {n} hosts"),
+        };
         format!(
-            "One-time join token (expires {} UTC). On the new host run:\n\n  {}\n",
+            "{uses} {} (expires {} UTC). On the new host run:\n\n  {}\n",
+            r.id,
             when(r.expires_at_ms),
             r.join_command
         )
@@ -65,6 +90,8 @@ struct HostOut<'a> {
     last_seen_ms: u64,
     connected_since_ms: u64,
     enrolled_at_ms: u64,
+    certificates: u32,
+    cert_expires_at_ms: u64,
 }
 
 /// Lists hosts.
@@ -93,6 +120,8 @@ pub async fn list(
             last_seen_ms: h.last_seen_ms,
             connected_since_ms: h.connected_since_ms,
             enrolled_at_ms: h.enrolled_at_ms,
+            certificates: h.certificates,
+            cert_expires_at_ms: h.cert_expires_at_ms,
         })
         .collect();
     out.data(&json, || {

@@ -129,3 +129,29 @@ mod tests {
         assert_eq!(t, "NAME   STATE\nweb-1  success\ndb     failed\n");
     }
 }
+
+/// Text from a host, safe for a terminal: control characters (escape
+/// sequences among them) are shown escaped (`\x1b`), never sent raw; tabs
+/// stay. `--output json` carries the raw text.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' | '\n' => out.push(c),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod escape_tests {
+    #[test]
+    fn terminal_escapes_from_hosts_are_shown_not_obeyed() {
+        assert_eq!(
+            super::escape_controls("ok\u{1b}[2J\u{7}\tdone\r"),
+            "ok\\x1b[2J\\x07\tdone\\x0d"
+        );
+    }
+}

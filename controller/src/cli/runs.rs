@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use modi_proto::v1 as pb;
 use serde::Serialize;
 
-use super::output::{table, when};
+use super::output::{escape_controls, table, when};
 use super::{CliError, Client, Outcome, Output};
 use crate::rollout::RunStatus;
 
@@ -133,6 +133,7 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
                         None => text,
                     }
                 });
+                let why = escape_controls(&why);
                 vec![
                     format!("  {}", h.name),
                     h.state.as_str().to_string(),
@@ -246,10 +247,10 @@ pub async fn logs(
             out.line(format!("{who}== {}", e.step));
         }
         for line in e.stdout.lines() {
-            out.line(format!("{who}{line}"));
+            out.line(format!("{who}{}", escape_controls(line)));
         }
         for line in e.stderr.lines() {
-            out.line(format!("{who}stderr: {line}"));
+            out.line(format!("{who}stderr: {}", escape_controls(line)));
         }
         if e.finished {
             out.line(format!("{who}-> {} ({} ms)", e.outcome, e.duration_ms));

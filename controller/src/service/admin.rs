@@ -1,23 +1,23 @@
-//! `AdminService`: what the `modi` CLI calls. Every call needs an admin
-//! certificate; the name on it is recorded with what it did.
+//! `AdminService`: what the `modi` CLI calls. Every call comes from a
+//! named operator whose role allowed it (decided before any handler runs,
+//! in [`super::authz`]); the operator's name is recorded with what it did.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use modi_proto::identity::Role;
 use modi_proto::v1 as pb;
 use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::admin_access as access;
 use super::admin_convert as convert;
-use super::auth;
+use super::authz;
 use crate::driver;
 use crate::rollout::{Event, RunStatus};
 use crate::run_ports::{DriverMsg, WatchItem};
 use crate::server::Shared;
-use crate::store::TokenRecord;
 
 /// The admin service.
 pub struct AdminApi {
@@ -66,48 +66,15 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
-        let req = request.into_inner();
-        let ttl = if req.ttl_seconds == 0 {
-            self.shared.config.token_ttl
-        } else {
-            std::time::Duration::from_secs(req.ttl_seconds)
-        };
-        let token = format!("mt_{}", hex::encode(rand::random::<[u8; 24]>()));
-        let now = crate::clock::now();
-        let expires_at = now + ttl.as_millis() as u64;
-        self.shared
-            .store
-            .put_token(
-                &super::agent::token_hash(&token),
-                TokenRecord {
-                    created_at: now,
-                    expires_at,
-                    created_by: admin.name.clone(),
-                    used_by: None,
-                },
-            )
-            .await
-            .map_err(convert::store_error)?;
-        let ca = self.shared.ca.fingerprint();
-        let url = self.shared.config.advertise.clone();
-        tracing::info!(by = %admin.name, ttl = ?ttl, "join token created");
-        Ok(Response::new(pb::CreateTokenResponse {
-            join_command: format!(
-                "modi-agent join --controller {url} --token {token} --ca-sha256 {ca}"
-            ),
-            token,
-            expires_at_ms: expires_at,
-            ca_sha256: ca,
-            controller_url: url,
-        }))
+        let by = authz::caller(&request)?;
+        access::create_token(&self.shared, &by, request.into_inner()).await
     }
 
     async fn list_hosts(
         &self,
         request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
-        auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        authz::caller(&request)?;
         let req = request.into_inner();
         let selector = if req.selector.trim().is_empty() {
             None
@@ -138,7 +105,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeAgentRequest>,
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        let admin = authz::caller(&request)?;
         let name = request.into_inner().name;
         let store = &self.shared.store;
         let host = store
@@ -153,14 +120,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .extend(host.serials.iter().cloned());
         self.shared.fleet.kick(&name).await;
         tracing::warn!(agent = %name, by = %admin.name, "agent revoked");
-        Ok(Response::new(pb::RevokeAgentResponse {}))
+        Ok(access::audited(
+            pb::RevokeAgentResponse {},
+            format!("host {name}"),
+        ))
     }
 
     async fn plan(
         &self,
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::PlanResponse>, Status> {
-        auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        authz::caller(&request)?;
         let spec = convert::render(&self.shared, request.into_inner())?;
         Ok(Response::new(pb::PlanResponse {
             spec_json: serde_json::to_string(&spec).map_err(|e| Status::internal(e.to_string()))?,
@@ -171,22 +141,25 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        let admin = authz::caller(&request)?;
         let spec = convert::render(&self.shared, request.into_inner())?;
         let run = driver::start(&self.shared.drivers, spec, &admin.name)
             .await
             .map_err(convert::store_error)?;
         tracing::info!(run, by = %admin.name, "run submitted");
-        Ok(Response::new(pb::ApplyResponse {
-            run_id: run.to_string(),
-        }))
+        Ok(access::audited(
+            pb::ApplyResponse {
+                run_id: run.to_string(),
+            },
+            format!("run {run}"),
+        ))
     }
 
     async fn list_runs(
         &self,
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        authz::caller(&request)?;
         // While the store cannot write, runs being driven wait as paused.
         let held = self.shared.store.health().is_some();
         let runs = self
@@ -209,7 +182,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::GetRunResponse>, Status> {
-        auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        authz::caller(&request)?;
         let run = convert::run_id(&request.into_inner().run_id)?;
         let (meta, status) = self.status(run).await?;
         Ok(Response::new(pb::GetRunResponse {
@@ -224,7 +197,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        authz::caller(&request)?;
         let run = convert::run_id(&request.into_inner().run_id)?;
         // Subscribe before the snapshot, so nothing falls between them.
         let mut live = self
@@ -282,7 +255,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        authz::caller(&request)?;
         let req = request.into_inner();
         let run = convert::run_id(&req.run_id)?;
         let live = req
@@ -332,7 +305,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ControlRequest>,
     ) -> Result<Response<pb::ControlResponse>, Status> {
-        let admin = auth::require(&request, Role::Admin, &self.shared.revoked)?;
+        let admin = authz::caller(&request)?;
         let req = request.into_inner();
         let run = convert::run_id(&req.run_id)?;
         let by = admin.name.clone();
@@ -368,8 +341,75 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .map_err(|_| Status::unavailable(format!("run {run} is shutting down")))?
             .map_err(Status::failed_precondition)?;
         tracing::info!(run, by = %admin.name, action = ?req.action, "control");
-        Ok(Response::new(pb::ControlResponse {
-            state: state.as_str().to_string(),
-        }))
+        Ok(access::audited(
+            pb::ControlResponse {
+                state: state.as_str().to_string(),
+            },
+            format!("run {run}"),
+        ))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        authz::caller(&request)?;
+        access::list_tokens(&self.shared)
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        authz::caller(&request)?;
+        access::revoke_token(&self.shared, request.into_inner()).await
+    }
+
+    async fn label_host(
+        &self,
+        request: Request<pb::LabelHostRequest>,
+    ) -> Result<Response<pb::LabelHostResponse>, Status> {
+        authz::caller(&request)?;
+        access::label_host(&self.shared, request.into_inner()).await
+    }
+
+    async fn add_operator(
+        &self,
+        request: Request<pb::OperatorCsr>,
+    ) -> Result<Response<pb::OperatorCert>, Status> {
+        let by = authz::caller(&request)?;
+        access::add_operator(&self.shared, &by, request.into_inner()).await
+    }
+
+    async fn renew_operator(
+        &self,
+        request: Request<pb::OperatorCsr>,
+    ) -> Result<Response<pb::OperatorCert>, Status> {
+        authz::caller(&request)?;
+        access::renew_operator(&self.shared, request.into_inner()).await
+    }
+
+    async fn list_operators(
+        &self,
+        request: Request<pb::ListOperatorsRequest>,
+    ) -> Result<Response<pb::ListOperatorsResponse>, Status> {
+        authz::caller(&request)?;
+        access::list_operators(&self.shared)
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<pb::RevokeOperatorRequest>,
+    ) -> Result<Response<pb::RevokeOperatorResponse>, Status> {
+        let by = authz::caller(&request)?;
+        access::revoke_operator(&self.shared, &by, request.into_inner()).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        authz::caller(&request)?;
+        access::list_audit(&self.shared, request.into_inner())
     }
 }

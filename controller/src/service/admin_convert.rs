@@ -59,6 +59,8 @@ pub fn host(h: &HostRecord, presence: Option<&Presence>) -> pb::Host {
         enrolled_at_ms: h.enrolled_at,
         connected_since_ms: presence.map_or(0, |p| p.since),
         revoked: h.revoked,
+        certificates: h.serials.len() as u32,
+        cert_expires_at_ms: h.cert_expires_at,
     }
 }
 

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{agent_convert as convert, auth};
 use crate::fleet::Hello;
+use crate::fleet::ToAgent;
 use crate::server::Shared;
 
 /// How long a new session may take to say Hello.
@@ -59,6 +60,44 @@ fn internal(e: crate::store::StoreError) -> Status {
     super::admin_convert::store_error(e)
 }
 
+/// An agent asks for a new certificate over its session (two thirds of
+/// the current one's life have passed): signed for the same name, recorded
+/// (so revoking the host revokes it too), sent down the session.
+async fn renew(shared: &Shared, name: &str, session: u64, req: pb::RenewRequest) {
+    let issued = match shared.ca.sign_csr(
+        &req.csr_pem,
+        Role::Agent,
+        name,
+        shared.config.agent_cert_lifetime,
+    ) {
+        Ok(issued) => issued,
+        Err(e) => {
+            tracing::warn!(agent = name, error = %e, "renewal refused");
+            return;
+        }
+    };
+    let (serial, expires_at) = (issued.serial.clone(), issued.expires_at);
+    let recorded = shared
+        .store
+        .update_host(name, move |host| {
+            let mut host = host.unwrap_or_default();
+            host.serials.push(serial);
+            host.cert_expires_at = expires_at;
+            host
+        })
+        .await;
+    if let Err(e) = recorded {
+        // Not recorded, not handed out: a certificate revocation could
+        // not find is never in use.
+        tracing::warn!(agent = name, error = %e, "renewal not recorded; the agent asks again");
+        return;
+    }
+    tracing::info!(agent = name, "agent certificate renewed");
+    shared
+        .fleet
+        .tell(name, session, ToAgent::Renewed(issued.cert_pem));
+}
+
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
     async fn enroll(
@@ -82,17 +121,26 @@ impl pb::agent_service_server::AgentService for AgentApi {
         }
         // A bad CSR must not burn the token: sign first, hand out only
         // after the token is consumed.
+        let labels: std::collections::BTreeMap<String, String> = req.labels.into_iter().collect();
+        crate::limits::check_labels(&labels)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let issued = self
             .shared
             .ca
-            .sign_csr(&req.csr_pem, Role::Agent, &req.name)
+            .sign_csr(
+                &req.csr_pem,
+                Role::Agent,
+                &req.name,
+                self.shared.config.agent_cert_lifetime,
+            )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let now = crate::clock::now();
         let enrolled = store
             .enroll(
                 &token_hash(&req.token),
                 &req.name,
-                issued.serial.clone(),
+                (issued.serial.clone(), issued.expires_at),
+                labels,
                 now,
             )
             .await
@@ -140,8 +188,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
         };
         let version = std::mem::take(&mut hello.agent_version);
-        let hello = convert::hello(hello);
+        let hello = convert::hello(hello).map_err(|e| {
+            tracing::warn!(agent = %name, error = %e, "Hello refused");
+            Status::invalid_argument(format!("Hello refused: {e}"))
+        })?;
         let fleet = self.shared.fleet.clone();
+        let shared = self.shared.clone();
         let session = fleet.connect(&name, &hello).await.map_err(internal)?;
         let (id, token) = (session.id, session.token.clone());
         let silence = silence_limit(&hello);
@@ -169,6 +221,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                             fleet.result(&name, convert::agent_result(result)).await
                         }
                         Up::Hello(_) => tracing::debug!(agent = %name, "extra Hello ignored"),
+                        Up::Renew(req) => renew(&shared, &name, id, req).await,
                     },
                     Ok(Some(_)) => {}
                     Ok(None) => break,

@@ -6,20 +6,41 @@ use std::time::Duration;
 use modi_proto::v1 as pb;
 
 use crate::fleet::{AgentResult, Hello, OutputChunk, RunRef, ToAgent, full_id};
+use crate::limits;
 use crate::rollout::{DispatchId, StepResult, Termination};
 use crate::spec::{Step, StepAction};
 
-/// What an agent said about itself, as the fleet sees it.
-pub fn hello(h: pb::Hello) -> Hello {
-    Hello {
-        labels: h.labels.into_iter().collect(),
-        facts: h.facts.into_iter().collect(),
+/// What an agent said about itself, as the fleet sees it; refused when it
+/// is more than the controller keeps (the agent is told the limit).
+pub fn hello(h: pb::Hello) -> Result<Hello, limits::TooMuch> {
+    let labels = h.labels.into_iter().collect();
+    let facts = h.facts.into_iter().collect();
+    // Labels from a Hello are ignored, but still bounded: they are logged.
+    limits::check_map(
+        "Hello labels",
+        &labels,
+        limits::MAX_LABELS,
+        limits::MAX_LABEL_VALUE,
+    )?;
+    limits::check_facts(&facts)?;
+    if h.running.len() > limits::MAX_RUNNING || h.running.iter().any(|r| r.len() > 200) {
+        return Err(limits::TooMuch {
+            what: "Hello running".into(),
+            detail: format!(
+                "at most {} dispatch ids of at most 200 bytes",
+                limits::MAX_RUNNING
+            ),
+        });
+    }
+    Ok(Hello {
+        labels,
+        facts,
         running: h.running,
         heartbeat: match h.heartbeat_interval_ms {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         },
-    }
+    })
 }
 
 /// A message for an agent, as the wire carries it.
@@ -29,6 +50,7 @@ pub fn to_agent(msg: ToAgent) -> pb::ControllerMessage {
         ToAgent::Run { run, id, step } => Down::Run(run_step(run, &id, &step)),
         ToAgent::Cancel(dispatch_id) => Down::Cancel(pb::CancelStep { dispatch_id }),
         ToAgent::Ack(dispatch_id) => Down::Ack(pb::Ack { dispatch_id }),
+        ToAgent::Renewed(cert_pem) => Down::Renewed(pb::Renewed { cert_pem }),
     };
     pb::ControllerMessage { msg: Some(msg) }
 }
@@ -93,19 +115,26 @@ pub fn step_result(r: pb::StepResult) -> StepResult {
         // An agent that says nothing useful: its outcome is unknown.
         Ok(pb::Termination::Unspecified) | Err(_) => Termination::Lost,
     };
+    // Each stream is kept to MAX_STREAM whatever the agent sent: the rest
+    // is counted, not journaled.
+    let mut stdout = String::from_utf8_lossy(&r.stdout).into_owned();
+    let mut stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    let stdout_cut = limits::truncate(&mut stdout, limits::MAX_STREAM);
+    let stderr_cut = limits::truncate(&mut stderr, limits::MAX_STREAM);
     StepResult {
         termination: Some(termination),
         exit_code: r.exit_code,
-        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
-        stdout_dropped: r.stdout_dropped,
-        stderr_dropped: r.stderr_dropped,
+        stdout,
+        stderr,
+        stdout_dropped: r.stdout_dropped.saturating_add(stdout_cut),
+        stderr_dropped: r.stderr_dropped.saturating_add(stderr_cut),
         duration_ms: r.duration_ms,
     }
 }
 
 /// Live output, as the fleet sees it.
-pub fn output_chunk(c: pb::OutputChunk) -> OutputChunk {
+pub fn output_chunk(mut c: pb::OutputChunk) -> OutputChunk {
+    c.data.truncate(limits::MAX_CHUNK);
     OutputChunk {
         stderr: c.stream == pb::OutputStream::Stderr as i32,
         full_id: c.dispatch_id,
@@ -115,6 +144,29 @@ pub fn output_chunk(c: pb::OutputChunk) -> OutputChunk {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oversize_hello_is_refused_and_an_oversize_result_is_cut() {
+        let mut h = pb::Hello::default();
+        for i in 0..=limits::MAX_FACTS {
+            h.facts.insert(format!("f{i}"), "v".into());
+        }
+        let e = hello(h).unwrap_err();
+        assert!(e.to_string().contains("facts"), "{e}");
+        let mut h = pb::Hello::default();
+        h.labels.insert("role".into(), "x".repeat(10 << 20));
+        assert!(hello(h).is_err(), "10 MiB of labels");
+        let r = step_result(pb::StepResult {
+            termination: pb::Termination::Exited as i32,
+            stdout: vec![b'a'; 60 << 20],
+            stdout_dropped: 5,
+            ..pb::StepResult::default()
+        });
+        assert_eq!(r.stdout.len(), limits::MAX_STREAM);
+        assert_eq!(r.stdout_dropped, 5 + (60 << 20) - limits::MAX_STREAM as u64);
+    }
+
     #[test]
     fn the_placeholder_is_the_protocols() {
         assert_eq!(
