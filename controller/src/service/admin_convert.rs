@@ -9,6 +9,7 @@ use tonic::Status;
 use crate::changeset;
 use crate::driver;
 use crate::fleet::{Presence, RunRef, full_id};
+use crate::limits;
 use crate::rollout::{DispatchId, StepResult, Termination};
 use crate::run_ports::WatchItem;
 use crate::server::Shared;
@@ -83,6 +84,22 @@ pub fn render(shared: &Shared, req: pb::PlanRequest) -> Result<RunSpec, Status> 
     let sources = req
         .sources
         .ok_or_else(|| Status::invalid_argument("no changeset sent"))?;
+    let size: usize = sources.files.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > limits::MAX_SOURCES {
+        return Err(Status::invalid_argument(format!(
+            "the changeset and its includes are {size} bytes; at most {} are accepted",
+            limits::MAX_SOURCES
+        )));
+    }
+    if req.vars.len() > limits::MAX_VARS
+        || req.vars.values().any(|v| v.len() > limits::MAX_VAR_VALUE)
+    {
+        return Err(Status::invalid_argument(format!(
+            "at most {} --var values of at most {} bytes each are accepted",
+            limits::MAX_VARS,
+            limits::MAX_VAR_VALUE
+        )));
+    }
     let sources = changeset::Sources {
         root: sources.root,
         files: sources.files,

@@ -121,6 +121,27 @@ fn abort_cancels_steps_in_flight_and_backs_out_where_applied() {
 }
 
 #[test]
+fn a_result_for_a_step_decided_by_an_abort_changes_nothing() {
+    let mut sim = hanging();
+    let actions = sim.feed(abort(true));
+    let cancelled = cancels(&actions);
+    sim.run_to_end();
+    let decided = sim.engine.status();
+    // The cancelled step's process says it finished after all.
+    let late = Event::StepFinished {
+        id: cancelled[0],
+        result: StepResult {
+            termination: Some(crate::rollout::Termination::Exited),
+            exit_code: Some(0),
+            ..StepResult::default()
+        },
+    };
+    assert!(sim.feed(late).is_empty(), "no action");
+    assert_eq!(sim.engine.status(), decided, "no state changes");
+    assert_eq!(sim.engine.state(), RunState::BailedOut);
+}
+
+#[test]
 fn abort_without_backout_leaves_hosts_as_they_are() {
     let mut sim = hanging();
     let actions = sim.feed(abort(false));
