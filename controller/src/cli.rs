@@ -170,10 +170,15 @@ pub enum Command {
         /// The run id.
         run: String,
     },
-    /// Bail a run out at its approval gate.
+    /// Bail a run out at its approval gate: nothing new starts, and every
+    /// host where the waiting change was applied is backed out (newest
+    /// first). `--no-backout` leaves those hosts as they are.
     Deny {
         /// The run id.
         run: String,
+        /// Leave hosts as they are instead of backing them out.
+        #[arg(long = "no-backout")]
+        no_backout: bool,
     },
     /// Bail a run out now: cancel what runs and back out.
     Abort {
@@ -404,7 +409,9 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             runs::logs(&out, &Client::connect(config).await?, &run, host, follow).await
         }
         Command::Approve { run } => runs::control(&out, config, &run, runs::Control::Approve).await,
-        Command::Deny { run } => runs::control(&out, config, &run, runs::Control::Deny).await,
+        Command::Deny { run, no_backout } => {
+            runs::control(&out, config, &run, runs::Control::Deny { no_backout }).await
+        }
         Command::Abort { run, no_backout } => {
             runs::control(&out, config, &run, runs::Control::Abort { no_backout }).await
         }

@@ -681,10 +681,14 @@ impl Driver {
         let state = self.engine.state();
         let run = self.run;
         match event {
-            // A paused run may still have a gate open: the engine answers it.
-            Event::Approve { .. } | Event::Deny { .. }
-                if !matches!(state, RunState::AwaitingApproval | RunState::Paused) =>
-            {
+            // A decision on a paused run would be lost or misread: the
+            // operator resumes first, then decides at the gate.
+            Event::Approve { .. } | Event::Deny { .. } if state == RunState::Paused => {
+                Err(format!(
+                    "run {run} is paused; resume it first (modi resume {run}), then approve or deny"
+                ))
+            }
+            Event::Approve { .. } | Event::Deny { .. } if state != RunState::AwaitingApproval => {
                 Err(format!(
                     "run {run} is not waiting for approval (it is {})",
                     state_name(state)

@@ -1,6 +1,6 @@
 //! `modi`: parses flags, sets up logging, runs the command, maps the
 //! outcome to an exit status (0 success, 1 the change failed, 2 usage or
-//! input error, 3 the controller could not be reached).
+//! input error, 3 the controller could not be reached, 4 refused).
 
 use std::process::ExitCode;
 
@@ -32,7 +32,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let result = runtime.block_on(cli::run(cli));
+    // A question still waiting on the terminal (Ctrl-C during a gate
+    // prompt) must not hold the exit.
+    runtime.shutdown_background();
+    match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::RunFailed) => ExitCode::from(1),
         Err(e) => {

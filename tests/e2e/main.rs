@@ -5,6 +5,7 @@ mod agent_orphans;
 mod durability;
 mod faults;
 mod foundation;
+mod gates;
 mod language;
 mod refusals;
 mod rollout;

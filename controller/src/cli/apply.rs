@@ -84,7 +84,19 @@ pub async fn follow(
     // Gates this CLI has asked about: each is asked once, whether it was
     // already open when we started watching or opened later.
     let mut asked = std::collections::BTreeSet::new();
-    while let Some(event) = stream.message().await.map_err(|s| client.error(s))? {
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        let event = tokio::select! {
+            event = stream.message() => event.map_err(|s| client.error(s))?,
+            _ = &mut interrupted => {
+                if let Some(d) = display.as_mut() {
+                    d.finish();
+                }
+                out.note(format!("detached; run {run} continues (modi abort {run} stops it)"));
+                return Ok(Outcome::Ok);
+            }
+        };
+        let Some(event) = event else { break };
         let mut open = Vec::new();
         match event.event {
             Some(pb::watch_event::Event::StatusJson(json)) => {
@@ -97,7 +109,7 @@ pub async fn follow(
                         .filter_map(|c| c.gate.as_ref())
                         .map(|g| (g.id, g.label.clone())),
                 );
-                display = Some(Display::new(out, &status));
+                display = Some(Display::new(out, run, &status));
             }
             Some(pb::watch_event::Event::ProgressJson(json)) => {
                 let Ok(item) = serde_json::from_str::<WatchItem>(&json) else {
@@ -122,10 +134,18 @@ pub async fn follow(
             if !asked.insert(id) {
                 continue;
             }
-            let control = if ask(gate).await {
+            let answer = tokio::select! {
+                answer = ask(gate) => answer,
+                _ = &mut interrupted => {
+                    eprintln!();
+                    out.note(format!("detached; run {run} continues (modi abort {run} stops it)"));
+                    return Ok(Outcome::Ok);
+                }
+            };
+            let control = if answer {
                 Control::Approve
             } else {
-                Control::Deny
+                Control::Deny { no_backout: false }
             };
             if let Err(e) = send_control(client, run, control).await {
                 out.note(format!("modi: {e}"));

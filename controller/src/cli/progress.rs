@@ -17,6 +17,8 @@ struct ChangeView {
 /// What the operator sees while a run goes on.
 pub struct Display {
     out: Output,
+    /// The run id, for the commands it suggests.
+    run: String,
     changes: Vec<ChangeView>,
     multi: Option<MultiProgress>,
 }
@@ -27,7 +29,7 @@ fn done(state: HostState) -> bool {
 
 impl Display {
     /// Starts from a status snapshot.
-    pub fn new(out: &Output, status: &RunStatus) -> Display {
+    pub fn new(out: &Output, run: &str, status: &RunStatus) -> Display {
         let multi = out
             .is_tty()
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
@@ -62,6 +64,7 @@ impl Display {
         }
         Display {
             out: out.clone(),
+            run: run.to_string(),
             changes,
             multi,
         }
@@ -171,8 +174,9 @@ impl Display {
                 }
             }
             Progress::AwaitingApproval { change, gate, .. } => {
+                let run = &self.run;
                 self.say(format!(
-                    "{}: waiting for approval: {gate}",
+                    "{}: waiting for approval: {gate} (modi approve {run} | modi deny {run})",
                     self.change_name(*change)
                 ));
             }

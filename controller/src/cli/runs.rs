@@ -115,6 +115,16 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
     }
     for c in &status.changes {
         s.push_str(&format!("\nchange {}: {}\n", c.name, c.state.as_str()));
+        if let Some(g) = &c.gate {
+            let timeout = g.deadline.map_or(String::new(), |d| {
+                format!(" (counted as deny at {} UTC)", when(d))
+            });
+            s.push_str(&format!(
+                "  waiting since {} UTC for approval of {}{timeout}\n  approve: modi approve {run}    deny (backs out): modi deny {run}\n",
+                when(g.since),
+                g.label
+            ));
+        }
         let rows: Vec<Vec<String>> = c
             .hosts
             .iter()
@@ -265,7 +275,10 @@ pub enum Control {
     /// Go on at the gate.
     Approve,
     /// Bail out at the gate.
-    Deny,
+    Deny {
+        /// Leave hosts as they are.
+        no_backout: bool,
+    },
     /// Bail out now.
     Abort {
         /// Leave hosts as they are.
@@ -285,7 +298,7 @@ pub async fn send_control(
 ) -> Result<String, CliError> {
     let (action, no_backout) = match control {
         Control::Approve => (pb::ControlAction::Approve, false),
-        Control::Deny => (pb::ControlAction::Deny, false),
+        Control::Deny { no_backout } => (pb::ControlAction::Deny, no_backout),
         Control::Abort { no_backout } => (pb::ControlAction::Abort, no_backout),
         Control::Pause => (pb::ControlAction::Pause, false),
         Control::Resume => (pb::ControlAction::Resume, false),

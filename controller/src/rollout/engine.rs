@@ -76,7 +76,8 @@ pub struct Engine {
 fn decision(event: &Event) -> Option<(&str, &'static str)> {
     match event {
         Event::Approve { by } => Some((by, "approve")),
-        Event::Deny { by } => Some((by, "deny")),
+        Event::Deny { by, backout: true } => Some((by, "deny")),
+        Event::Deny { by, backout: false } => Some((by, "deny --no-backout")),
         Event::Abort { by, backout: true } => Some((by, "abort")),
         Event::Abort { by, backout: false } => Some((by, "abort --no-backout")),
         Event::Pause { by } => Some((by, "pause")),
@@ -183,11 +184,11 @@ impl Engine {
                     self.changes[c].approve();
                 }
             }
-            Event::Deny { by } => {
+            Event::Deny { by, backout } => {
                 if let Some(c) = self.oldest_gate() {
                     let label = self.changes[c].gate.as_ref().map_or("", |g| &g.label);
                     let why = format!("denied by {by} at the gate for {label}");
-                    self.bail(&mut ctx, true, &why);
+                    self.bail(&mut ctx, backout, &why);
                 }
             }
             Event::Abort { by, backout } => {
@@ -243,6 +244,7 @@ impl Engine {
                     id: g.opened,
                     label: g.label.clone(),
                     deadline: g.deadline,
+                    since: g.since,
                 }),
                 hosts: run
                     .hosts
@@ -312,8 +314,19 @@ impl Engine {
             .filter_map(|c| c.gate.as_ref())
             .filter(|g| g.deadline.is_some_and(|d| d <= ctx.now))
             .min_by_key(|g| (g.deadline, g.opened))
-            .map(|g| g.label.clone());
-        if let Some(label) = expired {
+            .map(|g| (g.label.clone(), g.deadline.unwrap_or(g.since) - g.since));
+        if let Some((label, waited)) = expired {
+            let waited = std::time::Duration::from_millis(waited);
+            // Journaled with the run (the timer that fired it is), shown
+            // with the other decisions.
+            self.decisions.push(Decision {
+                at: ctx.now,
+                by: "timeout".into(),
+                action: format!(
+                    "deny: the gate for {label} timed out after {}, counted as deny",
+                    humantime::format_duration(waited)
+                ),
+            });
             let why = format!("the gate for {label} timed out: denied");
             self.bail(ctx, true, &why);
         }

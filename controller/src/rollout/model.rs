@@ -380,6 +380,10 @@ pub enum Event {
     Deny {
         /// The name on the admin cert.
         by: String,
+        /// Back out what the change applied (`deny --no-backout` leaves
+        /// hosts as they are).
+        #[serde(default = "yes")]
+        backout: bool,
     },
     /// `modi abort RUN [--no-backout]`.
     Abort {
@@ -417,6 +421,10 @@ pub enum AlertKind {
     /// The controller's store cannot write: the run waits, paused, and
     /// goes on by itself once it can.
     StoreUnwritable,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the engine asks the driver to do.
@@ -585,6 +593,9 @@ pub struct OpenGate {
     pub label: String,
     /// When it times out (a deny), if it does.
     pub deadline: Option<Millis>,
+    /// When it opened.
+    #[serde(default)]
+    pub since: Millis,
 }
 
 /// One host's part of a [`ChangeStatus`].

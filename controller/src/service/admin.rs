@@ -311,7 +311,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let by = admin.name.clone();
         let event = match pb::ControlAction::try_from(req.action) {
             Ok(pb::ControlAction::Approve) => Event::Approve { by },
-            Ok(pb::ControlAction::Deny) => Event::Deny { by },
+            Ok(pb::ControlAction::Deny) => Event::Deny {
+                by,
+                backout: !req.no_backout,
+            },
             Ok(pb::ControlAction::Abort) => Event::Abort {
                 by,
                 backout: !req.no_backout,

@@ -29,6 +29,8 @@ pub(in crate::rollout) struct Gate {
     pub opened: u64,
     /// When it times out (a deny), if `approve.timeout` is set.
     pub deadline: Option<Millis>,
+    /// When it opened.
+    pub since: Millis,
     /// For people.
     pub label: String,
 }
@@ -142,6 +144,7 @@ impl ChangeRun {
                 .approve
                 .timeout
                 .map(|t| ctx.now.saturating_add(millis(t))),
+            since: ctx.now,
             label: label.clone(),
         });
         ctx.progress(Progress::AwaitingApproval {

@@ -15,7 +15,10 @@ fn approve() -> Event {
 }
 
 fn deny() -> Event {
-    Event::Deny { by: "bob".into() }
+    Event::Deny {
+        by: "bob".into(),
+        backout: true,
+    }
 }
 
 /// Runs, approving every gate; returns the gate labels in order.

@@ -307,7 +307,7 @@ fn drive(s: &Scenario) -> (Sim, bool) {
         if sim.engine.state() == RunState::AwaitingApproval {
             let by = "prop".to_string();
             if s.deny_gate == Some(gates) {
-                sim.feed(Event::Deny { by });
+                sim.feed(Event::Deny { by, backout: true });
             } else {
                 sim.feed(Event::Approve { by });
             }
