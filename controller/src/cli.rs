@@ -99,6 +99,10 @@ pub enum Command {
     Hosts {
         /// A selector (`role=web`, `web-01,web-02`, `all`).
         selector: Option<String>,
+        /// Only hosts in this state: connected, away, never (enrolled,
+        /// never connected), revoked.
+        #[arg(long)]
+        state: Option<String>,
         /// `label`: change a host's labels.
         #[command(subcommand)]
         command: Option<HostsCommand>,
@@ -109,6 +113,8 @@ pub enum Command {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// This CLI's version and the controller's.
+    Version,
     /// The audit journal: who changed what, when, with what outcome.
     Audit {
         /// Only the newest N entries (0 = all).
@@ -148,6 +154,16 @@ pub enum Command {
     Status {
         /// The run id.
         run: String,
+        /// List every host (by default only those not in success or
+        /// skipped; counts per change are always shown).
+        #[arg(long)]
+        all: bool,
+        /// Only this host (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Only hosts in this state (repeatable): failed, backout_ok, ...
+        #[arg(long = "state")]
+        states: Vec<String>,
     },
     /// Follow a run's progress.
     Watch {
@@ -301,6 +317,12 @@ pub enum AgentsCommand {
         /// The agent's name.
         name: String,
     },
+    /// Forget a host: revoke its certificates and remove it from the
+    /// inventory (it can join again with a new token).
+    Remove {
+        /// The host.
+        name: String,
+    },
 }
 
 /// Everything that can go wrong, by exit code.
@@ -370,8 +392,9 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
         } => access::label_host(&out, &Client::connect(config).await?, host, changes).await,
         Command::Hosts {
             selector,
+            state,
             command: None,
-        } => hosts::list(&out, &Client::connect(config).await?, selector).await,
+        } => hosts::list(&out, &Client::connect(config).await?, selector, state).await,
         Command::Operator { command } => {
             let client = Client::connect(config).await?;
             match command {
@@ -389,12 +412,16 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
                 }
             }
         }
+        Command::Version => access::version(&out, config).await,
         Command::Audit { limit } => {
             access::audit(&out, &Client::connect(config).await?, limit).await
         }
         Command::Agents {
             command: AgentsCommand::Revoke { name },
         } => hosts::revoke(&out, &Client::connect(config).await?, name).await,
+        Command::Agents {
+            command: AgentsCommand::Remove { name },
+        } => hosts::remove(&out, &Client::connect(config).await?, name).await,
         Command::Validate { file, vars } => validate::validate(&out, &file, &vars),
         Command::Plan { file, vars } => {
             validate::plan(&out, &Client::connect(config).await?, &file, &vars).await
@@ -403,7 +430,15 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             apply::apply(&out, &Client::connect(config).await?, &file, &vars, detach).await
         }
         Command::Runs => runs::list(&out, &Client::connect(config).await?).await,
-        Command::Status { run } => runs::status(&out, &Client::connect(config).await?, &run).await,
+        Command::Status {
+            run,
+            all,
+            hosts,
+            states,
+        } => {
+            let filter = runs::HostFilter { all, hosts, states };
+            runs::status(&out, &Client::connect(config).await?, &run, &filter).await
+        }
         Command::Watch { run } => apply::watch(&out, &Client::connect(config).await?, &run).await,
         Command::Logs { run, host, follow } => {
             runs::logs(&out, &Client::connect(config).await?, &run, host, follow).await

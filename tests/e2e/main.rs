@@ -7,6 +7,7 @@ mod faults;
 mod foundation;
 mod gates;
 mod language;
+mod reading;
 mod refusals;
 mod rollout;
 mod trust;

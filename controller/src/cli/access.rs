@@ -400,3 +400,29 @@ pub async fn audit(out: &Output, client: &Client, limit: u32) -> Result<Outcome,
     });
     Ok(Outcome::Ok)
 }
+
+/// `modi version`: the CLI's version, and the controller's if it answers.
+pub async fn version(out: &Output, config: Option<PathBuf>) -> Result<Outcome, CliError> {
+    let cli = env!("CARGO_PKG_VERSION");
+    let controller = match Client::connect(config).await {
+        Ok(client) => client
+            .admin()
+            .version(pb::VersionRequest {})
+            .await
+            .map(|r| r.into_inner().version)
+            .map_err(|s| client.error(s).to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    out.data(
+        &serde_json::json!({
+            "cli": cli,
+            "controller": controller.as_ref().ok(),
+            "controller_error": controller.as_ref().err(),
+        }),
+        || match &controller {
+            Ok(v) => format!("modi {cli}\ncontroller {v}"),
+            Err(e) => format!("modi {cli}\ncontroller: unknown ({e})"),
+        },
+    );
+    Ok(Outcome::Ok)
+}

@@ -35,7 +35,9 @@ pub async fn apply(
         });
         return Ok(Outcome::Ok);
     }
-    if !out.is_json() {
+    if out.is_json() {
+        out.event(&serde_json::json!({ "type": "started", "run": run }));
+    } else {
         out.line(format!("run {run} started"));
     }
     follow(out, client, &run, true).await
@@ -164,7 +166,7 @@ pub async fn follow(
     }
     out.data(
         &serde_json::json!({ "type": "end", "status": status }),
-        || status_text(&summary.run_id, &summary.name, &status),
+        || status_text(&summary.run_id, &summary.name, &status, &Default::default()),
     );
     Ok(if status.state.succeeded() {
         Outcome::Ok

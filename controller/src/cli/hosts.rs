@@ -85,6 +85,7 @@ struct HostOut<'a> {
     name: &'a str,
     connected: bool,
     revoked: bool,
+    state: &'static str,
     labels: &'a std::collections::BTreeMap<String, String>,
     facts: &'a std::collections::BTreeMap<String, String>,
     last_seen_ms: u64,
@@ -94,13 +95,37 @@ struct HostOut<'a> {
     cert_expires_at_ms: u64,
 }
 
-/// Lists hosts.
+/// A host's state for people: connected, away, never (enrolled but never
+/// connected) or revoked.
+fn host_state(h: &pb::Host) -> &'static str {
+    if h.revoked {
+        "revoked"
+    } else if h.connected {
+        "connected"
+    } else if h.last_seen_ms == 0 {
+        "never"
+    } else {
+        "away"
+    }
+}
+
+/// Lists hosts, then how many are in each state.
 pub async fn list(
     out: &Output,
     client: &Client,
     selector: Option<String>,
+    state: Option<String>,
 ) -> Result<Outcome, CliError> {
-    let hosts = client
+    const STATES: [&str; 4] = ["connected", "away", "never", "revoked"];
+    if let Some(s) = &state
+        && !STATES.contains(&s.as_str())
+    {
+        return Err(CliError::Input(format!(
+            "--state {s:?}: expected one of {}",
+            STATES.join(", ")
+        )));
+    }
+    let all = client
         .admin()
         .list_hosts(pb::ListHostsRequest {
             selector: selector.unwrap_or_default(),
@@ -109,12 +134,21 @@ pub async fn list(
         .map_err(|s| client.error(s))?
         .into_inner()
         .hosts;
+    let mut counts = std::collections::BTreeMap::new();
+    for h in &all {
+        *counts.entry(host_state(h)).or_insert(0usize) += 1;
+    }
+    let hosts: Vec<&pb::Host> = all
+        .iter()
+        .filter(|h| state.as_deref().is_none_or(|s| s == host_state(h)))
+        .collect();
     let json: Vec<HostOut> = hosts
         .iter()
         .map(|h| HostOut {
             name: &h.name,
             connected: h.connected,
             revoked: h.revoked,
+            state: host_state(h),
             labels: &h.labels,
             facts: &h.facts,
             last_seen_ms: h.last_seen_ms,
@@ -131,13 +165,7 @@ pub async fn list(
                 let fact = |k: &str| h.facts.get(k).cloned().unwrap_or_else(|| "-".into());
                 vec![
                     h.name.clone(),
-                    if h.revoked {
-                        "revoked".into()
-                    } else if h.connected {
-                        "connected".into()
-                    } else {
-                        "away".into()
-                    },
+                    host_state(h).into(),
                     h.labels
                         .iter()
                         .map(|(k, v)| format!("{k}={v}"))
@@ -150,8 +178,20 @@ pub async fn list(
                 ]
             })
             .collect();
-        if rows.is_empty() {
+        if all.is_empty() {
             return "no hosts (enrol one: modi token create)".into();
+        }
+        let summary: Vec<String> = STATES
+            .iter()
+            .filter_map(|s| counts.get(s).map(|n| format!("{n} {s}")))
+            .collect();
+        let summary = format!(
+            "\n{}: {}\n",
+            super::runs::plural(all.len(), "host"),
+            summary.join(", ")
+        );
+        if rows.is_empty() {
+            return format!("no hosts match{summary}");
         }
         table(
             &[
@@ -164,7 +204,7 @@ pub async fn list(
                 "LAST SEEN (UTC)",
             ],
             &rows,
-        )
+        ) + &summary
     });
     Ok(Outcome::Ok)
 }
@@ -178,6 +218,19 @@ pub async fn revoke(out: &Output, client: &Client, name: String) -> Result<Outco
         .map_err(|s| client.error(s))?;
     out.data(&serde_json::json!({ "revoked": name }), || {
         format!("revoked {name}: it is refused from its next handshake on")
+    });
+    Ok(Outcome::Ok)
+}
+
+/// Forgets a host.
+pub async fn remove(out: &Output, client: &Client, name: String) -> Result<Outcome, CliError> {
+    client
+        .admin()
+        .remove_agent(pb::RevokeAgentRequest { name: name.clone() })
+        .await
+        .map_err(|s| client.error(s))?;
+    out.data(&serde_json::json!({ "removed": name }), || {
+        format!("removed {name}: its certificates are revoked; it can join again with a new token")
     });
     Ok(Outcome::Ok)
 }

@@ -107,8 +107,44 @@ pub fn host_counts(status: &RunStatus) -> std::collections::BTreeMap<&'static st
 /// Longest failure text per host in `modi status`.
 const FAILURE_WIDTH: usize = 100;
 
+/// Which hosts `modi status` lists: by default only those not in
+/// `success` or `skipped` (a fleet-size run prints its counts and its
+/// problems); `--all`, `--host`, `--state` choose otherwise.
+#[derive(Clone, Debug, Default)]
+pub struct HostFilter {
+    /// Every host.
+    pub all: bool,
+    /// Only these hosts.
+    pub hosts: Vec<String>,
+    /// Only hosts in these states (`failed`, `backout_ok`, ...).
+    pub states: Vec<String>,
+}
+
+impl HostFilter {
+    /// Is `h` listed?
+    pub fn shows(&self, h: &crate::rollout::HostStatus) -> bool {
+        let state = h.state.as_str();
+        if !self.hosts.is_empty() && !self.hosts.contains(&h.name) {
+            return false;
+        }
+        if !self.states.is_empty() {
+            return self.states.iter().any(|s| s == state);
+        }
+        self.all || !self.hosts.is_empty() || !matches!(state, "success" | "skipped")
+    }
+}
+
+/// `n thing` or `n things`.
+pub fn plural(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 /// A run's status as text.
-pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
+pub fn status_text(run: &str, name: &str, status: &RunStatus, filter: &HostFilter) -> String {
     let mut s = format!("run {run} ({name}): {}\n", status.state.as_str());
     if let Some(why) = &status.held {
         s.push_str(&format!("held: {why}\n"));
@@ -125,9 +161,20 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
                 g.label
             ));
         }
+        let mut counts = std::collections::BTreeMap::new();
+        for h in &c.hosts {
+            *counts.entry(h.state.as_str()).or_insert(0usize) += 1;
+        }
+        let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        s.push_str(&format!(
+            "  {}: {}\n",
+            plural(c.hosts.len(), "host"),
+            counts.join(", ")
+        ));
         let rows: Vec<Vec<String>> = c
             .hosts
             .iter()
+            .filter(|h| filter.shows(h))
             .map(|h| {
                 let why = h.failure.as_ref().map_or(String::new(), |f| {
                     let text = format!(
@@ -190,11 +237,23 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus) -> String {
     s
 }
 
-/// `modi status RUN`: exit 1 if the run ended in anything but success.
-pub async fn status(out: &Output, client: &Client, run: &str) -> Result<Outcome, CliError> {
-    let (summary, status) = fetch_status(client, run).await?;
+/// `modi status RUN [--all] [--host H]... [--state S]...`: exit 1 if the
+/// run ended in anything but success. JSON is the whole status unless a
+/// filter was given.
+pub async fn status(
+    out: &Output,
+    client: &Client,
+    run: &str,
+    filter: &HostFilter,
+) -> Result<Outcome, CliError> {
+    let (summary, mut status) = fetch_status(client, run).await?;
+    if !filter.hosts.is_empty() || !filter.states.is_empty() {
+        for c in &mut status.changes {
+            c.hosts.retain(|h| filter.shows(h));
+        }
+    }
     out.data(&status, || {
-        status_text(&summary.run_id, &summary.name, &status)
+        status_text(&summary.run_id, &summary.name, &status, filter)
     });
     Ok(if status.state.is_final() && !status.state.succeeded() {
         Outcome::RunFailed

@@ -126,6 +126,32 @@ impl pb::admin_service_server::AdminService for AdminApi {
         ))
     }
 
+    async fn remove_agent(
+        &self,
+        request: Request<pb::RevokeAgentRequest>,
+    ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
+        let admin = authz::caller(&request)?;
+        let name = request.into_inner().name;
+        let host = self
+            .shared
+            .store
+            .remove_host(&name, &admin.name, crate::clock::now())
+            .await
+            .map_err(convert::store_error)?
+            .ok_or_else(|| Status::not_found(format!("no agent named {name:?}")))?;
+        self.shared
+            .revoked
+            .write()
+            .expect("revoked lock")
+            .extend(host.serials.iter().cloned());
+        self.shared.fleet.kick(&name).await;
+        tracing::warn!(agent = %name, by = %admin.name, "agent removed");
+        Ok(access::audited(
+            pb::RevokeAgentResponse {},
+            format!("host {name}"),
+        ))
+    }
+
     async fn plan(
         &self,
         request: Request<pb::PlanRequest>,
@@ -406,6 +432,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::RevokeOperatorResponse>, Status> {
         let by = authz::caller(&request)?;
         access::revoke_operator(&self.shared, &by, request.into_inner()).await
+    }
+
+    async fn version(
+        &self,
+        request: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        authz::caller(&request)?;
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
     }
 
     async fn list_audit(

@@ -31,11 +31,13 @@ pub struct Rule {
 pub fn rule(method: &str) -> Option<Rule> {
     use OperatorRole::{Admin, Operator, Viewer};
     let (role, changes) = match method {
-        "ListHosts" | "ListRuns" | "GetRun" | "Watch" | "Logs" | "Plan" => (Viewer, false),
+        "ListHosts" | "ListRuns" | "GetRun" | "Watch" | "Logs" | "Plan" | "Version" => {
+            (Viewer, false)
+        }
         "Apply" | "Control" => (Operator, true),
         "ListTokens" | "ListOperators" | "ListAudit" => (Admin, false),
-        "CreateToken" | "RevokeToken" | "RevokeAgent" | "LabelHost" | "AddOperator"
-        | "RenewOperator" | "RevokeOperator" => (Admin, true),
+        "CreateToken" | "RevokeToken" | "RevokeAgent" | "RemoveAgent" | "LabelHost"
+        | "AddOperator" | "RenewOperator" | "RevokeOperator" => (Admin, true),
         _ => return None,
     };
     Some(Rule { role, changes })

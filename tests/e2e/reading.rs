@@ -1,0 +1,93 @@
+//! Reading what happened at fleet size: counts first, then only the
+//! hosts that need a look; hosts by state with totals; the run id first
+//! in JSON; both versions.
+
+use modi_tests::{Agent, Controller};
+
+#[test]
+fn status_at_thirty_hosts_prints_counts_and_only_the_failures() {
+    let ctl = Controller::start();
+    let names: Vec<String> = (0..30).map(|i| format!("f{i:02}")).collect();
+    let agents: Vec<Agent> = std::thread::scope(|s| {
+        let joins: Vec<_> = names
+            .iter()
+            .map(|n| s.spawn(|| Agent::join(&ctl, n, &[])))
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let file = ctl.changeset(
+        "fleet.yaml",
+        r#"
+name: fleet
+changes:
+  - name: upgrade
+    hosts: all
+    rollout: { mode: parallel, max_failures: 5 }
+    on_failure: continue
+    apply:
+      - run: test {{ host.name }} != f07 && test {{ host.name }} != f19
+"#,
+    );
+    let run = ctl.detach(&file, &[]);
+    ctl.wait_final(&run);
+    let text = ctl.modi(&["status", &run]).stdout;
+    assert!(text.contains("30 hosts: 2 failed, 28 success"), "{text}");
+    let listed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with('f') && l.contains("failed"))
+        .collect();
+    assert_eq!(listed.len(), 2, "only the failures: {text}");
+    assert!(!text.contains("f00 "), "a success is not listed: {text}");
+    let all = ctl.modi(&["status", &run, "--all"]).stdout;
+    assert!(all.contains("f00 "), "{all}");
+    let one = ctl.json(&["status", &run, "--host", "f07"]);
+    assert_eq!(one["changes"][0]["hosts"].as_array().unwrap().len(), 1);
+    let failed = ctl.json(&["status", &run, "--state", "failed"]);
+    let mut hosts: Vec<&str> = failed["changes"][0]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, ["f07", "f19"]);
+    drop(agents);
+}
+
+#[test]
+fn hosts_are_counted_by_state_and_a_removed_host_is_forgotten() {
+    let ctl = Controller::start();
+    let _up = Agent::join(&ctl, "up", &[]);
+    let _never = Agent::enrol(&ctl, "never", &[]);
+    let mut gone = Agent::join(&ctl, "gone", &[]);
+    gone.stop();
+    modi_tests::eventually!(10, !ctl.connected("gone"), "gone is away");
+    let text = ctl.modi(&["hosts"]).stdout;
+    assert!(
+        text.contains("3 hosts: 1 connected, 1 away, 1 never"),
+        "{text}"
+    );
+    let never = ctl.json(&["hosts", "--state", "never"]);
+    assert_eq!(never.as_array().unwrap().len(), 1);
+    assert_eq!(never[0]["name"], "never");
+    ctl.modi(&["agents", "remove", "never"]).ok();
+    let names: Vec<String> = ctl
+        .hosts()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!names.contains(&"never".to_string()), "{names:?}");
+
+    // The run id comes first in JSON; both versions are told.
+    let file = ctl.changeset(
+        "one.yaml",
+        "name: one\nchanges:\n  - name: c\n    hosts: up\n    apply:\n      - run: \"true\"\n",
+    );
+    let out = ctl.modi(&["--output", "json", "apply", file.to_str().unwrap()]);
+    let first: modi_tests::Value =
+        serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["type"], "started", "{out:?}");
+    assert!(first["run"].as_str().is_some());
+    let v = ctl.json(&["version"]);
+    assert_eq!(v["cli"], v["controller"], "{v}");
+}
