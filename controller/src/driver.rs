@@ -714,6 +714,15 @@ impl Driver {
         let mut cancels = Vec::new();
         for action in actions {
             match action {
+                Action::Dispatch { id, step, .. }
+                    if matches!(step.action, crate::spec::StepAction::Unrenderable { .. }) =>
+                {
+                    let crate::spec::StepAction::Unrenderable { reason } = &step.action else {
+                        unreachable!("matched above")
+                    };
+                    self.local
+                        .push((id, not_sent(Termination::FailedToStart, reason), None));
+                }
                 Action::Dispatch { id, host, step } => match self.route(&id, &host) {
                     Route::Send => {
                         self.waiting.remove(&id);
@@ -923,6 +932,7 @@ pub fn describe(step: &Step) -> String {
         StepAction::File(f) => format!("file: {}", f.path),
         StepAction::Interact { command, .. } => format!("interact: {command}"),
         StepAction::Restore { path, .. } => format!("restore: {path}"),
+        StepAction::Unrenderable { reason } => format!("not rendered: {reason}"),
     }
 }
 

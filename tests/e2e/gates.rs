@@ -220,3 +220,55 @@ fn ctrl_c_on_an_attached_apply_detaches_and_says_how_to_stop_the_run() {
     assert_eq!(status["state"], "success", "the run went on: {status}");
     eventually!(5, agent.work().join("done").exists(), "the step finished");
 }
+
+#[test]
+fn a_host_a_template_cannot_be_rendered_for_fails_alone_and_says_why() {
+    let ctl = Controller::start();
+    let zoned = Agent::join(&ctl, "zoned", &[("zone", "a")]);
+    let bare = Agent::join(&ctl, "bare", &[]);
+    let _ghost = Agent::enrol(&ctl, "ghost", &[("zone", "b")]);
+    let file = ctl.changeset(
+        "zones.yaml",
+        r#"
+name: zones
+changes:
+  - name: place
+    hosts: all
+    rollout: { mode: parallel }
+    on_failure: continue
+    apply:
+      - run: echo {{ host.labels.zone }} > zone
+"#,
+    );
+    let plan = ctl.modi(&["plan", file.to_str().unwrap()]);
+    assert_eq!(plan.code, 0, "plan does not fail for the fleet: {plan:?}");
+    assert!(
+        plan.stdout.contains("cannot be rendered for this host") && plan.stdout.contains("bare"),
+        "plan lists the host: {}",
+        plan.stdout
+    );
+    let run = ctl.detach(&file, &[]);
+    let status = ctl.wait_final(&run);
+    let states = host_states(&status, "place");
+    assert_eq!(states["zoned"], "success", "{status}");
+    assert_eq!(states["bare"], "failed", "{status}");
+    // The ghost never connected: unreachable, alone.
+    assert_eq!(states["ghost"], "failed", "{status}");
+    assert_eq!(
+        std::fs::read_to_string(zoned.work().join("zone")).unwrap(),
+        "a\n"
+    );
+    assert!(
+        !bare.work().join("zone").exists(),
+        "nothing was sent to bare"
+    );
+    let bare_status = status["changes"][0]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "bare")
+        .unwrap()
+        .clone();
+    let why = bare_status["failure"].to_string();
+    assert!(why.contains("zone") && why.contains("bare"), "{why}");
+}

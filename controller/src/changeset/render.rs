@@ -37,15 +37,29 @@ pub fn render(
     let mut changes = Vec::with_capacity(cs.changes.len());
     for fc in &cs.changes {
         let mut hosts = Vec::new();
-        for host in fc.hosts.select(inventory) {
+        let mut failed = Vec::new();
+        let selected = fc.hosts.select(inventory);
+        let count = selected.len();
+        for host in selected {
             match render_host(fc, host, inventory_vars, cli_vars) {
                 Ok(plan) => hosts.push(plan),
-                Err((loc, msg)) => {
-                    if seen.insert((format!("{loc}"), msg.clone())) {
-                        let msg = format!("{msg} (change `{}`, host `{}`)", fc.name, host.name);
-                        diags.push(Diagnostic::new(loc, msg));
-                    }
+                Err(failure) => failed.push((host, failure)),
+            }
+        }
+        if !failed.is_empty() && failed.len() == count {
+            // Every host fails the same way: the changeset is wrong, not
+            // the hosts.
+            for (host, (loc, msg)) in failed {
+                if seen.insert((format!("{loc}"), msg.clone())) {
+                    let msg = format!("{msg} (change `{}`, host `{}`)", fc.name, host.name);
+                    diags.push(Diagnostic::new(loc, msg));
                 }
+            }
+        } else {
+            // Some hosts lack what a template reads (a label, a fact of a
+            // host that never connected): each fails alone, saying why.
+            for (host, (loc, msg)) in failed {
+                hosts.push(unrenderable(host, &loc, &msg));
             }
         }
         changes.push(ChangeSpec {
@@ -69,6 +83,31 @@ pub fn render(
         groups: cs.groups.clone(),
     };
     finish(spec, diags).map_err(|d| Diagnostics::normalized(d.0))
+}
+
+/// The plan of a host the changeset cannot be rendered for: one `check`
+/// step the controller fails at once (nothing is sent, nothing applied).
+fn unrenderable(host: &HostInfo, loc: &Location, msg: &str) -> HostPlan {
+    HostPlan {
+        host: host.clone(),
+        vars: Map::new(),
+        skip_if: Vec::new(),
+        check: vec![Step {
+            action: StepAction::Unrenderable {
+                reason: format!("{msg} on {} ({loc})", host.name),
+            },
+            timeout: None,
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            stdin: None,
+            expect: None,
+            location: loc.clone(),
+        }],
+        apply: Vec::new(),
+        verify: Vec::new(),
+        backout: Vec::new(),
+    }
 }
 
 /// `host` as templates and conditions see it.

@@ -86,6 +86,9 @@ pub fn step_text(step: &Step) -> String {
             format!("interact: {command} ({} exchanges)", script.len())
         }
         StepAction::Restore { path, .. } => format!("restore: {path}"),
+        StepAction::Unrenderable { reason } => {
+            format!("cannot be rendered for this host: {reason}; it fails alone")
+        }
     };
     if let Some(t) = step.timeout {
         s.push_str(&format!("  [timeout {}]", humantime::format_duration(t)));

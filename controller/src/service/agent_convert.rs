@@ -79,6 +79,17 @@ pub fn run_step(run: RunRef, id: &DispatchId, step: &Step) -> pb::RunStep {
                 })
                 .collect(),
         }),
+        // Never sent: the driver fails it at once. Should it ever reach
+        // here, the agent is told to run a command that fails saying why.
+        StepAction::Unrenderable { reason } => Action::Argv(pb::Argv {
+            args: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo \"$1\" >&2; exit 1".into(),
+                "modi".into(),
+                format!("not rendered: {reason}"),
+            ],
+        }),
         StepAction::Restore { of, .. } => Action::Restore(pb::Restore {
             of: format!("r{}-{}.{of}", run.id, run.stamp),
         }),
