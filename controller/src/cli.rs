@@ -177,9 +177,16 @@ pub enum Command {
         /// Only this host.
         #[arg(long)]
         host: Option<String>,
-        /// Keep printing as the run goes on.
+        /// Keep printing as the run goes on (a step already running shows
+        /// what it printed so far first).
         #[arg(long)]
         follow: bool,
+        /// Only this change.
+        #[arg(long)]
+        change: Option<String>,
+        /// Only the last N lines of each step's output.
+        #[arg(long)]
+        tail: Option<usize>,
     },
     /// Let a run waiting at an approval gate go on.
     Approve {
@@ -440,8 +447,20 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             runs::status(&out, &Client::connect(config).await?, &run, &filter).await
         }
         Command::Watch { run } => apply::watch(&out, &Client::connect(config).await?, &run).await,
-        Command::Logs { run, host, follow } => {
-            runs::logs(&out, &Client::connect(config).await?, &run, host, follow).await
+        Command::Logs {
+            run,
+            host,
+            follow,
+            change,
+            tail,
+        } => {
+            let view = runs::LogsView {
+                host,
+                change,
+                follow,
+                tail,
+            };
+            runs::logs(&out, &Client::connect(config).await?, &run, view).await
         }
         Command::Approve { run } => runs::control(&out, config, &run, runs::Control::Approve).await,
         Command::Deny { run, no_backout } => {

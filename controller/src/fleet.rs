@@ -40,6 +40,9 @@ use crate::run_ports::{DriverMsg, RunPorts, WatchItem};
 use crate::spec::Step;
 use crate::store::{HostRecord, JournalEntry, Record, Store};
 
+/// Output kept per stream of a step in flight, for `modi logs` attaching
+/// mid-step (the whole output, up to 1 MiB, comes with the result).
+pub const OUTPUT_KEPT: usize = 64 << 10;
 /// Outbound queue length per agent session.
 const SESSION_QUEUE: usize = 4096;
 /// After the controller starts, hosts whose agents have not reconnected yet
@@ -123,6 +126,38 @@ struct Inflight {
     cancelled: bool,
     /// Its result is on its way to the journal.
     reported: bool,
+    /// The last of what it printed so far (stdout, stderr), for a `modi
+    /// logs` that attaches while it runs.
+    output: [Tail; 2],
+}
+
+/// The last [`OUTPUT_KEPT`] bytes of a stream, and how many came before.
+#[derive(Default)]
+struct Tail {
+    text: String,
+    cut: u64,
+}
+
+impl Tail {
+    fn push(&mut self, data: &str) {
+        self.text.push_str(data);
+        if self.text.len() > OUTPUT_KEPT {
+            let mut from = self.text.len() - OUTPUT_KEPT;
+            while !self.text.is_char_boundary(from) {
+                from += 1;
+            }
+            self.cut += from as u64;
+            self.text.drain(..from);
+        }
+    }
+
+    fn shown(&self) -> String {
+        if self.cut == 0 {
+            self.text.clone()
+        } else {
+            format!("[... {} earlier bytes not kept]\n{}", self.cut, self.text)
+        }
+    }
 }
 
 impl Inflight {
@@ -521,6 +556,7 @@ impl Fleet {
                 step,
                 cancelled: false,
                 reported: false,
+                output: Default::default(),
             };
             let msg = f.to_agent();
             state.inflight.insert(full_id(run, &id), f);
@@ -687,20 +723,31 @@ impl Fleet {
 
     /// Live output from `agent`, for the run's watchers.
     pub fn output(&self, agent: &str, chunk: OutputChunk) {
-        let state = self.lock();
-        let Some(f) = state.inflight.get(&chunk.full_id) else {
+        let mut state = self.lock();
+        let Some(f) = state.inflight.get_mut(&chunk.full_id) else {
             return;
         };
         if f.agent != agent {
             return;
         }
-        if let Some(p) = state.runs.get(&f.run.id) {
+        let data = String::from_utf8_lossy(&chunk.data).into_owned();
+        f.output[usize::from(chunk.stderr)].push(&data);
+        let (run, id) = (f.run.id, f.id);
+        if let Some(p) = state.runs.get(&run) {
             let _ = p.watch.send(WatchItem::Output {
-                id: f.id,
+                id,
                 stderr: chunk.stderr,
-                data: String::from_utf8_lossy(&chunk.data).into_owned(),
+                data,
             });
         }
+    }
+
+    /// What the step with this full dispatch id printed so far (stdout,
+    /// stderr; the last [`OUTPUT_KEPT`] bytes of each), while it runs.
+    pub fn output_so_far(&self, full_id: &str) -> Option<(String, String)> {
+        let state = self.lock();
+        let f = state.inflight.get(full_id)?;
+        Some((f.output[0].shown(), f.output[1].shown()))
     }
 
     /// Sends `msg` to session `session` of `name`, if it is still the

@@ -91,3 +91,58 @@ fn hosts_are_counted_by_state_and_a_removed_host_is_forgotten() {
     let v = ctl.json(&["version"]);
     assert_eq!(v["cli"], v["controller"], "{v}");
 }
+
+#[test]
+fn logs_attached_mid_step_replay_what_it_printed_then_follow() {
+    use std::io::BufRead;
+    let ctl = Controller::start();
+    let agent = Agent::join(&ctl, "late", &[]);
+    let file = ctl.changeset(
+        "talk.yaml",
+        r#"
+name: talk
+changes:
+  - name: prep
+    hosts: all
+    apply:
+      - run: echo prep-1; echo prep-2; echo prep-3
+  - name: talk
+    requires: [prep]
+    hosts: all
+    apply:
+      - run: echo early-line; touch spoke; sleep 3; echo later-line
+"#,
+    );
+    let run = ctl.detach(&file, &[]);
+    // Attach only after the step printed its first line.
+    modi_tests::eventually!(20, agent.work().join("spoke").exists(), "the step spoke");
+    let mut follow = std::process::Command::new(modi_tests::bin("modi"))
+        .arg("--cli-config")
+        .arg(&ctl.cli_config)
+        .args(["logs", &run, "--follow", "--change", "talk"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = std::io::BufReader::new(follow.stdout.take().unwrap())
+        .lines()
+        .map(|l| l.unwrap())
+        .collect();
+    assert!(follow.wait().unwrap().success());
+    let early = lines.iter().position(|l| l.ends_with("] early-line"));
+    let later = lines.iter().position(|l| l.ends_with("] later-line"));
+    assert!(
+        early.is_some() && later.is_some() && early < later,
+        "replayed, then followed: {lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("prep-1")),
+        "--change shows one change: {lines:?}"
+    );
+    let tail = ctl
+        .modi(&["logs", &run, "--change", "prep", "--tail", "1"])
+        .stdout;
+    assert!(
+        tail.contains("] prep-3\n") && !tail.contains("] prep-2\n"),
+        "{tail}"
+    );
+}

@@ -263,13 +263,49 @@ pub async fn status(
 }
 
 /// `modi logs RUN [--host H] [--follow]`.
+/// What `modi logs` shows.
+#[derive(Clone, Debug, Default)]
+pub struct LogsView {
+    /// Only this host.
+    pub host: Option<String>,
+    /// Only this change.
+    pub change: Option<String>,
+    /// Keep following the running steps.
+    pub follow: bool,
+    /// Only the last N lines of each step's output.
+    pub tail: Option<usize>,
+}
+
+/// The last `n` lines of `text` (all when `None`).
+fn last_lines(text: &str, n: Option<usize>) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().collect();
+    match n {
+        Some(n) if lines.len() > n => lines[lines.len() - n..].to_vec(),
+        _ => lines,
+    }
+}
+
+/// The attempt of a dispatch id (`....a2` → 2), counted from 0.
+fn attempt_of(dispatch_id: &str) -> u32 {
+    dispatch_id
+        .rsplit_once(".a")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `modi logs RUN [--host H] [--change C] [--tail N] [--follow]`.
 pub async fn logs(
     out: &Output,
     client: &Client,
     run: &str,
-    host: Option<String>,
-    follow: bool,
+    view: LogsView,
 ) -> Result<Outcome, CliError> {
+    let LogsView {
+        host,
+        change,
+        follow,
+        tail,
+    } = view;
     let mut stream = client
         .admin()
         .logs(pb::LogsRequest {
@@ -293,6 +329,9 @@ pub async fn logs(
         duration_ms: u64,
     }
     while let Some(e) = stream.message().await.map_err(|s| client.error(s))? {
+        if change.as_ref().is_some_and(|c| *c != e.change) {
+            continue;
+        }
         if out.is_json() {
             out.event(&Entry {
                 host: &e.host,
@@ -313,12 +352,18 @@ pub async fn logs(
             format!("[{}] ", e.host)
         };
         if !e.step.is_empty() {
-            out.line(format!("{who}== {}", e.step));
+            let attempt = attempt_of(&e.dispatch_id);
+            let attempt = if attempt > 0 {
+                format!(" (attempt {})", attempt + 1)
+            } else {
+                String::new()
+            };
+            out.line(format!("{who}== {}{attempt}", e.step));
         }
-        for line in e.stdout.lines() {
+        for line in last_lines(&e.stdout, tail) {
             out.line(format!("{who}{}", escape_controls(line)));
         }
-        for line in e.stderr.lines() {
+        for line in last_lines(&e.stderr, tail) {
             out.line(format!("{who}stderr: {}", escape_controls(line)));
         }
         if e.finished {

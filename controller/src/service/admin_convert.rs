@@ -218,14 +218,21 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
             let step = driver::describe(step);
             match replayed.results.get(id) {
                 Some(r) => finished_entry(spec, run, id, h, &step, r),
-                None => pb::LogEntry {
-                    host: h.clone(),
-                    change: change_of(spec, id),
-                    dispatch_id: full_id(run, id),
-                    step: label(spec, id, &step),
-                    outcome: "running".into(),
-                    ..Default::default()
-                },
+                None => {
+                    // Running: what it printed so far, kept by the fleet.
+                    let full = full_id(run, id);
+                    let (stdout, stderr) = shared.fleet.output_so_far(&full).unwrap_or_default();
+                    pb::LogEntry {
+                        host: h.clone(),
+                        change: change_of(spec, id),
+                        dispatch_id: full,
+                        step: label(spec, id, &step),
+                        outcome: "running".into(),
+                        stdout,
+                        stderr,
+                        ..Default::default()
+                    }
+                }
             }
         })
         .collect();
