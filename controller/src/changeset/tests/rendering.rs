@@ -119,17 +119,46 @@ changes:
 #[test]
 fn an_undefined_label_fails_at_render_naming_line_and_host() {
     let text = "name: r\nchanges:\n  - name: x\n    hosts: all\n    apply:\n      - run: |\n          echo start\n          echo {{ host.labels.zone }}\n";
-    let err = plan(text, &web_fleet(), &[]).unwrap_err().to_string();
+    // No host of the change has the label: the changeset is wrong.
+    let db_only = vec![
+        host("db-1", &[("role", "db")]),
+        host("db-2", &[("role", "db")]),
+    ];
+    let err = plan(text, &db_only, &[]).unwrap_err().to_string();
     assert!(
         err.starts_with("cs.yaml:8:19: changes[0].apply[0].run: undefined variable: `host.labels.zone` is undefined"),
         "{err}"
     );
-    assert!(err.contains("(change `x`, host `db-1`)"), "{err}");
+    assert!(err.contains("(change `x`, host `db-"), "{err}");
     assert_eq!(
         err.lines().count(),
         1,
         "reported once, not once per host: {err}"
     );
+    // Some hosts have it: the others fail alone, saying why.
+    let spec = plan(text, &web_fleet(), &[]).unwrap();
+    let db = spec.changes[0]
+        .hosts
+        .iter()
+        .find(|h| h.host.name == "db-1")
+        .unwrap();
+    assert!(db.apply.is_empty());
+    match &db.check[0].action {
+        crate::spec::StepAction::Unrenderable { reason } => {
+            assert!(
+                reason.contains("host.labels.zone") && reason.contains("on db-1"),
+                "{reason}"
+            );
+            assert!(reason.contains("cs.yaml:8:19"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let web = spec.changes[0]
+        .hosts
+        .iter()
+        .find(|h| h.host.name == "web-1")
+        .unwrap();
+    assert_eq!(web.apply.len(), 1);
 }
 
 #[test]
