@@ -136,6 +136,10 @@ pub enum Command {
         /// Variables.
         #[command(flatten)]
         vars: Vars,
+        /// Every warning (a --var nothing reads, a selector that matches
+        /// no host) is an error: exit 2. For CI.
+        #[arg(long)]
+        strict: bool,
     },
     /// Apply a changeset.
     Apply {
@@ -147,6 +151,9 @@ pub enum Command {
         /// Print the run id and return at once.
         #[arg(long)]
         detach: bool,
+        /// Every warning is an error: exit 2 before anything starts.
+        #[arg(long)]
+        strict: bool,
     },
     /// List runs.
     Runs,
@@ -430,11 +437,20 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             command: AgentsCommand::Remove { name },
         } => hosts::remove(&out, &Client::connect(config).await?, name).await,
         Command::Validate { file, vars } => validate::validate(&out, &file, &vars),
-        Command::Plan { file, vars } => {
-            validate::plan(&out, &Client::connect(config).await?, &file, &vars).await
+        Command::Plan { file, vars, strict } => {
+            validate::plan(&out, &Client::connect(config).await?, &file, &vars, strict).await
         }
-        Command::Apply { file, vars, detach } => {
-            apply::apply(&out, &Client::connect(config).await?, &file, &vars, detach).await
+        Command::Apply {
+            file,
+            vars,
+            detach,
+            strict,
+        } => {
+            let client = Client::connect(config).await?;
+            if strict {
+                validate::strict_check(&client, &file, &vars).await?;
+            }
+            apply::apply(&out, &client, &file, &vars, detach).await
         }
         Command::Runs => runs::list(&out, &Client::connect(config).await?).await,
         Command::Status {

@@ -146,3 +146,47 @@ changes:
         "{tail}"
     );
 }
+
+#[test]
+fn warnings_name_an_unread_var_and_an_empty_selector_and_strict_refuses() {
+    let ctl = Controller::start();
+    let agent = Agent::join(&ctl, "w1", &[("role", "web")]);
+    let file = ctl.changeset(
+        "warn.yaml",
+        r#"
+name: warn
+changes:
+  - name: web
+    hosts: role=web
+    apply:
+      - run: echo {{ version }} > v
+  - name: cache
+    hosts: role=cache
+    apply:
+      - run: "true"
+"#,
+    );
+    let f = file.to_str().unwrap();
+    let plan = ctl.modi(&["plan", f, "--var", "version=2", "--var", "verison=3"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(
+        plan.stderr
+            .contains("warning: --var verison: nothing in the changeset reads it"),
+        "{plan:?}"
+    );
+    assert!(
+        plan.stderr
+            .contains("change `cache`: its hosts select no host"),
+        "{plan:?}"
+    );
+    assert!(!plan.stderr.contains("--var version:"), "{plan:?}");
+    let json = ctl.json(&["plan", f, "--var", "version=2"]);
+    assert_eq!(json["warnings"].as_array().unwrap().len(), 1, "{json}");
+    let strict = ctl.modi(&["plan", f, "--var", "version=2", "--strict"]);
+    assert_eq!(strict.code, 2, "{strict:?}");
+    let refused = ctl.modi(&["apply", f, "--var", "version=2", "--strict"]);
+    assert_eq!(refused.code, 2, "{refused:?}");
+    assert!(refused.stderr.contains("nothing applied"), "{refused:?}");
+    assert!(!agent.work().join("v").exists(), "strict applied nothing");
+    assert!(ctl.json(&["runs"]).as_array().unwrap().is_empty());
+}

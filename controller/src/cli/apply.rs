@@ -22,13 +22,20 @@ pub async fn apply(
     detach: bool,
 ) -> Result<Outcome, CliError> {
     let req = plan_request(file, vars)?;
-    let run = client
+    let applied = client
         .admin()
         .apply(req)
         .await
         .map_err(|s| client.error(s))?
-        .into_inner()
-        .run_id;
+        .into_inner();
+    let run = applied.run_id;
+    if out.is_json() {
+        for w in &applied.warnings {
+            out.event(&serde_json::json!({ "type": "warning", "message": w }));
+        }
+    } else {
+        super::validate::warn(out, &applied.warnings);
+    }
     if detach {
         out.data(&serde_json::json!({ "run": run }), || {
             format!("run {run} started; follow it with: modi watch {run}")

@@ -59,6 +59,7 @@ pub fn plan_request(file: &Path, vars: &Vars) -> Result<pb::PlanRequest, CliErro
 #[derive(Serialize)]
 struct Plan<'a> {
     spec: &'a RunSpec,
+    warnings: &'a [String],
     /// Per change, its batches as host names.
     batches: Vec<Vec<Vec<&'a str>>>,
 }
@@ -165,12 +166,42 @@ pub fn plan_text(spec: &RunSpec) -> String {
     s
 }
 
-/// Asks the controller to render the changeset; prints the plan.
+/// Prints warnings on stderr, one per line.
+pub fn warn(out: &Output, warnings: &[String]) {
+    for w in warnings {
+        out.note(format!("modi: warning: {w}"));
+    }
+}
+
+/// `--strict`: plans first and refuses (exit 2) if the plan has warnings.
+pub async fn strict_check(client: &Client, file: &Path, vars: &Vars) -> Result<(), CliError> {
+    let req = plan_request(file, vars)?;
+    let warnings = client
+        .admin()
+        .plan(req)
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner()
+        .warnings;
+    if warnings.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Input(format!(
+        "--strict: {} warning{}, nothing applied:\n  {}",
+        warnings.len(),
+        if warnings.len() == 1 { "" } else { "s" },
+        warnings.join("\n  ")
+    )))
+}
+
+/// Asks the controller to render the changeset; prints the plan, then
+/// its warnings (exit 2 with `--strict` if there are any).
 pub async fn plan(
     out: &Output,
     client: &Client,
     file: &Path,
     vars: &Vars,
+    strict: bool,
 ) -> Result<Outcome, CliError> {
     let req = plan_request(file, vars)?;
     let r = client
@@ -186,6 +217,7 @@ pub async fn plan(
     })?;
     let plan = Plan {
         spec: &spec,
+        warnings: &r.warnings,
         batches: spec
             .changes
             .iter()
@@ -198,5 +230,13 @@ pub async fn plan(
             .collect(),
     };
     out.data(&plan, || plan_text(&spec));
+    warn(out, &r.warnings);
+    if strict && !r.warnings.is_empty() {
+        return Err(CliError::Input(format!(
+            "--strict: {} warning{}",
+            r.warnings.len(),
+            if r.warnings.len() == 1 { "" } else { "s" }
+        )));
+    }
     Ok(Outcome::Ok)
 }

@@ -157,9 +157,18 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::PlanResponse>, Status> {
         authz::caller(&request)?;
-        let spec = convert::render(&self.shared, request.into_inner())?;
+        let req = request.into_inner();
+        let (files, vars) = (
+            req.sources
+                .as_ref()
+                .map(|s| s.files.clone())
+                .unwrap_or_default(),
+            req.vars.clone(),
+        );
+        let spec = convert::render(&self.shared, req)?;
         Ok(Response::new(pb::PlanResponse {
             spec_json: serde_json::to_string(&spec).map_err(|e| Status::internal(e.to_string()))?,
+            warnings: convert::warnings(&files, &vars, &spec),
         }))
     }
 
@@ -168,7 +177,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let admin = authz::caller(&request)?;
-        let spec = convert::render(&self.shared, request.into_inner())?;
+        let req = request.into_inner();
+        let (files, vars) = (
+            req.sources
+                .as_ref()
+                .map(|s| s.files.clone())
+                .unwrap_or_default(),
+            req.vars.clone(),
+        );
+        let spec = convert::render(&self.shared, req)?;
+        let warnings = convert::warnings(&files, &vars, &spec);
         let run = driver::start(&self.shared.drivers, spec, &admin.name)
             .await
             .map_err(convert::store_error)?;
@@ -176,6 +194,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(access::audited(
             pb::ApplyResponse {
                 run_id: run.to_string(),
+                warnings,
             },
             format!("run {run}"),
         ))

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use modi_proto::v1 as pb;
 use tonic::Status;
 
@@ -76,6 +78,38 @@ pub fn run_summary(m: &RunMeta) -> pb::RunSummary {
         submitted_by: m.submitted_by.clone(),
         hosts: m.hosts,
     }
+}
+
+/// What looks wrong in a plan but is not an error: a `--var` whose name
+/// appears nowhere in the changeset's files (so nothing reads it), and a
+/// change whose selector matches no host.
+pub fn warnings(
+    files: &BTreeMap<String, String>,
+    vars: &BTreeMap<String, String>,
+    spec: &RunSpec,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let read = files.values().any(|text| {
+            text.match_indices(name.as_str()).any(|(i, _)| {
+                let before = text[..i].chars().next_back();
+                let after = text[i + name.len()..].chars().next();
+                let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+                !word(before) && !word(after)
+            })
+        });
+        if !read {
+            out.push(format!("--var {name}: nothing in the changeset reads it"));
+        }
+    }
+    for c in &spec.changes {
+        if c.hosts.is_empty() {
+            out.push(format!("change `{}`: its hosts select no host", c.name));
+        }
+    }
+    out
 }
 
 /// Validates and renders a changeset against the current inventory. A bad
