@@ -40,12 +40,24 @@ pub struct Cli {
     /// How to print data.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     pub output: Format,
+    /// Log lines (of `modi serve` above all) as text or JSON objects.
+    #[arg(long = "log-format", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// `--output`.
+/// `--log-format`: how the daemons write their log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `--output`: how the CLI prints data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     /// Tables and sentences.

@@ -131,6 +131,10 @@ pub struct ControllerFile {
     /// Lifetime of operator certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator_cert_lifetime: Option<String>,
+    /// Address of the Prometheus metrics listener (plain HTTP, `/metrics`);
+    /// off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// Alerts ("a human must look").
     #[serde(default, skip_serializing_if = "AlertsFile::is_empty")]
     pub alerts: AlertsFile,
@@ -178,6 +182,8 @@ pub struct ControllerConfig {
     pub agent_cert_lifetime: Duration,
     /// See [`crate::pki::OPERATOR_CERT_LIFETIME`].
     pub operator_cert_lifetime: Duration,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<String>,
     /// Alert webhook.
     pub webhook: Option<String>,
     /// Alert command.
@@ -263,6 +269,15 @@ impl ControllerConfig {
                 "is longer than max_token_ttl",
             ));
         }
+        if let Some(m) = &file.metrics_listen
+            && m.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                m,
+                "expected IP:PORT, e.g. 127.0.0.1:9464",
+            ));
+        }
         if let Some(w) = &file.alerts.webhook
             && !(w.starts_with("http://") || w.starts_with("https://"))
         {
@@ -290,6 +305,7 @@ impl ControllerConfig {
             max_token_ttl,
             agent_cert_lifetime,
             operator_cert_lifetime,
+            metrics_listen: file.metrics_listen,
             webhook: file.alerts.webhook,
             alert_command: file.alerts.command,
             vars,

@@ -57,6 +57,8 @@ pub struct Context {
     pub tasks: tokio_util::task::TaskTracker,
     /// How long a backout waits for its host to come back.
     pub backout_wait: std::time::Duration,
+    /// Counters of steps sent and finished.
+    pub metrics: crate::metrics::Metrics,
     /// What time it is (the fleet's clock).
     pub clock: Clock,
 }
@@ -639,6 +641,7 @@ impl Driver {
                 if result.termination == Some(Termination::Lost) {
                     self.lost.insert(*id);
                 }
+                self.ctx.metrics.finished(result);
                 self.waiting.remove(id);
                 // Durable now: the agent may forget it.
                 self.ctx.fleet.complete(agent.as_deref(), &full_id(key, id));
@@ -799,6 +802,7 @@ impl Driver {
                     step: describe(&step),
                 });
                 self.ctx.fleet.send_step(key, id, &host, Arc::new(step));
+                self.ctx.metrics.dispatched();
             }
         }
         for id in cancels {

@@ -35,6 +35,7 @@ pub mod driver;
 pub mod fleet;
 pub mod init;
 pub mod limits;
+pub mod metrics;
 pub mod pki;
 pub mod rollout;
 pub mod run_ports;

@@ -86,6 +86,8 @@ pub struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// `/metrics`, when `metrics_listen` is set.
+    metrics_listener: Option<TcpListener>,
     tls: TlsAcceptor,
 }
 
@@ -141,7 +143,23 @@ impl Server {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             backout_wait: config.backout_wait,
+            metrics: crate::metrics::Metrics::new(),
             clock,
+        };
+        let metrics = drivers.metrics.clone();
+        store.on_flush(move |took| metrics.flushed(took));
+        let metrics_listener = match &config.metrics_listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServeError::Bind {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
         };
         let shared = Arc::new(Shared {
             config,
@@ -157,6 +175,7 @@ impl Server {
         Ok(Server {
             shared,
             listener,
+            metrics_listener,
             tls: TlsAcceptor::from(Arc::new(tls)),
         })
     }
@@ -172,9 +191,22 @@ impl Server {
         let Server {
             shared,
             listener,
+            metrics_listener,
             tls,
         } = self;
         resume_runs(&shared)?;
+        if let Some(l) = metrics_listener {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving /metrics");
+            }
+            shared.tasks.spawn(crate::metrics::serve(
+                l,
+                shared.drivers.metrics.clone(),
+                shared.fleet.clone(),
+                shared.store.clone(),
+                shared.shutdown.clone(),
+            ));
+        }
         let shutdown = shared.shutdown.clone();
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(256);
         let accept_shutdown = shutdown.clone();
@@ -218,6 +250,31 @@ impl Server {
             shared.revoked.clone(),
             shared.drivers.clock,
         );
+        // The standard gRPC health service: SERVING while the store can
+        // write, NOT_SERVING while it cannot.
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<pb::admin_service_server::AdminServiceServer<AdminApi>>()
+            .await;
+        let mut store_health = shared.store.health_changes();
+        shared.tasks.spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                loop {
+                    let ok = store_health.borrow_and_update().is_none();
+                    let status = if ok {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health_reporter.set_service_status("", status).await;
+                    tokio::select! {
+                        changed = store_health.changed() => if changed.is_err() { break },
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        });
         let serve_shutdown = shutdown.clone();
         let mut serving = tokio::spawn(
             tonic::transport::Server::builder()
@@ -228,6 +285,7 @@ impl Server {
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
                 .add_service(agent)
                 .add_service(admin)
+                .add_service(health)
                 .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                     serve_shutdown.cancelled().await
                 }),

@@ -352,6 +352,8 @@ struct Shared {
     health: tokio::sync::watch::Sender<Option<Arc<str>>>,
     /// Highest run id whose creation is durable: listings stop there.
     durable_run: std::sync::atomic::AtomicU64,
+    /// Told how long each flush took (metrics).
+    on_flush: std::sync::OnceLock<Box<dyn Fn(std::time::Duration) + Send + Sync>>,
 }
 
 /// Counters of the writer's work, for benchmarks.
@@ -441,6 +443,7 @@ impl Store {
             trees: std::sync::RwLock::new(Some(trees)),
             health: tokio::sync::watch::Sender::new(None),
             durable_run: durable_run.into(),
+            on_flush: std::sync::OnceLock::new(),
         });
         let (writer, jobs) = std::sync::mpsc::sync_channel::<Job>(GROUP_COMMIT);
         let stats = Arc::new(std::sync::Mutex::new(WriterStats::default()));
@@ -530,6 +533,20 @@ impl Store {
     /// A receiver of the store's health changes (`None` = writable).
     pub fn health_changes(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
         self.shared.health.subscribe()
+    }
+
+    /// Calls `f` with the duration of every flush from now on (once; a
+    /// second observer is ignored).
+    pub fn on_flush(&self, f: impl Fn(std::time::Duration) + Send + Sync + 'static) {
+        let _ = self.shared.on_flush.set(Box::new(f));
+    }
+
+    /// The store's size on disk in bytes (0 if it cannot be read now).
+    pub fn size_on_disk(&self) -> u64 {
+        self.trees()
+            .ok()
+            .and_then(|t| t.db.size_on_disk().ok())
+            .unwrap_or(0)
     }
 
     /// What the writer did so far.
@@ -820,7 +837,11 @@ fn write_loop(
                 done.push(job.apply(&mut tx));
             }
         }
+        let started = std::time::Instant::now();
         let flushed = trees.db.flush();
+        if let Some(observe) = shared.on_flush.get() {
+            observe(started.elapsed());
+        }
         {
             let mut s = stats.lock().expect("writer stats lock");
             s.jobs += done.len() as u64;

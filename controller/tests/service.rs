@@ -200,6 +200,17 @@ async fn two_hundred_concurrent_writes_of_every_kind_answer_within_their_deadlin
         "every enrolment is recorded"
     );
 
+    // The standard gRPC health service answers on the same port.
+    let health = tonic_health::pb::health_client::HealthClient::new(client.channel())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
     // The daemon stops on its shutdown signal within the grace.
     agents_shutdown.cancel();
     shutdown.cancel();

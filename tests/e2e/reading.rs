@@ -190,3 +190,57 @@ changes:
     assert!(!agent.work().join("v").exists(), "strict applied nothing");
     assert!(ctl.json(&["runs"]).as_array().unwrap().is_empty());
 }
+
+/// GET on a plain-HTTP listener; the body.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_metrics_endpoint_counts_what_a_run_did() {
+    let port = modi_tests::free_port();
+    let ctl = Controller::start_with(&format!("metrics_listen = \"127.0.0.1:{port}\""));
+    let _a = Agent::join(&ctl, "m1", &[]);
+    let _b = Agent::join(&ctl, "m2", &[]);
+    let file = ctl.changeset(
+        "m.yaml",
+        "name: m\nchanges:\n  - name: c\n    hosts: all\n    rollout: { mode: parallel }\n    on_failure: continue\n    apply:\n      - run: test {{ host.name }} = m1\n",
+    );
+    let run = ctl.detach(&file, &[]);
+    ctl.wait_final(&run);
+    let body = http_get(port, "/metrics");
+    for line in [
+        "modi_agents_connected 2",
+        "modi_steps_dispatched_total 2",
+        "modi_steps_finished_total{outcome=\"exit_0\"} 1",
+        "modi_steps_finished_total{outcome=\"exit_nonzero\"} 1",
+        "modi_runs{state=\"partial_failure\"} 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} in:\n{body}");
+    }
+    let flushes = body
+        .lines()
+        .find_map(|l| l.strip_prefix("modi_journal_flush_seconds_count "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(flushes > 0, "{body}");
+    assert!(body.contains("modi_step_duration_seconds_bucket"), "{body}");
+    let bytes = body
+        .lines()
+        .find_map(|l| l.strip_prefix("modi_store_bytes "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(bytes > 0, "{body}");
+}

@@ -22,6 +22,9 @@ pub async fn apply(
     detach: bool,
 ) -> Result<Outcome, CliError> {
     let req = plan_request(file, vars)?;
+    // Ctrl-C is ours from before the run exists, so it never kills the
+    // CLI mid-run without the detach line.
+    let interrupt = interrupt_handler()?;
     let applied = client
         .admin()
         .apply(req)
@@ -47,12 +50,18 @@ pub async fn apply(
     } else {
         out.line(format!("run {run} started"));
     }
-    follow(out, client, &run, true).await
+    follow(out, client, &run, true, interrupt).await
+}
+
+/// Catches Ctrl-C (SIGINT) from now on.
+fn interrupt_handler() -> Result<tokio::signal::unix::Signal, CliError> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| CliError::Failed(format!("cannot handle Ctrl-C: {e}")))
 }
 
 /// `modi watch RUN`.
 pub async fn watch(out: &Output, client: &Client, run: &str) -> Result<Outcome, CliError> {
-    follow(out, client, run, false).await
+    follow(out, client, run, false, interrupt_handler()?).await
 }
 
 /// Asks "continue? [y/N]" on the terminal.
@@ -76,6 +85,7 @@ pub async fn follow(
     client: &Client,
     run: &str,
     gates: bool,
+    mut interrupt: tokio::signal::unix::Signal,
 ) -> Result<Outcome, CliError> {
     let mut stream = client
         .admin()
@@ -93,11 +103,10 @@ pub async fn follow(
     // Gates this CLI has asked about: each is asked once, whether it was
     // already open when we started watching or opened later.
     let mut asked = std::collections::BTreeSet::new();
-    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let event = tokio::select! {
             event = stream.message() => event.map_err(|s| client.error(s))?,
-            _ = &mut interrupted => {
+            _ = interrupt.recv() => {
                 if let Some(d) = display.as_mut() {
                     d.finish();
                 }
@@ -145,7 +154,7 @@ pub async fn follow(
             }
             let answer = tokio::select! {
                 answer = ask(gate) => answer,
-                _ = &mut interrupted => {
+                _ = interrupt.recv() => {
                     eprintln!();
                     out.note(format!("detached; run {run} continues (modi abort {run} stops it)"));
                     return Ok(Outcome::Ok);

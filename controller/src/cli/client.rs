@@ -17,6 +17,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Client {
     admin: AdminServiceClient<Channel>,
+    channel: Channel,
     url: String,
 }
 
@@ -57,13 +58,20 @@ impl Client {
             CONNECT_TIMEOUT,
         )
         .map_err(|e| CliError::Input(e.to_string()))?;
-        let admin = AdminServiceClient::new(channel)
+        let admin = AdminServiceClient::new(channel.clone())
             .max_decoding_message_size(crate::server::MAX_MESSAGE)
             .max_encoding_message_size(crate::server::MAX_MESSAGE);
         Ok(Client {
             admin,
+            channel,
             url: config.controller.clone(),
         })
+    }
+
+    /// The connection, for other services on the controller's port (the
+    /// gRPC health service).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The admin API.
