@@ -21,7 +21,7 @@ pub async fn apply(
     vars: &Vars,
     detach: bool,
 ) -> Result<Outcome, CliError> {
-    let req = plan_request(file, vars)?;
+    let req = plan_request(file, vars, true)?;
     let applied = client
         .admin()
         .apply(req)

@@ -91,6 +91,7 @@ fn step() -> Arc<Step> {
         stdin: None,
         expect: None,
         location: Default::default(),
+        secrets: Default::default(),
     })
 }
 
@@ -204,7 +205,8 @@ async fn a_step_on_an_agent_away_past_lost_after_is_lost_and_its_result_late() {
     let mut session = clock_held(rig.fleet.connect("web1", &Hello::default()))
         .await
         .expect("connect");
-    rig.fleet.send_step(RUN, id, "web1", step());
+    rig.fleet
+        .send_step(RUN, id, "web1", step(), Some(Default::default()));
     match session.outbound.try_recv() {
         Ok(ToAgent::Run { run, id: sent, .. }) => assert_eq!((run, sent), (RUN, id)),
         other => panic!("expected the step, got {other:?}"),
@@ -285,7 +287,8 @@ async fn an_agent_back_within_lost_after_loses_nothing() {
     let session = clock_held(rig.fleet.connect("web1", &Hello::default()))
         .await
         .expect("connect");
-    rig.fleet.send_step(RUN, id, "web1", step());
+    rig.fleet
+        .send_step(RUN, id, "web1", step(), Some(Default::default()));
     clock_held(rig.fleet.disconnect("web1", session.id)).await;
     tokio::time::sleep(lost_after / 2).await;
     let mut session = clock_held(rig.fleet.connect("web1", &Hello::default()))

@@ -84,7 +84,9 @@ fn run(name: &str) -> Diagnostics {
             .map(|t| t.to_string())
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"))
     };
-    match collect_sources(name, &mut read).and_then(|s| validate(&s, &BTreeMap::new())) {
+    match collect_sources(name, &mut read)
+        .and_then(|s| validate(&s, &BTreeMap::new(), &Default::default()))
+    {
         Ok(_) => Diagnostics::default(),
         Err(d) => d,
     }
