@@ -149,7 +149,13 @@ pub fn validate_with_inventory(
     let mut chain = vec![root.clone()];
     f.changeset(&def, "", None, None, &mut chain);
     diags.append(&mut f.diags);
+    // A declared secret that is not given is reported once, here, not
+    // again as an undefined variable wherever it is used.
+    let mut known = given.clone();
     for (name, loc) in f.declared_secrets() {
+        known
+            .entry(name.clone())
+            .or_insert_with(|| modi_proto::secret_placeholder(&name));
         if !secrets.contains(&name) {
             diags.push(Diagnostic::new(
                 loc,
@@ -160,7 +166,7 @@ pub fn validate_with_inventory(
         }
     }
     let outside = check::Outside {
-        cli: &given,
+        cli: &known,
         inventory: inventory_vars,
     };
     diags.extend(check::check_changes(&f.changes, &outside));

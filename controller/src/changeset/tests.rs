@@ -5,6 +5,7 @@ mod examples;
 mod injection;
 mod rendering;
 mod robustness;
+mod secrets;
 
 use std::collections::BTreeMap;
 
