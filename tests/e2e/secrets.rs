@@ -140,7 +140,14 @@ fn a_secret_reaches_its_step_and_nowhere_else() {
     // Given (here from the environment): the plan shows where it goes.
     let v = modi_env(
         &ctl,
-        &["validate", file, "--var", &out_var, "--secret", "pw=env:E2E_PW"],
+        &[
+            "validate",
+            file,
+            "--var",
+            &out_var,
+            "--secret",
+            "pw=env:E2E_PW",
+        ],
         &[("E2E_PW", &value)],
     );
     assert_eq!(v.code, 0, "{v:#?}");
@@ -149,10 +156,15 @@ fn a_secret_reaches_its_step_and_nowhere_else() {
     assert!(plan.contains("PW=<secret pw>"), "{plan}");
     assert!(plan.contains(r#""$MODI_SECRET_pw""#), "{plan}");
     assert!(!plan.contains(&value), "{plan}");
-    let p = ctl.modi(&["--output", "json", "plan", file, "--var", &out_var, "--secret", &from_file]);
+    let p = ctl.modi(&[
+        "--output", "json", "plan", file, "--var", &out_var, "--secret", &from_file,
+    ]);
     assert!(p.ok().contains("<secret pw>") && !p.stdout.contains(&value));
 
-    let run_id = ctl.detach(Path::new(file), &["--var", &out_var, "--secret", &from_file]);
+    let run_id = ctl.detach(
+        Path::new(file),
+        &["--var", &out_var, "--secret", &from_file],
+    );
     let mut watch_cmd = Command::new(bin("modi"));
     watch_cmd
         .arg("--cli-config")
@@ -170,7 +182,10 @@ fn a_secret_reaches_its_step_and_nowhere_else() {
         .filter(|(_, c)| holds(c, value.as_bytes()))
         .map(|(pid, _)| *pid)
         .collect();
-    assert!(leaks.is_empty(), "processes {leaks:?} have the secret in their argv");
+    assert!(
+        leaks.is_empty(),
+        "processes {leaks:?} have the secret in their argv"
+    );
     let shell = lines
         .iter()
         .find(|(_, c)| holds(c, b"MODI_SECRET_pw") && holds(c, b"sleep 3"))
@@ -220,7 +235,11 @@ fn a_secret_reaches_its_step_and_nowhere_else() {
         assert!(found.is_empty(), "the secret is on disk in {found:?}");
     }
     let found = files_holding(&ctl.root, value.as_bytes());
-    assert_eq!(found, vec![pw_file], "only the operator's own file holds it");
+    assert_eq!(
+        found,
+        vec![pw_file],
+        "only the operator's own file holds it"
+    );
 }
 
 const TWO_CHANGES: &str = r#"
@@ -249,11 +268,19 @@ fn a_run_that_lost_its_secrets_in_a_restart_waits_paused_until_resume_gives_them
     let out_var = format!("out={}", out.display());
     let given = format!("pw={value}");
     let run_id = ctl.detach(&file, &["--var", &out_var, "--secret", &given]);
-    eventually!(20, out.join("first-started").exists(), "the first step runs");
+    eventually!(
+        20,
+        out.join("first-started").exists(),
+        "the first step runs"
+    );
 
     // The controller dies mid-step; the step ends while it is away.
     ctl.crash();
-    eventually!(10, out.join("first.sha").exists(), "the step ends on the agent");
+    eventually!(
+        10,
+        out.join("first.sha").exists(),
+        "the step ends on the agent"
+    );
     ctl.serve();
 
     // The first step's result comes back, and the run waits for pw.
@@ -262,7 +289,10 @@ fn a_run_that_lost_its_secrets_in_a_restart_waits_paused_until_resume_gives_them
     });
     let held = status["held"].as_str().unwrap_or_default();
     assert!(held.starts_with("secrets:"), "{status}");
-    assert!(held.contains("`pw`") && held.contains(&format!("modi resume {run_id} --secret")), "{held}");
+    assert!(
+        held.contains("`pw`") && held.contains(&format!("modi resume {run_id} --secret")),
+        "{held}"
+    );
     let runs = ctl.json(&["runs"]);
     let listed = runs
         .as_array()
@@ -273,7 +303,10 @@ fn a_run_that_lost_its_secrets_in_a_restart_waits_paused_until_resume_gives_them
         .unwrap_or_default();
     assert_eq!(listed["state"], "paused", "{runs}");
     std::thread::sleep(std::time::Duration::from_secs(1));
-    assert!(!out.join("second.sha").exists(), "nothing new runs while it waits");
+    assert!(
+        !out.join("second.sha").exists(),
+        "nothing new runs while it waits"
+    );
 
     // A resume without the secrets, or with the wrong ones, is refused.
     let r = ctl.modi(&["resume", &run_id]);

@@ -158,12 +158,17 @@ fn a_secret_where_it_would_be_kept_or_shown_is_an_error() {
     for (field, step) in [
         ("cwd", r#"{ run: "true", cwd: "/srv/{{ pw }}" }"#),
         ("user", r#"{ run: "true", user: "{{ pw }}" }"#),
-        ("file.path", r#"{ file: { path: "/etc/{{ pw }}", content: x } }"#),
-        ("file.owner", r#"{ file: { path: /etc/x, content: x, owner: "{{ pw }}" } }"#),
+        (
+            "file.path",
+            r#"{ file: { path: "/etc/{{ pw }}", content: x } }"#,
+        ),
+        (
+            "file.owner",
+            r#"{ file: { path: /etc/x, content: x, owner: "{{ pw }}" } }"#,
+        ),
     ] {
-        let text = format!(
-            "name: s\nchanges:\n  - name: c\n    hosts: all\n    apply:\n      - {step}\n"
-        );
+        let text =
+            format!("name: s\nchanges:\n  - name: c\n    hosts: all\n    apply:\n      - {step}\n");
         let e = errors(&text, &["pw"]);
         assert!(e.starts_with("cs.yaml:6:"), "{field}: {e}");
         assert!(
@@ -176,7 +181,10 @@ fn a_secret_where_it_would_be_kept_or_shown_is_an_error() {
         &["pw"],
     );
     assert!(e.starts_with("cs.yaml:6:"), "{e}");
-    assert!(e.contains("would be pasted into the shell command as text"), "{e}");
+    assert!(
+        e.contains("would be pasted into the shell command as text"),
+        "{e}"
+    );
 }
 
 #[test]
