@@ -604,9 +604,13 @@ impl Fleet {
         if f.reported {
             return;
         }
-        let (agent, msg) = (f.agent.clone(), f.to_agent());
-        if let Some(msg) = msg {
-            state.send(&agent, msg);
+        let (agent, msg, cancelled) = (f.agent.clone(), f.to_agent(), f.cancelled);
+        if let Some(msg) = msg
+            && state.send(&agent, msg)
+            && cancelled
+        {
+            // Cancelled while it waited: it goes out only to be reported.
+            state.send(&agent, ToAgent::Cancel(full_id.to_string()));
         }
     }
 
