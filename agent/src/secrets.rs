@@ -82,15 +82,34 @@ impl Secrets {
     }
 
     /// `text` with every placeholder of one of these secrets replaced by
-    /// its value.
+    /// its value, in one pass (a value that looks like a placeholder is
+    /// not expanded again).
     fn substitute(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for (name, value) in self.values.iter() {
-            let placeholder = modi_proto::secret_placeholder(name);
-            if out.contains(&placeholder) {
-                out = out.replace(&placeholder, value);
+        const OPEN: &str = "<secret ";
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(start) = rest.find(OPEN) {
+            let after = &rest[start + OPEN.len()..];
+            let value = after.find('>').and_then(|end| {
+                let name = &after[..end];
+                self.values
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| (v, end))
+            });
+            match value {
+                Some((value, end)) => {
+                    out.push_str(&rest[..start]);
+                    out.push_str(value);
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    out.push_str(&rest[..start + 1]);
+                    rest = &rest[start + 1..];
+                }
             }
         }
+        out.push_str(rest);
         out
     }
 
@@ -287,6 +306,15 @@ mod tests {
         };
         assert_eq!(f.content, b"password=s3cr'et\n");
         assert_eq!(f.path, "/etc/app.conf");
+    }
+
+    #[test]
+    fn placeholders_are_filled_in_one_pass() {
+        let s = secrets(&[("a", "<secret b>"), ("b", "B")]);
+        assert_eq!(
+            s.substitute("<secret a>|<secret b>|<secret c>|<secret"),
+            "<secret b>|B|<secret c>|<secret"
+        );
     }
 
     #[test]

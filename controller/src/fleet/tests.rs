@@ -362,7 +362,10 @@ async fn a_step_waiting_for_its_secrets_is_sent_only_once_they_are_given() {
         .await
         .expect("connect");
     rig.fleet.send_step(RUN, id, "web1", step(), None);
-    assert!(session.outbound.try_recv().is_err(), "sent without its secrets");
+    assert!(
+        session.outbound.try_recv().is_err(),
+        "sent without its secrets"
+    );
 
     let hello = Hello {
         running: vec![full.clone()],
