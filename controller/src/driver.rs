@@ -14,7 +14,8 @@
 //! [`crate::secret`]): each dispatch carries those its step uses. A run
 //! resumed after a restart has lost them: it is held, `paused` with reason
 //! `secrets` (nothing new is sent; results still come in), until
-//! `modi resume RUN --secret ...` gives every one of them again.
+//! `modi resume RUN --secret ...` gives every one of them again
+//! (`driver/secrets.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -36,6 +37,8 @@ use crate::run_ports::{DriverMsg, RunPorts, WatchItem};
 use crate::secret::{self, Secrets};
 use crate::spec::{RunSpec, Step};
 use crate::store::{JournalEntry, Record, RunMeta, Store, StoreError};
+
+mod secrets;
 
 /// Inbox length of a run driver.
 const INBOX: usize = 4096;
@@ -933,100 +936,6 @@ impl Driver {
             "run finished"
         );
         Ok(())
-    }
-}
-
-impl Driver {
-    /// What `status` says while the run waits for its secrets.
-    fn secrets_hold(&self) -> String {
-        format!(
-            "secrets: the run needs {} again (the controller restarted since they were given); give them with `modi resume {} --secret NAME=...`",
-            secret::list(&self.missing),
-            self.run
-        )
-    }
-
-    /// Holds the run for its missing secrets: it shows `paused` (also in
-    /// `modi runs`), and a human is alerted once.
-    async fn hold_for_secrets(&mut self) -> Result<(), StoreError> {
-        let why = self.secrets_hold();
-        tracing::warn!(run = self.run, missing = %secret::list(&self.missing), "run paused: it needs its secrets again");
-        self.ctx.alerts.fire(AlertEvent {
-            run: self.run,
-            changeset: self.spec.name.clone(),
-            kind: AlertKind::SecretsNeeded,
-            change: None,
-            host: None,
-            message: format!("run {} is paused: {why}", self.run),
-            at: self.ctx.clock.now(),
-        });
-        self.meta.state = RunState::Paused;
-        self.persist(Vec::new(), Some(self.meta.clone())).await?;
-        let _ = self.watch.send(WatchItem::Progress {
-            progress: Progress::Run {
-                state: RunState::Paused,
-            },
-        });
-        Ok(())
-    }
-
-    /// Checks secrets given with `modi resume` against what the run needs
-    /// and keeps them: every missing one, and none the run does not use.
-    fn take_secrets(&mut self, given: Secrets) -> Result<(), String> {
-        let run = self.run;
-        let used = self.spec.secrets();
-        if self.missing.is_empty() {
-            return Err(format!(
-                "run {run} is not waiting for secrets: it has every one it uses"
-            ));
-        }
-        let unknown: BTreeSet<String> = given
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .cloned()
-            .collect();
-        if !unknown.is_empty() {
-            return Err(format!(
-                "run {run} does not use {}: it uses {}",
-                secret::list(&unknown),
-                secret::list(&used)
-            ));
-        }
-        let still: BTreeSet<String> = self
-            .missing
-            .iter()
-            .filter(|m| !given.contains_key(*m))
-            .cloned()
-            .collect();
-        if !still.is_empty() {
-            return Err(format!(
-                "run {run} also needs {}: give every secret it waits for in one `modi resume {run} --secret ...`",
-                secret::list(&still)
-            ));
-        }
-        self.secrets.extend(given);
-        self.missing.clear();
-        Ok(())
-    }
-
-    /// The secrets are back: the steps held in flight go out, the parked
-    /// dispatches are returned to be carried out, and the run shows its
-    /// own state again.
-    async fn release_secrets_hold(&mut self) -> Result<Vec<Action>, StoreError> {
-        tracing::info!(run = self.run, "secrets given again; run goes on");
-        let key = self.key();
-        for (id, names) in std::mem::take(&mut self.unsent) {
-            if let Ok(values) = secret::subset(&self.secrets, &names) {
-                self.ctx.fleet.supply(&full_id(key, &id), Arc::new(values));
-            }
-        }
-        let state = self.engine.state();
-        self.meta.state = state;
-        self.persist(Vec::new(), Some(self.meta.clone())).await?;
-        let _ = self.watch.send(WatchItem::Progress {
-            progress: Progress::Run { state },
-        });
-        Ok(std::mem::take(&mut self.parked))
     }
 }
 
