@@ -134,9 +134,16 @@ fn a_secret_reaches_its_step_and_nowhere_else() {
             .contains("secret.yaml:3:11: secrets[0]: secret `pw` is not given"),
         "{v:#?}"
     );
-    let p = ctl.modi(&["plan", file, "--var", &out_var]);
-    assert_eq!(p.code, 2, "{p:#?}");
-    assert!(p.stderr.contains("secret `pw` is not given"), "{p:#?}");
+    for cmd in ["plan", "apply"] {
+        let p = ctl.modi(&[cmd, file, "--var", &out_var]);
+        assert_eq!(p.code, 2, "{cmd}: {p:#?}");
+        assert!(
+            p.stderr
+                .contains("secret.yaml:3:11: secrets[0]: secret `pw` is not given"),
+            "{cmd}: {p:#?}"
+        );
+    }
+    assert_eq!(ctl.json(&["runs"]).as_array().map(Vec::len), Some(0));
     // Given (here from the environment): the plan shows where it goes.
     let v = modi_env(
         &ctl,
@@ -259,7 +266,12 @@ changes:
 
 #[test]
 fn a_run_that_lost_its_secrets_in_a_restart_waits_paused_until_resume_gives_them() {
-    let mut ctl = Controller::start();
+    let alerts_dir = tempfile::tempdir().unwrap();
+    let alerts = alerts_dir.path().join("alerts");
+    let mut ctl = Controller::start_with(&format!(
+        "[alerts]\ncommand = \"cat >> {0}; echo >> {0}\"\n",
+        alerts.display()
+    ));
     let agent = Agent::join(&ctl, "keeper", &[]);
     let value = secret_value("restart");
     let out = ctl.root.join("out");
@@ -302,6 +314,11 @@ fn a_run_that_lost_its_secrets_in_a_restart_waits_paused_until_resume_gives_them
         .cloned()
         .unwrap_or_default();
     assert_eq!(listed["state"], "paused", "{runs}");
+    eventually!(
+        10,
+        std::fs::read_to_string(&alerts).is_ok_and(|a| a.contains("secrets_needed")),
+        "an alert says the run needs its secrets"
+    );
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert!(
         !out.join("second.sha").exists(),
@@ -333,7 +350,7 @@ fn a_run_that_lost_its_secrets_in_a_restart_waits_paused_until_resume_gives_them
         );
     }
     ctl.stop();
-    for dir in [&ctl.data, &agent.dir] {
+    for dir in [&ctl.data, &agent.dir, alerts_dir.path()] {
         let found = files_holding(dir, value.as_bytes());
         assert!(found.is_empty(), "the secret is on disk in {found:?}");
     }
