@@ -13,10 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-/// Most secrets one request may carry.
-pub const MAX_SECRETS: usize = 64;
-/// Largest value of one secret, in bytes.
-pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+use crate::limits::{MAX_SECRET_VALUE, MAX_SECRETS};
 
 /// A secret's value. It prints as `<secret value>` (`Debug` included), so
 /// it cannot slip into a log by accident; [`SecretValue::expose`] is the
@@ -26,14 +23,14 @@ pub struct SecretValue(Arc<str>);
 
 impl SecretValue {
     /// The value, checked: not empty, no NUL byte (it becomes an
-    /// environment variable), at most [`MAX_SECRET_BYTES`].
+    /// environment variable), at most [`MAX_SECRET_VALUE`].
     pub fn new(value: String) -> Result<SecretValue, String> {
         if value.is_empty() {
             return Err("the value is empty".into());
         }
-        if value.len() > MAX_SECRET_BYTES {
+        if value.len() > MAX_SECRET_VALUE {
             return Err(format!(
-                "the value is {} bytes, more than the limit of {MAX_SECRET_BYTES}",
+                "the value is {} bytes, more than the limit of {MAX_SECRET_VALUE}",
                 value.len()
             ));
         }
@@ -118,7 +115,7 @@ mod tests {
         let bad = |v: &str| from_request([("pw".to_string(), v.to_string())].into()).unwrap_err();
         assert!(bad("").contains("--secret pw: the value is empty"));
         assert!(bad("a\0b").contains("NUL"));
-        assert!(bad(&"x".repeat(MAX_SECRET_BYTES + 1)).contains("limit"));
+        assert!(bad(&"x".repeat(MAX_SECRET_VALUE + 1)).contains("limit"));
         let many: BTreeMap<String, String> = (0..=MAX_SECRETS)
             .map(|i| (format!("s{i}"), "v".to_string()))
             .collect();

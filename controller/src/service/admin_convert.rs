@@ -126,6 +126,18 @@ pub fn render(shared: &Shared, req: pb::PlanRequest) -> Result<RunSpec, Status> 
             limits::MAX_SOURCES
         )));
     }
+    if req.secrets.len() > limits::MAX_SECRETS
+        || req
+            .secrets
+            .values()
+            .any(|v| v.len() > limits::MAX_SECRET_VALUE)
+    {
+        return Err(Status::invalid_argument(format!(
+            "at most {} --secret values of at most {} bytes each are accepted",
+            limits::MAX_SECRETS,
+            limits::MAX_SECRET_VALUE
+        )));
+    }
     if req.vars.len() > limits::MAX_VARS
         || req.vars.values().any(|v| v.len() > limits::MAX_VAR_VALUE)
     {
