@@ -762,7 +762,13 @@ impl Driver {
     fn check_control(&self, event: &Event) -> Result<(), String> {
         let state = self.engine.state();
         let run = self.run;
+        let waits = !self.missing.is_empty() && !state.is_final();
         match event {
+            // Held for its secrets, it shows paused: the same rule.
+            Event::Approve { .. } | Event::Deny { .. } if waits => Err(format!(
+                "run {run} is paused, waiting for its secrets {}; resume it first (modi resume {run} --secret NAME=...), then approve or deny",
+                secret::list(&self.missing)
+            )),
             // A decision on a paused run would be lost or misread: the
             // operator resumes first, then decides at the gate.
             Event::Approve { .. } | Event::Deny { .. } if state == RunState::Paused => {
@@ -776,7 +782,7 @@ impl Driver {
                     state_name(state)
                 ))
             }
-            Event::Resume { .. } if !self.missing.is_empty() && !state.is_final() => Err(format!(
+            Event::Resume { .. } if waits => Err(format!(
                 "run {run} waits for its secrets {}: resume it with `modi resume {run} --secret NAME=...` for each",
                 secret::list(&self.missing)
             )),
