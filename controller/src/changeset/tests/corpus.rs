@@ -58,6 +58,8 @@ const CASES: &[(&str, &str)] = files![
     "reserved_variable.yaml",
     "retry_below_minus_one.yaml",
     "rolling_without_batches.yaml",
+    "secret_declared_and_set.yaml",
+    "secret_not_given.yaml",
     "template_param_unset.yaml",
     "template_phase_conflict.yaml",
     "template_syntax_in_block.yaml",
