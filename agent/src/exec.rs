@@ -14,6 +14,10 @@
 //!   that cannot be recorded is killed at once and the step is `lost`.
 //! - `file` and `restore` steps live in [`file`]; `interact` in
 //!   [`interact`].
+//! - A step's secrets ([`crate::secrets`]) are filled in in memory just
+//!   before it runs, and every output stream goes through a mask that
+//!   replaces their values with `<secret NAME>` before anything is kept
+//!   or streamed.
 
 mod file;
 mod interact;
@@ -32,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::Journal;
+use crate::secrets::Secrets;
 
 /// Bytes of each output stream kept per step.
 pub const OUTPUT_CAP: usize = 1 << 20;
@@ -143,17 +148,19 @@ impl Executor {
         })
     }
 
-    /// Runs `step` under dispatch id `id`. Never fails: anything that goes
-    /// wrong is in the result.
+    /// Runs `step` under dispatch id `id`, with the values of the secrets
+    /// it uses. Never fails: anything that goes wrong is in the result.
     pub async fn execute(
         &self,
         id: &str,
-        step: pb::Step,
+        mut step: pb::Step,
+        secrets: &Secrets,
         output: OutputSink,
         cancel: CancellationToken,
     ) -> pb::StepResult {
         let started = Instant::now();
-        let mut result = match self.dispatch(id, &step, &output, &cancel).await {
+        secrets.fill(&mut step);
+        let mut result = match self.dispatch(id, &step, secrets, &output, &cancel).await {
             Ok(r) => r,
             Err(message) => failed_to_start(message),
         };
@@ -166,6 +173,7 @@ impl Executor {
         &self,
         id: &str,
         step: &pb::Step,
+        secrets: &Secrets,
         output: &OutputSink,
         cancel: &CancellationToken,
     ) -> Result<pb::StepResult, String> {
@@ -175,6 +183,7 @@ impl Executor {
             output,
             cancel,
             timeout,
+            secrets,
         };
         match &step.action {
             Some(pb::step::Action::Run(command)) => {
@@ -268,6 +277,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) output: &'a OutputSink,
     pub(crate) cancel: &'a CancellationToken,
     pub(crate) timeout: Option<Duration>,
+    /// The step's secrets, whose values its output must not show.
+    pub(crate) secrets: &'a Secrets,
 }
 
 impl Ctx<'_> {
@@ -294,6 +305,7 @@ where
 {
     let id = ctx.id.to_string();
     let output = ctx.output.clone();
+    let mut mask = ctx.secrets.mask();
     let stop = CancellationToken::new();
     let stopped = stop.clone();
     let task = tokio::spawn(async move {
@@ -302,6 +314,17 @@ where
             return capture;
         };
         let mut buf = vec![0u8; 16 * 1024];
+        let mut keep = |data: Vec<u8>| {
+            if data.is_empty() {
+                return;
+            }
+            capture.push(&data);
+            let _ = output.try_send(pb::OutputChunk {
+                dispatch_id: id.clone(),
+                stream: stream as i32,
+                data,
+            });
+        };
         loop {
             let read = tokio::select! {
                 biased;
@@ -310,16 +333,10 @@ where
             };
             match read {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    capture.push(&buf[..n]);
-                    let _ = output.try_send(pb::OutputChunk {
-                        dispatch_id: id.clone(),
-                        stream: stream as i32,
-                        data: buf[..n].to_vec(),
-                    });
-                }
+                Ok(n) => keep(mask.feed(&buf[..n])),
             }
         }
+        keep(mask.finish());
         capture
     });
     Reader { task, stop }

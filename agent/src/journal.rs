@@ -310,7 +310,7 @@ mod tests {
     fn step(id: &str) -> pb::RunStep {
         pb::RunStep {
             dispatch_id: id.into(),
-            step: None,
+            ..Default::default()
         }
     }
 

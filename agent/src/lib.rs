@@ -10,6 +10,8 @@
 //!   a restarting agent kill the steps its previous life left running.
 //! - [`pgroup`]: steps' process groups as the journal records them, and
 //!   how they are found and killed after a restart.
+//! - [`secrets`]: a step's secrets, in memory only: filled in where the
+//!   step holds their placeholders, masked in its output.
 //! - [`enroll`]: `modi-agent join`.
 //! - [`config`]: the typed configuration and its defaults.
 //! - [`facts`]: what the agent reports about its host.
@@ -26,6 +28,7 @@ pub mod fsutil;
 pub mod journal;
 pub mod pgroup;
 pub mod renew;
+pub mod secrets;
 pub mod session;
 
 pub use config::AgentConfig;

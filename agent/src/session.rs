@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{self, AgentConfig};
 use crate::exec::{self, Executor};
 use crate::journal::{self, Begin, Journal};
+use crate::secrets::Secrets;
 
 /// Why the agent could not run at all (as opposed to a lost connection,
 /// which it retries for ever).
@@ -389,7 +390,10 @@ impl Agent {
 
     /// Starts a step unless its id is known; returns a result to report
     /// now (one recorded before, or why it cannot run).
-    fn start(&self, step: pb::RunStep) -> Option<pb::StepResult> {
+    fn start(&self, mut step: pb::RunStep) -> Option<pb::StepResult> {
+        // The secrets' values stay in memory: the journal gets the step
+        // without them.
+        let secrets = Secrets::take(&mut step);
         let id = step.dispatch_id.clone();
         if !journal::valid_id(&id) {
             tracing::warn!(id = %id, "refusing a malformed dispatch id");
@@ -437,7 +441,7 @@ impl Agent {
                 self.tasks.spawn(async move {
                     tracing::info!(id = %id, "running");
                     let spec = step.step.unwrap_or_default();
-                    let result = exec.execute(&id, spec, chunk_tx, token).await;
+                    let result = exec.execute(&id, spec, &secrets, chunk_tx, token).await;
                     // Killed by our own shutdown: leave it unrecorded, so
                     // the next start reports it lost instead of claiming a
                     // cancel nobody asked for.
@@ -539,6 +543,58 @@ mod tests {
         assert_eq!(got, Some(result));
     }
 
+    /// Every file under `dir`, recursively, as (path, bytes).
+    fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(files(&path));
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.push((path, bytes));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_step_is_journaled_and_reported_without_its_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, mut internal_rx) = agent(dir.path(), 64);
+        let value = "correct horse battery staple";
+        let step = pb::RunStep {
+            dispatch_id: "r1.s".into(),
+            step: Some(pb::Step {
+                action: Some(pb::step::Action::Run(
+                    r#"echo "got $MODI_SECRET_pw""#.into(),
+                )),
+                ..Default::default()
+            }),
+            secrets: [("pw".to_string(), value.to_string())].into(),
+        };
+        assert!(agent.start(step).is_none());
+        let result = loop {
+            match tokio::time::timeout(Duration::from_secs(10), internal_rx.recv()).await {
+                Ok(Some(Internal::Finished(r))) => break r,
+                Ok(Some(Internal::Output(c))) => {
+                    assert!(!String::from_utf8_lossy(&c.data).contains(value));
+                }
+                other => panic!("no result: {:?}", other.is_ok()),
+            }
+        };
+        assert_eq!(String::from_utf8_lossy(&result.stdout), "got <secret pw>\n");
+        // The journal (the step, its result) holds no trace of the value.
+        let all = files(dir.path());
+        assert!(all.iter().any(|(p, _)| p.ends_with("r1.s.run")));
+        for (path, bytes) in all {
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_step_the_journal_cannot_record_fails_at_once_and_does_not_run() {
         let dir = tempfile::tempdir().unwrap();
@@ -552,6 +608,7 @@ mod tests {
                 action: Some(pb::step::Action::Run(format!("touch {}", marker.display()))),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let result = agent.start(step).expect("an answer at once");
         assert_eq!(result.dispatch_id, "r1.b");

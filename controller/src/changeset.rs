@@ -38,7 +38,7 @@ mod yaml;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use cond::CelJudge;
 pub use diag::{Diagnostic, Diagnostics};
@@ -60,6 +60,10 @@ pub struct Changeset {
     on_failure: ChangesetFailure,
     changes: Vec<FlatChange>,
     groups: Vec<GroupSpec>,
+    /// The names of the secrets given (`--secret`). Their values never
+    /// reach the language: templates see each as a stand-in that renders
+    /// to `<secret NAME>`, or to `"$MODI_SECRET_NAME"` in a shell command.
+    secrets: BTreeSet<String>,
 }
 
 impl Changeset {
@@ -84,6 +88,11 @@ impl Changeset {
         self.changes.iter().map(|c| c.name.as_str()).collect()
     }
 
+    /// The names of the secrets given.
+    pub fn secrets(&self) -> &BTreeSet<String> {
+        &self.secrets
+    }
+
     /// The hosts selector of each change, in order (for `modi plan` to
     /// show what would be selected).
     pub fn selectors(&self) -> Vec<(&str, &Selector)> {
@@ -98,12 +107,15 @@ impl Changeset {
 /// `modi validate` runs on the operator's machine): every check that does
 /// not need hosts. A variable that only the controller's inventory vars
 /// define is reported as undefined; use [`validate_with_inventory`] where
-/// they are known.
+/// they are known. `secrets` are the names given with `--secret` (only
+/// names: values never reach the language); a secret the changeset
+/// declares in `secrets:` and that is not among them is an error.
 pub fn validate(
     sources: &Sources,
     cli_vars: &BTreeMap<String, String>,
+    secrets: &BTreeSet<String>,
 ) -> Result<Changeset, Diagnostics> {
-    validate_with_inventory(sources, cli_vars, &serde_json::Map::new())
+    validate_with_inventory(sources, cli_vars, secrets, &serde_json::Map::new())
 }
 
 /// [`validate`], with the names of the inventory vars known (what the
@@ -111,10 +123,15 @@ pub fn validate(
 pub fn validate_with_inventory(
     sources: &Sources,
     cli_vars: &BTreeMap<String, String>,
+    secrets: &BTreeSet<String>,
     inventory_vars: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Changeset, Diagnostics> {
     let mut diags = check_cli_vars(cli_vars);
-    let mut f = Flattener::new(sources, cli_vars);
+    diags.extend(check_secret_names(cli_vars, secrets));
+    // Secrets are variables of the highest precedence, like `--var`:
+    // for every check they count as given.
+    let given = with_secrets(cli_vars, secrets);
+    let mut f = Flattener::new(sources, &given);
     let root = &sources.root;
     let Some(def) = f.file(root) else {
         if !sources.files.contains_key(root) {
@@ -132,8 +149,24 @@ pub fn validate_with_inventory(
     let mut chain = vec![root.clone()];
     f.changeset(&def, "", None, None, &mut chain);
     diags.append(&mut f.diags);
+    // A declared secret that is not given is reported once, here, not
+    // again as an undefined variable wherever it is used.
+    let mut known = given.clone();
+    for (name, loc) in f.declared_secrets() {
+        known
+            .entry(name.clone())
+            .or_insert_with(|| modi_proto::secret_placeholder(&name));
+        if !secrets.contains(&name) {
+            diags.push(Diagnostic::new(
+                loc,
+                format!(
+                    "secret `{name}` is not given: pass it with --secret {name}=VALUE, {name}=@FILE or {name}=env:VAR"
+                ),
+            ));
+        }
+    }
     let outside = check::Outside {
-        cli: cli_vars,
+        cli: &known,
         inventory: inventory_vars,
     };
     diags.extend(check::check_changes(&f.changes, &outside));
@@ -144,8 +177,52 @@ pub fn validate_with_inventory(
         on_failure: def.on_failure,
         changes: f.changes,
         groups: f.groups,
+        secrets: secrets.clone(),
     };
     finish(cs, diags)
+}
+
+/// `--var`s with every secret added as a variable whose value is its
+/// placeholder, `<secret NAME>` (what variables built from a secret hold,
+/// and what `modi plan` shows).
+pub(crate) fn with_secrets(
+    cli_vars: &BTreeMap<String, String>,
+    secrets: &BTreeSet<String>,
+) -> BTreeMap<String, String> {
+    let mut given = cli_vars.clone();
+    for name in secrets {
+        given.insert(name.clone(), modi_proto::secret_placeholder(name));
+    }
+    given
+}
+
+/// `--secret` names follow the `--var` rules, and a name is given one way.
+fn check_secret_names(
+    cli_vars: &BTreeMap<String, String>,
+    secrets: &BTreeSet<String>,
+) -> Vec<Diagnostic> {
+    let as_vars: BTreeMap<String, String> =
+        secrets.iter().map(|s| (s.clone(), String::new())).collect();
+    let mut out: Vec<Diagnostic> = check_cli_vars(&as_vars)
+        .into_iter()
+        .map(|mut d| {
+            d.location.path = d.location.path.replacen("--var", "--secret", 1);
+            d
+        })
+        .collect();
+    for name in secrets.iter().filter(|s| cli_vars.contains_key(*s)) {
+        let loc = Location {
+            file: "<command line>".into(),
+            line: 1,
+            column: 1,
+            path: format!("--secret {name}"),
+        };
+        out.push(Diagnostic::new(
+            loc,
+            "given both as --var and as --secret: give it one way",
+        ));
+    }
+    out
 }
 
 /// `--var` names must be usable in templates and must not hide `host`.

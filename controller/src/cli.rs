@@ -15,6 +15,7 @@ mod init;
 mod output;
 mod progress;
 mod runs;
+mod secrets;
 mod serve;
 mod validate;
 
@@ -72,6 +73,9 @@ pub struct Vars {
     /// A variable, key=value (highest precedence; repeatable).
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
+    /// `--secret NAME=...`, repeatable.
+    #[command(flatten)]
+    pub secrets: secrets::SecretArgs,
 }
 
 /// The subcommands.
@@ -235,10 +239,13 @@ pub enum Command {
         /// The run id.
         run: String,
     },
-    /// Carry on a paused run.
+    /// Carry on a paused run (with `--secret`: one waiting for its secrets).
     Resume {
         /// The run id.
         run: String,
+        /// The secrets a run lost in a controller restart.
+        #[command(flatten)]
+        secrets: secrets::SecretArgs,
     },
     /// Manage enrolled agents.
     Agents {
@@ -498,7 +505,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             runs::control(&out, config, &run, runs::Control::Abort { no_backout }).await
         }
         Command::Pause { run } => runs::control(&out, config, &run, runs::Control::Pause).await,
-        Command::Resume { run } => runs::control(&out, config, &run, runs::Control::Resume).await,
+        Command::Resume { run, secrets } => secrets::resume(&out, config, &run, &secrets).await,
         Command::Demo { file, keep } => demo::run(&out, file, keep).await,
         Command::AgentRun { config: file } => serve::agent(file).await.map(|()| Outcome::Ok),
     }

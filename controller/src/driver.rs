@@ -9,6 +9,13 @@
 //! deterministic, so it ends in the state it was in, with the same steps
 //! in flight. Those already journaled as dispatched wait for their agents
 //! to reconnect (which re-reports, never re-runs); the others are sent now.
+//!
+//! The values of the secrets a run uses live only here, in memory (see
+//! [`crate::secret`]): each dispatch carries those its step uses. A run
+//! resumed after a restart has lost them: it is held, `paused` with reason
+//! `secrets` (nothing new is sent; results still come in), until
+//! `modi resume RUN --secret ...` gives every one of them again
+//! (`driver/secrets.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -27,8 +34,11 @@ use crate::rollout::{
 /// Where it was before it moved below the fleet; `modi-tests`'
 /// fanout-bench still names it here.
 use crate::run_ports::{DriverMsg, RunPorts, WatchItem};
+use crate::secret::{self, Secrets};
 use crate::spec::{RunSpec, Step};
 use crate::store::{JournalEntry, Record, RunMeta, Store, StoreError};
+
+mod secrets;
 
 /// Inbox length of a run driver.
 const INBOX: usize = 4096;
@@ -91,7 +101,21 @@ struct Driver {
     late: Vec<LateResult>,
     /// Late results to journal.
     late_in: Vec<(DispatchId, StepResult, String)>,
+    /// The values of the secrets the run uses: in memory only.
+    secrets: Secrets,
+    /// Secrets the run uses and does not have (lost in a controller
+    /// restart). While there are any, the run is held (`paused`, reason
+    /// `secrets`): dispatches wait in `parked`.
+    missing: BTreeSet<String>,
+    /// Dispatches held until the missing secrets are given.
+    parked: Vec<Action>,
+    /// Steps in flight since before a restart, not sent again for want of
+    /// their secrets: (id, the secrets it uses).
+    unsent: Vec<(DispatchId, BTreeSet<String>)>,
 }
+
+/// An operator's answer to a control: the run's state, or why not.
+type Reply = oneshot::Sender<Result<RunState, String>>;
 
 /// Why a dispatch waits.
 #[derive(Clone, Copy, Debug)]
@@ -111,8 +135,16 @@ fn distinct_hosts(spec: &RunSpec) -> u32 {
 }
 
 /// Creates run and starts its driver. Returns the run id once the run is
-/// durable.
-pub async fn start(ctx: &Context, spec: RunSpec, submitted_by: &str) -> Result<u64, StoreError> {
+/// durable. `secrets` holds the values of the secrets the run uses (any
+/// other is dropped); they are kept in memory only.
+pub async fn start(
+    ctx: &Context,
+    spec: RunSpec,
+    mut secrets: Secrets,
+    submitted_by: &str,
+) -> Result<u64, StoreError> {
+    let used = spec.secrets();
+    secrets.retain(|name, _| used.contains(name));
     let now = ctx.clock.now();
     let spec = Arc::new(spec);
     let meta = RunMeta {
@@ -143,6 +175,11 @@ pub async fn start(ctx: &Context, spec: RunSpec, submitted_by: &str) -> Result<u
     let meta = ctx.store.create_run(meta, entries.to_vec()).await?;
     let run = meta.id;
     let mut driver = Driver::new(ctx.clone(), run, spec, meta, seq);
+    driver.secrets = secrets;
+    driver.missing = used
+        .into_iter()
+        .filter(|n| !driver.secrets.contains_key(n))
+        .collect();
     let actions = driver.engine.handle(Event::Start, now);
     driver.spawn(actions);
     Ok(run)
@@ -281,6 +318,8 @@ pub fn resume(ctx: &Context, run: u64, replayed: Replayed, meta: RunMeta) {
     let mut driver = Driver::new(ctx.clone(), run, spec, meta, entries);
     driver.engine = engine;
     driver.late = late;
+    // The values of its secrets went with the previous controller.
+    driver.missing = driver.spec.secrets();
     driver.lost = results
         .iter()
         .filter(|(_, r)| r.termination == Some(Termination::Lost))
@@ -301,7 +340,16 @@ pub fn resume(ctx: &Context, run: u64, replayed: Replayed, meta: RunMeta) {
         if f.dispatched {
             // It may have run: the agent re-reports it, or runs it if it
             // never got it. A cancel asked for before the crash goes too.
-            ctx.fleet.send_step(key, id, &f.host, Arc::new(f.step));
+            // One that uses secrets is in flight but goes out only once
+            // they are given again (the agent reports it if it has it).
+            let secrets = if f.step.secrets.is_empty() {
+                Some(Arc::default())
+            } else {
+                driver.unsent.push((id, f.step.secrets.clone()));
+                None
+            };
+            ctx.fleet
+                .send_step(key, id, &f.host, Arc::new(f.step), secrets);
             if f.cancelled {
                 ctx.fleet.cancel_step(&full_id(key, &id));
             }
@@ -353,6 +401,10 @@ impl Driver {
             lost: HashSet::new(),
             late: Vec::new(),
             late_in: Vec::new(),
+            secrets: Secrets::new(),
+            missing: BTreeSet::new(),
+            parked: Vec::new(),
+            unsent: Vec::new(),
         }
     }
 
@@ -477,7 +529,7 @@ impl Driver {
                     Some(DriverMsg::Late { id, result, agent }) => {
                         self.late_in.push((id, result, agent));
                     }
-                    Some(DriverMsg::Control { reply, .. }) => {
+                    Some(DriverMsg::Control { reply, .. } | DriverMsg::Secrets { reply, .. }) => {
                         let why = self.held.clone().unwrap_or_default();
                         let _ = reply.send(Err(format!(
                             "run {} is paused ({why}); it goes on by itself once the store can write",
@@ -495,6 +547,9 @@ impl Driver {
         if let Some(why) = &self.held {
             status.state = RunState::Paused;
             status.held = Some(why.clone());
+        } else if !self.missing.is_empty() && !status.state.is_final() {
+            status.state = RunState::Paused;
+            status.held = Some(self.secrets_hold());
         }
         for (id, w) in &self.waiting {
             if let Some(h) = status
@@ -560,6 +615,9 @@ impl Driver {
     }
 
     async fn run_loop(&mut self, first: Vec<Action>) -> Result<(), StoreError> {
+        if !self.missing.is_empty() {
+            self.hold_for_secrets().await?;
+        }
         self.act(first).await?;
         while !self.engine.is_finished() {
             self.take_late().await?;
@@ -569,6 +627,7 @@ impl Driver {
             }
             let mut results = std::mem::take(&mut self.local);
             let mut controls = Vec::new();
+            let mut supplies = Vec::new();
             if results.is_empty() {
                 let clock = self.ctx.clock;
                 let mut wake = self.engine.next_deadline();
@@ -587,15 +646,15 @@ impl Driver {
                 };
                 tokio::select! {
                     msg = self.inbox.recv() => match msg {
-                        Some(msg) => self.sort(msg, &mut results, &mut controls),
+                        Some(msg) => self.sort(msg, &mut results, &mut controls, &mut supplies),
                         None => return Ok(()),
                     },
                     _ = sleep => {}
                     _ = self.ctx.shutdown.cancelled() => return Ok(()),
                 }
-                while results.len() + controls.len() < BATCH {
+                while results.len() + controls.len() + supplies.len() < BATCH {
                     match self.inbox.try_recv() {
-                        Ok(msg) => self.sort(msg, &mut results, &mut controls),
+                        Ok(msg) => self.sort(msg, &mut results, &mut controls, &mut supplies),
                         Err(_) => break,
                     }
                 }
@@ -616,6 +675,24 @@ impl Driver {
                 match self.check_control(&event) {
                     Ok(()) => {
                         events.push(event);
+                        replies.push(reply);
+                    }
+                    Err(why) => {
+                        let _ = reply.send(Err(why));
+                    }
+                }
+            }
+            let mut released = false;
+            for (secrets, by, reply) in supplies {
+                match self.take_secrets(secrets) {
+                    Ok(()) => {
+                        released = true;
+                        // `modi resume` resumes a run an operator paused too.
+                        if self.engine.state() == RunState::Paused
+                            && !events.iter().any(|e| matches!(e, Event::Resume { .. }))
+                        {
+                            events.push(Event::Resume { by });
+                        }
                         replies.push(reply);
                     }
                     Err(why) => {
@@ -651,6 +728,9 @@ impl Driver {
                 });
             }
             let mut actions = Vec::new();
+            if released {
+                actions = self.release_secrets_hold().await?;
+            }
             for event in events {
                 actions.extend(self.engine.handle(event, now));
             }
@@ -667,12 +747,14 @@ impl Driver {
         &mut self,
         msg: DriverMsg,
         results: &mut Vec<(DispatchId, StepResult, Option<String>)>,
-        controls: &mut Vec<(Event, oneshot::Sender<Result<RunState, String>>)>,
+        controls: &mut Vec<(Event, Reply)>,
+        supplies: &mut Vec<(Secrets, String, Reply)>,
     ) {
         match msg {
             DriverMsg::Result { id, result, agent } => results.push((id, result, agent)),
             DriverMsg::Late { id, result, agent } => self.late_in.push((id, result, agent)),
             DriverMsg::Control { event, reply } => controls.push((event, reply)),
+            DriverMsg::Secrets { secrets, by, reply } => supplies.push((secrets, by, reply)),
             DriverMsg::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -683,7 +765,13 @@ impl Driver {
     fn check_control(&self, event: &Event) -> Result<(), String> {
         let state = self.engine.state();
         let run = self.run;
+        let waits = !self.missing.is_empty() && !state.is_final();
         match event {
+            // Held for its secrets, it shows paused: the same rule.
+            Event::Approve { .. } | Event::Deny { .. } if waits => Err(format!(
+                "run {run} is paused, waiting for its secrets {}; resume it first (modi resume {run} --secret NAME=...), then approve or deny",
+                secret::list(&self.missing)
+            )),
             // A decision on a paused run would be lost or misread: the
             // operator resumes first, then decides at the gate.
             Event::Approve { .. } | Event::Deny { .. } if state == RunState::Paused => {
@@ -697,6 +785,10 @@ impl Driver {
                     state_name(state)
                 ))
             }
+            Event::Resume { .. } if waits => Err(format!(
+                "run {run} waits for its secrets {}: resume it with `modi resume {run} --secret NAME=...` for each",
+                secret::list(&self.missing)
+            )),
             Event::Pause { .. } if state == RunState::Paused => {
                 Err(format!("run {run} is already paused"))
             }
@@ -726,6 +818,9 @@ impl Driver {
                     self.local
                         .push((id, not_sent(Termination::FailedToStart, reason), None));
                 }
+                Action::Dispatch { id, host, step } if !self.missing.is_empty() => {
+                    self.parked.push(Action::Dispatch { id, host, step });
+                }
                 Action::Dispatch { id, host, step } => match self.route(&id, &host) {
                     Route::Send => {
                         self.waiting.remove(&id);
@@ -739,11 +834,18 @@ impl Driver {
                     }
                 },
                 Action::Cancel { id, .. } => {
-                    if let Some(i) = self
-                        .deferred
-                        .iter()
-                        .position(|a| matches!(a, Action::Dispatch { id: d, .. } if *d == id))
-                    {
+                    let held = |list: &Vec<Action>| {
+                        list.iter()
+                            .position(|a| matches!(a, Action::Dispatch { id: d, .. } if *d == id))
+                    };
+                    if let Some(i) = held(&self.parked) {
+                        self.parked.remove(i);
+                        self.local.push((
+                            id,
+                            not_sent(Termination::Cancelled, "cancelled before it was sent"),
+                            None,
+                        ));
+                    } else if let Some(i) = held(&self.deferred) {
                         self.deferred.remove(i);
                         self.waiting.remove(&id);
                         self.local.push((
@@ -779,7 +881,12 @@ impl Driver {
                     {
                         self.track_host(*change, *host, *state);
                     }
-                    if let Progress::Run { state } = &progress {
+                    let mut progress = progress;
+                    if let Progress::Run { state } = &mut progress {
+                        if !self.missing.is_empty() && !state.is_final() {
+                            // Held for its secrets: it shows paused.
+                            *state = RunState::Paused;
+                        }
                         self.meta.state = *state;
                         self.persist(Vec::new(), Some(self.meta.clone())).await?;
                     }
@@ -788,20 +895,34 @@ impl Driver {
             }
         }
         let key = self.key();
+        let mut with_secrets = Vec::with_capacity(dispatch.len());
+        for (id, host, step) in dispatch {
+            match secret::subset(&self.secrets, &step.secrets) {
+                Ok(values) => with_secrets.push((id, host, step, Arc::new(values))),
+                Err(name) => {
+                    // Not given, or lost: the run waits for it.
+                    self.missing.insert(name);
+                    self.parked.push(Action::Dispatch { id, host, step });
+                }
+            }
+        }
+        let dispatch = with_secrets;
         if !dispatch.is_empty() {
             // Durable before sent.
             let records = dispatch
                 .iter()
-                .map(|(id, _, _)| Record::Dispatched { id: *id })
+                .map(|(id, _, _, _)| Record::Dispatched { id: *id })
                 .collect();
             self.journal(records, self.ctx.clock.now()).await?;
-            for (id, host, step) in dispatch {
+            for (id, host, step, secrets) in dispatch {
                 let _ = self.watch.send(WatchItem::Dispatched {
                     id,
                     host: host.clone(),
                     step: describe(&step),
                 });
-                self.ctx.fleet.send_step(key, id, &host, Arc::new(step));
+                self.ctx
+                    .fleet
+                    .send_step(key, id, &host, Arc::new(step), Some(secrets));
                 self.ctx.metrics.dispatched();
             }
         }

@@ -17,6 +17,10 @@
 //!   those steps are reported `lost` to their runs; if it comes back still
 //!   running one of them, it is told to cancel it.
 //! - An agent can report results only for steps dispatched to it.
+//! - A step goes out with the values of the secrets it uses. One whose
+//!   values are not here (its run lost them in a controller restart) is
+//!   in flight but not sent, even to an agent that reconnects, until its
+//!   run is given them ([`Fleet::supply`]).
 //!
 //! The fleet speaks only our types ([`Hello`], [`AgentResult`],
 //! [`OutputChunk`] in, [`ToAgent`] out): the agent service converts from
@@ -37,6 +41,7 @@ use crate::clock::Clock;
 use crate::rollout::Event;
 use crate::rollout::{DispatchId, Millis, StepResult, Termination};
 use crate::run_ports::{DriverMsg, RunPorts, WatchItem};
+use crate::secret::Secrets;
 use crate::spec::Step;
 use crate::store::{HostRecord, JournalEntry, Record, Store};
 
@@ -97,6 +102,8 @@ pub enum ToAgent {
         id: DispatchId,
         /// What to run.
         step: Arc<Step>,
+        /// The values of the secrets it uses.
+        secrets: Arc<Secrets>,
     },
     /// Stop the step with this full dispatch id.
     Cancel(String),
@@ -123,6 +130,9 @@ struct Inflight {
     run: RunRef,
     id: DispatchId,
     step: Arc<Step>,
+    /// The values of the secrets it uses; `None` while they are not here
+    /// (it is not sent until they are).
+    secrets: Option<Arc<Secrets>>,
     cancelled: bool,
     /// Its result is on its way to the journal.
     reported: bool,
@@ -161,13 +171,14 @@ impl Tail {
 }
 
 impl Inflight {
-    /// The message that sends it.
-    fn to_agent(&self) -> ToAgent {
-        ToAgent::Run {
+    /// The message that sends it, if it can be sent.
+    fn to_agent(&self) -> Option<ToAgent> {
+        Some(ToAgent::Run {
             run: self.run,
             id: self.id,
             step: self.step.clone(),
-        }
+            secrets: self.secrets.clone()?,
+        })
     }
 }
 
@@ -366,7 +377,7 @@ impl Fleet {
             .values()
             .filter(|f| f.agent == name && !f.reported)
         {
-            msgs.push(f.to_agent());
+            msgs.extend(f.to_agent());
             if f.cancelled {
                 msgs.push(ToAgent::Cancel(full_id(f.run, &f.id)));
             }
@@ -544,9 +555,18 @@ impl Fleet {
         }
     }
 
-    /// Puts step `id` of `run` in flight on `agent` and sends it if
-    /// connected. The caller has journaled the dispatch already.
-    pub fn send_step(&self, run: RunRef, id: DispatchId, agent: &str, step: Arc<Step>) {
+    /// Puts step `id` of `run` in flight on `agent` and sends it, with the
+    /// values of the secrets it uses, if connected. With `secrets` `None`
+    /// (its run does not have them) it is in flight but not sent until
+    /// [`Fleet::supply`]. The caller has journaled the dispatch already.
+    pub fn send_step(
+        &self,
+        run: RunRef,
+        id: DispatchId,
+        agent: &str,
+        step: Arc<Step>,
+        secrets: Option<Arc<Secrets>>,
+    ) {
         let sent = {
             let mut state = self.lock();
             let f = Inflight {
@@ -554,17 +574,43 @@ impl Fleet {
                 run,
                 id,
                 step,
+                secrets,
                 cancelled: false,
                 reported: false,
                 output: Default::default(),
             };
             let msg = f.to_agent();
             state.inflight.insert(full_id(run, &id), f);
-            state.send(agent, msg)
+            match msg {
+                Some(msg) => state.send(agent, msg),
+                None => false,
+            }
         };
         if !sent {
             // It goes out when the agent is back, or is lost.
             self.watch_absence(agent);
+        }
+    }
+
+    /// The secrets of the step in flight `full_id`, which was held for
+    /// them: it is sent now (if its agent is connected and its result is
+    /// not on its way already).
+    pub fn supply(&self, full_id: &str, secrets: Arc<Secrets>) {
+        let mut state = self.lock();
+        let Some(f) = state.inflight.get_mut(full_id) else {
+            return;
+        };
+        f.secrets = Some(secrets);
+        if f.reported {
+            return;
+        }
+        let (agent, msg, cancelled) = (f.agent.clone(), f.to_agent(), f.cancelled);
+        if let Some(msg) = msg
+            && state.send(&agent, msg)
+            && cancelled
+        {
+            // Cancelled while it waited: it goes out only to be reported.
+            state.send(&agent, ToAgent::Cancel(full_id.to_string()));
         }
     }
 

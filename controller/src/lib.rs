@@ -17,6 +17,7 @@
 //! - [`server`]: `modi serve`'s life: bind, resume runs, serve, drain.
 //! - [`store`]: the sled store and each run's append-only journal.
 //! - [`pki`]: the CA and the server side of the trust scheme.
+//! - [`secret`]: secrets' values, held in memory for their run only.
 //! - [`cli`]: the operator CLI, one module per subcommand.
 //! - [`clock`]: the injected [`clock::Clock`] that everything deciding by
 //!   time reads.
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod pki;
 pub mod rollout;
 pub mod run_ports;
+pub mod secret;
 pub mod server;
 pub mod service;
 pub mod spec;

@@ -30,6 +30,10 @@ pub const MAX_SOURCES: usize = 16 << 20;
 pub const MAX_VARS: usize = 1000;
 /// Length of one `--var` value.
 pub const MAX_VAR_VALUE: usize = 64 << 10;
+/// `--secret`s per request.
+pub const MAX_SECRETS: usize = 64;
+/// Length of one `--secret` value.
+pub const MAX_SECRET_VALUE: usize = 64 << 10;
 
 /// A limit that was passed, for people.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

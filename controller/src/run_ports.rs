@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::rollout::{DispatchId, Event, Progress, RunState, RunStatus, StepResult};
+use crate::secret::Secrets;
 
 /// A run's inbox and its watchers.
 #[derive(Clone)]
@@ -48,6 +49,17 @@ pub enum DriverMsg {
         /// The event.
         event: Event,
         /// The run's state after it, or why it was refused.
+        reply: oneshot::Sender<Result<RunState, String>>,
+    },
+    /// `modi resume RUN --secret ...`: the secrets a run lost in a
+    /// controller restart. Checked against what the run needs; a run that
+    /// was also paused by an operator is resumed.
+    Secrets {
+        /// The values.
+        secrets: Secrets,
+        /// The name on the admin certificate.
+        by: String,
+        /// The run's state after it, or why they were refused.
         reply: oneshot::Sender<Result<RunState, String>>,
     },
     /// A status snapshot, please.

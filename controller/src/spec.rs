@@ -9,7 +9,7 @@
 //!
 //! This module is pure data: no I/O, no clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -114,6 +114,26 @@ pub struct ChangeSpec {
     /// Where the change is defined.
     #[serde(default)]
     pub location: Location,
+}
+
+impl RunSpec {
+    /// Every secret some step of the run uses (backouts included).
+    pub fn secrets(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for host in self.changes.iter().flat_map(|c| &c.hosts) {
+            let phases = [&host.skip_if, &host.check, &host.apply, &host.verify];
+            let backouts = host
+                .backout
+                .iter()
+                .flat_map(|b| [&b.check, &b.steps, &b.verify]);
+            for steps in phases.into_iter().chain(backouts) {
+                for step in steps {
+                    out.extend(step.secrets.iter().cloned());
+                }
+            }
+        }
+        out
+    }
 }
 
 impl ChangeSpec {
@@ -347,6 +367,11 @@ pub struct Step {
     /// Where the step is written.
     #[serde(default)]
     pub location: Location,
+    /// The secrets the step uses, by name. The step itself holds only
+    /// `<secret NAME>` placeholders and `"$MODI_SECRET_NAME"` references;
+    /// the values travel with the dispatch, from the controller's memory.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secrets: BTreeSet<String>,
 }
 
 /// The kinds of step.

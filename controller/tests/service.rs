@@ -28,6 +28,7 @@ fn apply_request() -> pb::PlanRequest {
             files: [("noop.yaml".to_string(), NOOP.to_string())].into(),
         }),
         vars: Default::default(),
+        secrets: Default::default(),
     }
 }
 

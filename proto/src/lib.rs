@@ -19,6 +19,21 @@ pub mod identity;
 /// the shell-quoted path of the temp file holding the new content.
 pub const FILE_TMP_PLACEHOLDER: &str = "@@MODI_FILE_TMP@@";
 
+/// What a secret's value is replaced by wherever it would be shown or
+/// kept: `<secret NAME>`. Rendered steps hold it where the value goes (the
+/// agent substitutes the value in memory), and the agent puts it in place
+/// of every occurrence of the value in a step's output.
+pub fn secret_placeholder(name: &str) -> String {
+    format!("<secret {name}>")
+}
+
+/// The environment variable through which a step's process receives the
+/// secret `name`: `MODI_SECRET_` + the name. In a `run` command the
+/// controller renders `{{ name }}` as `"$MODI_SECRET_name"`.
+pub fn secret_env(name: &str) -> String {
+    format!("MODI_SECRET_{name}")
+}
+
 pub mod tls;
 
 /// Generated code for package `modi.v1`.

@@ -10,4 +10,5 @@ mod language;
 mod reading;
 mod refusals;
 mod rollout;
+mod secrets;
 mod trust;

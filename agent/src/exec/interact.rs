@@ -2,7 +2,8 @@
 //! with expect/send pairs (ModiPY's expect/send). The program gets the PTY
 //! as its controlling terminal in a session of its own; everything it
 //! prints (including the echo of what was sent) is the step's stdout, the
-//! transcript.
+//! transcript. `expect` patterns see what it printed; the transcript and
+//! the live output have secrets' values masked.
 
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use super::{Capture, Ctx, DRAIN_GRACE, Ended, Executor, kill_group, result_of};
+use crate::secrets::Mask;
 
 /// How long an `expect` waits when neither it nor the step has a timeout.
 pub const DEFAULT_EXPECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,6 +54,8 @@ struct Screen<'a> {
     /// Until the terminal reports end of file (EIO once every process has
     /// closed it).
     open: bool,
+    /// Masks secrets' values in the transcript and the live output.
+    mask: Mask,
     ctx: &'a Ctx<'a>,
 }
 
@@ -61,8 +65,7 @@ impl Screen<'_> {
         let mut buf = [0u8; 8192];
         match reader.read(&mut buf).await {
             Ok(n) if n > 0 => {
-                self.transcript.push(&buf[..n]);
-                self.ctx.stream(pb::OutputStream::Stdout, &buf[..n]);
+                self.keep(buf[..n].to_vec());
                 self.unseen.extend_from_slice(&buf[..n]);
                 let excess = self.unseen.len().saturating_sub(EXPECT_WINDOW);
                 self.unseen.drain(..excess);
@@ -72,6 +75,26 @@ impl Screen<'_> {
                 self.open = false;
                 false
             }
+        }
+    }
+
+    /// Keeps what the program printed, masked (part of a value cut at
+    /// the end waits for the next read, or [`Screen::flush`]).
+    fn keep(&mut self, data: Vec<u8>) {
+        let data = self.mask.feed(&data);
+        self.show(&data);
+    }
+
+    /// Keeps what the mask still holds: the transcript is complete.
+    fn flush(&mut self) {
+        let data = self.mask.finish();
+        self.show(&data);
+    }
+
+    fn show(&mut self, data: &[u8]) {
+        if !data.is_empty() {
+            self.transcript.push(data);
+            self.ctx.stream(pb::OutputStream::Stdout, data);
         }
     }
 
@@ -207,6 +230,7 @@ pub(super) async fn run(
             transcript: Capture::default(),
             unseen: Vec::new(),
             open: true,
+            mask: ctx.secrets.mask(),
             ctx,
         },
         deadline: ctx.timeout.map(|t| Instant::now() + t),
@@ -217,6 +241,7 @@ pub(super) async fn run(
         Some(Stop::Timeout(_) | Stop::Cancelled) => None,
         None | Some(Stop::Ended(_)) => term.finish().await,
     };
+    term.screen.flush();
     let transcript = term.screen.transcript;
     let ended = match status {
         Some(status) => Ended::Exited(status),

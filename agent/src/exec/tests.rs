@@ -29,7 +29,9 @@ fn run(cmd: &str) -> pb::Step {
 
 async fn execute(f: &Fixture, id: &str, step: pb::Step) -> pb::StepResult {
     let (tx, _rx) = mpsc::channel(1024);
-    f.exec.execute(id, step, tx, CancellationToken::new()).await
+    f.exec
+        .execute(id, step, &Secrets::default(), tx, CancellationToken::new())
+        .await
 }
 
 fn exited(r: &pb::StepResult) -> Option<i32> {
@@ -128,7 +130,10 @@ async fn a_cancel_kills_the_step() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         c.cancel();
     });
-    let r = f.exec.execute("t5", run("sleep 60"), tx, cancel).await;
+    let r = f
+        .exec
+        .execute("t5", run("sleep 60"), &Secrets::default(), tx, cancel)
+        .await;
     assert_eq!(r.termination, pb::Termination::Cancelled as i32);
 }
 
@@ -142,6 +147,7 @@ async fn output_past_the_cap_is_counted_not_kept_and_streamed() {
         .execute(
             "t6",
             run(&format!("head -c {total} /dev/zero")),
+            &Secrets::default(),
             tx,
             CancellationToken::new(),
         )
@@ -552,4 +558,153 @@ async fn a_step_whose_group_cannot_be_recorded_is_killed_at_once() {
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!marker.exists(), "the step went on");
+}
+
+fn with_secrets(pairs: &[(&str, &str)], step: pb::Step) -> (pb::RunStep, Secrets) {
+    let mut run = pb::RunStep {
+        dispatch_id: "s".into(),
+        step: Some(step),
+        secrets: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let secrets = Secrets::take(&mut run);
+    (run, secrets)
+}
+
+#[tokio::test]
+async fn a_step_gets_its_secrets_and_its_output_never_shows_them() {
+    let f = fixture();
+    let value = "p@ss w0rd'\"$(id)";
+    // What the controller renders: the command reads the environment,
+    // env and stdin hold placeholders.
+    let mut step =
+        run(r#"printf '%s|' "$MODI_SECRET_pw" "$PW"; cat; echo; echo "err $MODI_SECRET_pw" >&2"#);
+    step.env.insert("PW".into(), "<secret pw>".into());
+    step.stdin = Some(b"in:<secret pw>".to_vec());
+    let (journaled, secrets) = with_secrets(&[("pw", value)], step);
+    assert!(journaled.secrets.is_empty());
+    let (tx, mut rx) = mpsc::channel(1024);
+    let r = f
+        .exec
+        .execute(
+            "s1",
+            journaled.step.unwrap(),
+            &secrets,
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(exited(&r), Some(0), "{r:?}");
+    // The step really got the value three ways (its output is masked, so
+    // the test compares what it printed with the placeholder).
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "<secret pw>|<secret pw>|in:<secret pw>\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "err <secret pw>\n");
+    let mut streamed = Vec::new();
+    while let Ok(chunk) = rx.try_recv() {
+        streamed.extend(chunk.data);
+    }
+    let streamed = String::from_utf8_lossy(&streamed);
+    assert!(
+        !streamed.contains(value) && streamed.contains("<secret pw>"),
+        "{streamed}"
+    );
+}
+
+#[tokio::test]
+async fn a_secret_reaches_argv_and_file_content_unmasked_where_it_belongs() {
+    let f = fixture();
+    let out = f.work.join("argv.txt");
+    std::fs::create_dir_all(&f.work).unwrap();
+    let step = pb::Step {
+        action: Some(pb::step::Action::Argv(pb::Argv {
+            args: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                r#"printf %s "$1" > "$2""#.into(),
+                "sh".into(),
+                "<secret tok>".into(),
+                out.to_string_lossy().into_owned(),
+            ],
+        })),
+        ..Default::default()
+    };
+    let (run, secrets) = with_secrets(&[("tok", "t0ken")], step);
+    let (tx, _rx) = mpsc::channel(16);
+    let r = f
+        .exec
+        .execute(
+            "s2",
+            run.step.unwrap(),
+            &secrets,
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(exited(&r), Some(0), "{r:?}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "t0ken");
+
+    let conf = f.work.join("app.conf");
+    let step = file_step(
+        conf.to_str().unwrap(),
+        b"password=<secret tok>\n",
+        Some(0o600),
+        "",
+    );
+    let (run, secrets) = with_secrets(&[("tok", "t0ken")], step);
+    let (tx, _rx) = mpsc::channel(16);
+    let r = f
+        .exec
+        .execute(
+            "s3",
+            run.step.unwrap(),
+            &secrets,
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(exited(&r), Some(0), "{r:?}");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "password=t0ken\n");
+    assert!(!String::from_utf8_lossy(&r.stdout).contains("t0ken"));
+}
+
+#[tokio::test]
+async fn interact_sends_a_secret_and_its_echo_is_masked() {
+    let f = fixture();
+    let step = pb::Step {
+        action: Some(pb::step::Action::Interact(pb::Interact {
+            command:
+                r#"printf 'Password: '; read -r pw; [ "$pw" = "$MODI_SECRET_pw" ] && echo "ok $pw""#
+                    .into(),
+            script: vec![pb::Exchange {
+                expect: "Password:".into(),
+                send: "<secret pw>\n".into(),
+                timeout_ms: 5000,
+            }],
+        })),
+        ..Default::default()
+    };
+    let (run, secrets) = with_secrets(&[("pw", "hunter2")], step);
+    let (tx, mut rx) = mpsc::channel(1024);
+    let r = f
+        .exec
+        .execute(
+            "s4",
+            run.step.unwrap(),
+            &secrets,
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(exited(&r), Some(0), "{r:?}");
+    let transcript = String::from_utf8_lossy(&r.stdout);
+    assert!(transcript.contains("ok <secret pw>"), "{transcript}");
+    assert!(!transcript.contains("hunter2"), "{transcript}");
+    while let Ok(chunk) = rx.try_recv() {
+        assert!(!String::from_utf8_lossy(&chunk.data).contains("hunter2"));
+    }
 }

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let sources = Sources::single("fuzz.yaml", text);
     let cli = BTreeMap::new();
-    let Ok(changeset) = validate(&sources, &cli) else {
+    let Ok(changeset) = validate(&sources, &cli, &Default::default()) else {
         return;
     };
     let fleet = [

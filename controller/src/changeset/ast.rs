@@ -323,6 +323,9 @@ pub(crate) struct ChangesetDef {
     pub description: String,
     /// `vars`.
     pub vars: Vec<VarDef>,
+    /// `secrets`: names that must be given with `--secret`, each where it
+    /// is declared.
+    pub secrets: Vec<(String, Location)>,
     /// `on_failure`.
     pub on_failure: ChangesetFailure,
     /// `templates`.

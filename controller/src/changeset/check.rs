@@ -110,7 +110,7 @@ impl Checker<'_> {
             let hint = suggestion(root, names.iter().copied().chain(["host"]));
             let msg = if hint.is_empty() {
                 format!(
-                    "undefined variable `{root}`: not set in `vars`, `with`, a `foreach` item, the inventory or --var (change `{owner}`)"
+                    "undefined variable `{root}`: not set in `vars`, `with`, a `foreach` item, the inventory, --var or --secret (change `{owner}`)"
                 )
             } else {
                 format!("undefined variable `{root}`{hint} (change `{owner}`)")

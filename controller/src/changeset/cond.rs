@@ -451,6 +451,7 @@ mod tests {
                 location: Location::default(),
             }),
             location: Location::default(),
+            secrets: Default::default(),
         }
     }
 

@@ -153,6 +153,16 @@ impl<'a> Flattener<'a> {
         def
     }
 
+    /// Every secret declared in `secrets:` by the files parsed so far (the
+    /// root and everything it includes), with where it is declared.
+    pub fn declared_secrets(&self) -> Vec<(String, Location)> {
+        self.parsed
+            .values()
+            .flatten()
+            .flat_map(|def| def.secrets.iter().cloned())
+            .collect()
+    }
+
     /// Flattens `def` (the root when `group` is `None`).
     pub fn changeset(
         &mut self,

@@ -11,12 +11,20 @@
 //!
 //! Values from host labels, facts, inventory vars and `--var` are passed in
 //! as data and are never rendered as templates themselves.
+//!
+//! A secret is in the context as a [`Secret`]: its value never reaches the
+//! language. Raw, it renders as `<secret NAME>` (the agent puts the value
+//! there); in a shell command as `"$MODI_SECRET_NAME"`, an environment
+//! variable only the step's process receives, so the value never appears
+//! in a command line. A string built from a secret (`"u:{{ pw }}@db"`, a
+//! variable defined so) carries the placeholder, which the shell formatter
+//! turns into the same reference inside the quoted word.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
-use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior};
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior};
 
 use super::ast::Tmpl;
 use crate::spec::Location;
@@ -53,14 +61,81 @@ fn quote(s: &str) -> Result<String, Error> {
     })
 }
 
+/// A secret in a template's context, known by name only (see the module
+/// docs).
+#[derive(Debug)]
+pub(crate) struct Secret(pub String);
+
+impl Object for Secret {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Plain
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&modi_proto::secret_placeholder(&self.0))
+    }
+}
+
+/// How a shell command reads secret `name`: `"$MODI_SECRET_name"`.
+pub(crate) fn secret_ref(name: &str) -> String {
+    format!("\"${}\"", modi_proto::secret_env(name))
+}
+
+/// Is `name` a secret in this render's context?
+fn is_secret(state: &State, name: &str) -> bool {
+    state.lookup(name).is_some_and(|v| {
+        v.downcast_object_ref::<Secret>()
+            .is_some_and(|s| s.0 == name)
+    })
+}
+
+/// `value` as one shell word: a secret is read from its environment
+/// variable; text is quoted, with every `<secret NAME>` placeholder of a
+/// secret of this render turned into that variable's reference inside the
+/// word (`'u:'"$MODI_SECRET_pw"'@db'`).
+fn shell_word(state: &State, value: &Value) -> Result<String, Error> {
+    if let Some(secret) = value.downcast_object_ref::<Secret>() {
+        return Ok(secret_ref(&secret.0));
+    }
+    let text = value.to_string();
+    const OPEN: &str = "<secret ";
+    let mut out = String::new();
+    let mut literal = String::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find(OPEN) {
+        let after = &rest[start + OPEN.len()..];
+        let name = after.find('>').map(|end| &after[..end]);
+        match name {
+            Some(name) if is_secret(state, name) => {
+                literal.push_str(&rest[..start]);
+                if !literal.is_empty() {
+                    out.push_str(&quote(&literal)?);
+                    literal.clear();
+                }
+                out.push_str(&secret_ref(name));
+                rest = &after[name.len() + 1..];
+            }
+            _ => {
+                literal.push_str(&rest[..start + 1]);
+                rest = &rest[start + 1..];
+            }
+        }
+    }
+    literal.push_str(rest);
+    if !literal.is_empty() || out.is_empty() {
+        out.push_str(&quote(&literal)?);
+    }
+    Ok(out)
+}
+
 /// `{{ list | args }}`: each item shell-quoted, joined with spaces.
-fn args(value: Value) -> Result<Value, Error> {
+fn args(state: &State, value: Value) -> Result<Value, Error> {
     let mut words = Vec::new();
     for item in value.try_iter()? {
         if item.is_safe() {
             words.push(item.to_string());
         } else {
-            words.push(quote(&item.to_string())?);
+            words.push(shell_word(state, &item)?);
         }
     }
     Ok(Value::from_safe_string(words.join(" ")))
@@ -97,7 +172,7 @@ impl Jinja {
                     "a null value cannot be put into a command (give it a value, or use `| default(\"\", true)`)",
                 ));
             }
-            out.write_str(&quote(&value.to_string())?).map_err(Error::from)
+            out.write_str(&shell_word(state, value)?).map_err(Error::from)
         });
         let mut raw = base_env();
         raw.set_auto_escape_callback(|_| AutoEscape::None);

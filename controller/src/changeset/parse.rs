@@ -20,6 +20,7 @@ const CHANGESET_KEYS: &[&str] = &[
     "name",
     "description",
     "vars",
+    "secrets",
     "on_failure",
     "templates",
     "changes",
@@ -112,6 +113,10 @@ impl Reader<'_> {
             .get("vars")
             .map(|n| self.vars(n, "vars"))
             .unwrap_or_default();
+        let secrets = m
+            .get("secrets")
+            .map(|n| self.secrets(n, &vars))
+            .unwrap_or_default();
         let on_failure = m
             .get("on_failure")
             .and_then(|n| self.changeset_failure(n, "on_failure"))
@@ -166,10 +171,45 @@ impl Reader<'_> {
             name: name?,
             description,
             vars,
+            secrets,
             on_failure,
             templates,
             changes,
         })
+    }
+
+    /// `secrets: [NAME, ...]`: variable names, each once, none also given a
+    /// value in the file's `vars` (a secret's value only ever comes from
+    /// `--secret`).
+    fn secrets(&mut self, node: &Node, vars: &[VarDef]) -> Vec<(String, Location)> {
+        let mut out: Vec<(String, Location)> = Vec::new();
+        for (name, n, p) in self.names(node, "secrets") {
+            if !self.var_name(n, &p, &name) {
+                continue;
+            }
+            if let Some((_, first)) = out.iter().find(|(s, _)| *s == name) {
+                let line = first.line;
+                self.error(
+                    n,
+                    &p,
+                    format!("secret `{name}` is declared twice (first on line {line})"),
+                );
+                continue;
+            }
+            if let Some(v) = vars.iter().find(|v| v.name == name) {
+                let line = v.loc.line;
+                self.error(
+                    n,
+                    &p,
+                    format!(
+                        "`{name}` is a secret and also a variable in `vars` (line {line}): a secret's value comes only from --secret"
+                    ),
+                );
+                continue;
+            }
+            out.push((name, self.loc(n, &p)));
+        }
+        out
     }
 
     fn required_name(&mut self, m: &Map<'_>, path: &str, what: &str) -> Option<String> {

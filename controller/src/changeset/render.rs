@@ -6,6 +6,12 @@
 //! has one definition (the highest-precedence one), and a value that is a
 //! template is rendered after the variables it reads. So `--var version=2`
 //! also changes `url: "https://x/{{ version }}"` defined lower down.
+//!
+//! Secrets are variables of the highest precedence whose value is not
+//! known here (see `jinja.rs`): every step records the secrets it uses in
+//! [`Step::secrets`], and a secret in a field that takes none (`cwd`,
+//! `user`, `file.path`, `file.owner`) or pasted into a shell command as
+//! text is an error.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,7 +23,7 @@ use super::Changeset;
 use super::ast::{ActionDef, BackoutDef, Cond, StepDef, Tmpl, VarValue};
 use super::diag::{Diagnostic, Diagnostics, finish};
 use super::flatten::{Def, FlatChange, Scope};
-use super::jinja::{Escape, jinja, to_value};
+use super::jinja::{Escape, Secret, jinja, secret_ref, to_value};
 use crate::spec::{
     BackoutSpec, ChangeSpec, Condition, Exchange, FILE_TMP_PLACEHOLDER, FileSpec, HostInfo,
     HostPlan, Location, RunSpec, Step, StepAction,
@@ -33,6 +39,7 @@ pub fn render(
     cli_vars: &BTreeMap<String, String>,
 ) -> Result<RunSpec, Diagnostics> {
     let mut diags = super::check_cli_vars(cli_vars);
+    let given = super::with_secrets(cli_vars, &cs.secrets);
     let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut changes = Vec::with_capacity(cs.changes.len());
     for fc in &cs.changes {
@@ -41,7 +48,7 @@ pub fn render(
         let selected = fc.hosts.select(inventory);
         let count = selected.len();
         for host in selected {
-            match render_host(fc, host, inventory_vars, cli_vars) {
+            match render_host(fc, host, inventory_vars, &given, &cs.secrets) {
                 Ok(plan) => hosts.push(plan),
                 Err(failure) => failed.push((host, failure)),
             }
@@ -103,6 +110,7 @@ fn unrenderable(host: &HostInfo, loc: &Location, msg: &str) -> HostPlan {
             stdin: None,
             expect: None,
             location: loc.clone(),
+            secrets: BTreeSet::new(),
         }],
         apply: Vec::new(),
         verify: Vec::new(),
@@ -115,10 +123,26 @@ fn host_json(host: &HostInfo) -> Json {
     serde_json::json!({"name": host.name, "labels": host.labels, "facts": host.facts})
 }
 
+/// The template context for namespace `ns`: every secret as a [`Secret`].
+fn context(ns: &Map<String, Json>, secrets: &BTreeSet<String>) -> BTreeMap<String, Value> {
+    ns.iter()
+        .map(|(k, v)| {
+            let value = if secrets.contains(k) {
+                Value::from_object(Secret(k.clone()))
+            } else {
+                to_value(v)
+            };
+            (k.clone(), value)
+        })
+        .collect()
+}
+
 /// Evaluates variables for one host.
 struct Eval<'a> {
     base: Map<String, Json>,
+    /// `--var`s and secrets (as their placeholders).
     cli: &'a BTreeMap<String, String>,
+    secrets: &'a BTreeSet<String>,
     /// Evaluated scopes (an include's scope, shared by its changes).
     memo: BTreeMap<usize, Map<String, Json>>,
 }
@@ -187,7 +211,7 @@ impl Eval<'_> {
                     }
                 }
                 visiting.pop();
-                let ctx = to_value(&Json::Object(self.namespace(out)));
+                let ctx = Value::from(context(&self.namespace(out), self.secrets));
                 render_value(v, &ctx)?
             }
         };
@@ -233,18 +257,24 @@ fn render_host(
     host: &HostInfo,
     inventory_vars: &Map<String, Json>,
     cli: &BTreeMap<String, String>,
+    secrets: &BTreeSet<String>,
 ) -> Result<HostPlan, Failure> {
     let mut base = inventory_vars.clone();
     base.insert("host".into(), host_json(host));
     let mut eval = Eval {
         base,
         cli,
+        secrets,
         memo: BTreeMap::new(),
     };
     let defs = eval.scope(&fc.scope)?;
     let ns = eval.namespace(&defs);
-    let ctx = to_value(&Json::Object(ns.clone()));
-    let r = StepRenderer { ctx: &ctx, ns: &ns };
+    let ctx = Value::from(context(&ns, secrets));
+    let r = StepRenderer {
+        ctx: &ctx,
+        ns: &ns,
+        secrets,
+    };
     let p = &fc.phases;
     let mut vars = ns.clone();
     vars.remove("host");
@@ -267,6 +297,7 @@ fn render_host(
 struct StepRenderer<'a> {
     ctx: &'a Value,
     ns: &'a Map<String, Json>,
+    secrets: &'a BTreeSet<String>,
 }
 
 fn condition(c: &Cond) -> Condition {
@@ -276,17 +307,96 @@ fn condition(c: &Cond) -> Condition {
     }
 }
 
+/// The fields where a secret may go, for the error that says so.
+const SECRET_FIELDS: &str =
+    "`run`, `argv`, `env`, `stdin`, `interact` (`run`, `send`), `file.content` and `file.validate`";
+
 impl StepRenderer<'_> {
+    /// A field that may hold secrets: their placeholders, which the agent
+    /// fills in.
     fn raw(&self, t: &Tmpl) -> Result<String, Failure> {
         jinja().render(t, Escape::Raw, self.ctx)
     }
 
-    fn shell(&self, t: &Tmpl) -> Result<String, Failure> {
-        jinja().render(t, Escape::Shell, self.ctx)
+    /// A field no secret may go into (`what` names it): it is journaled by
+    /// the agent and shown as it is.
+    fn plain(&self, t: &Tmpl, what: &str) -> Result<String, Failure> {
+        let text = self.raw(t)?;
+        let found = self.placeholders(&text).next().map(str::to_string);
+        match found {
+            Some(name) => Err((
+                t.loc.clone(),
+                format!(
+                    "secret `{name}` cannot be used in `{what}`: a secret can go into {SECRET_FIELDS}"
+                ),
+            )),
+            None => Ok(text),
+        }
     }
 
-    fn opt(&self, t: &Option<Tmpl>) -> Result<Option<String>, Failure> {
-        t.as_ref().map(|t| self.raw(t)).transpose()
+    /// A shell command: secrets are read from their environment variables;
+    /// one pasted in as text (`| safe`) would be a command line holding a
+    /// placeholder, and is an error.
+    fn shell_with(&self, t: &Tmpl, ctx: &Value) -> Result<String, Failure> {
+        let text = jinja().render(t, Escape::Shell, ctx)?;
+        let found = self.placeholders(&text).next().map(str::to_string);
+        match found {
+            Some(name) => Err((
+                t.loc.clone(),
+                format!(
+                    "secret `{name}` would be pasted into the shell command as text (`| safe`?): write `{{{{ {name} }}}}`, which the command reads from ${}",
+                    modi_proto::secret_env(&name)
+                ),
+            )),
+            None => Ok(text),
+        }
+    }
+
+    fn shell(&self, t: &Tmpl) -> Result<String, Failure> {
+        self.shell_with(t, self.ctx)
+    }
+
+    /// The secrets whose placeholder `text` holds.
+    fn placeholders<'t>(&'t self, text: &'t str) -> impl Iterator<Item = &'t str> + 't {
+        self.secrets
+            .iter()
+            .filter(move |s| text.contains(&modi_proto::secret_placeholder(s)))
+            .map(String::as_str)
+    }
+
+    fn opt_plain(&self, t: &Option<Tmpl>, what: &str) -> Result<Option<String>, Failure> {
+        t.as_ref().map(|t| self.plain(t, what)).transpose()
+    }
+
+    /// The secrets `step` uses: in shell commands, read from the
+    /// environment; elsewhere, as placeholders.
+    fn used(&self, step: &Step) -> BTreeSet<String> {
+        let mut shell: Vec<&str> = Vec::new();
+        let mut values: Vec<&str> = step.env.values().map(String::as_str).collect();
+        values.extend(step.stdin.as_deref());
+        match &step.action {
+            StepAction::Run { command } => shell.push(command),
+            StepAction::Argv { argv } => values.extend(argv.iter().map(String::as_str)),
+            StepAction::File(f) => {
+                values.push(&f.content);
+                shell.extend(f.validate.as_deref());
+            }
+            StepAction::Interact { command, script } => {
+                shell.push(command);
+                values.extend(script.iter().map(|x| x.send.as_str()));
+            }
+            StepAction::Restore { .. } | StepAction::Unrenderable { .. } => {}
+        }
+        self.secrets
+            .iter()
+            .filter(|name| {
+                let reference = secret_ref(name);
+                let placeholder = modi_proto::secret_placeholder(name);
+                shell.iter().any(|c| c.contains(&reference))
+                    || values.iter().any(|v| v.contains(&placeholder))
+            })
+            .cloned()
+            .collect()
     }
 
     fn steps(&self, steps: Option<&[StepDef]>) -> Result<Vec<Step>, Failure> {
@@ -323,7 +433,7 @@ impl StepRenderer<'_> {
                 StepAction::Argv { argv }
             }
             ActionDef::File(f) => {
-                let path = self.raw(&f.path)?;
+                let path = self.plain(&f.path, "file.path")?;
                 if path.trim().is_empty() {
                     return Err((
                         f.path.loc.clone(),
@@ -339,14 +449,10 @@ impl StepRenderer<'_> {
                             ),
                             ("path".to_string(), Value::from(path.clone())),
                         ]));
-                        let mut ns: BTreeMap<String, Value> = self
-                            .ns
-                            .iter()
-                            .map(|(k, v)| (k.clone(), to_value(v)))
-                            .collect();
+                        let mut ns = context(self.ns, self.secrets);
                         ns.insert("file".into(), file);
                         let ctx = Value::from(ns);
-                        Some(jinja().render(v, Escape::Shell, &ctx)?)
+                        Some(self.shell_with(v, &ctx)?)
                     }
                     None => None,
                 };
@@ -356,7 +462,7 @@ impl StepRenderer<'_> {
                     mode: f.mode,
                     owner: match &f.owner {
                         Some(t) => {
-                            let owner = self.raw(t)?;
+                            let owner = self.plain(t, "file.owner")?;
                             super::policy::check_owner(&owner).map_err(|e| (t.loc.clone(), e))?;
                             Some(owner)
                         }
@@ -379,7 +485,7 @@ impl StepRenderer<'_> {
                     .collect::<Result<_, Failure>>()?,
             },
         };
-        Ok(Step {
+        let mut step = Step {
             action,
             timeout: s.timeout,
             env: s
@@ -387,11 +493,14 @@ impl StepRenderer<'_> {
                 .iter()
                 .map(|(k, t)| Ok((k.clone(), self.raw(t)?)))
                 .collect::<Result<_, Failure>>()?,
-            cwd: self.opt(&s.cwd)?,
-            user: self.opt(&s.user)?,
-            stdin: self.opt(&s.stdin)?,
+            cwd: self.opt_plain(&s.cwd, "cwd")?,
+            user: self.opt_plain(&s.user, "user")?,
+            stdin: s.stdin.as_ref().map(|t| self.raw(t)).transpose()?,
             expect: s.expect.as_ref().map(condition),
             location: s.loc.clone(),
-        })
+            secrets: BTreeSet::new(),
+        };
+        step.secrets = self.used(&step);
+        Ok(step)
     }
 }

@@ -5,6 +5,7 @@ mod examples;
 mod injection;
 mod rendering;
 mod robustness;
+mod secrets;
 
 use std::collections::BTreeMap;
 
@@ -47,9 +48,9 @@ pub(super) fn plan_files(
     };
     let inv_vars = inventory_vars.as_object().cloned().unwrap_or_default();
     let cs = if inv_vars.is_empty() {
-        validate(&sources, cli)?
+        validate(&sources, cli, &Default::default())?
     } else {
-        validate_with_inventory(&sources, cli, &inv_vars)?
+        validate_with_inventory(&sources, cli, &Default::default(), &inv_vars)?
     };
     render(&cs, inventory, &inv_vars, cli)
 }

@@ -21,7 +21,7 @@ pub async fn apply(
     vars: &Vars,
     detach: bool,
 ) -> Result<Outcome, CliError> {
-    let req = plan_request(file, vars)?;
+    let req = plan_request(file, vars, true)?;
     // Ctrl-C is ours from before the run exists, so it never kills the
     // CLI mid-run without the detach line.
     let interrupt = interrupt_handler()?;

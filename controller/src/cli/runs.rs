@@ -413,6 +413,7 @@ pub async fn send_control(
             run_id: run.to_string(),
             action: action as i32,
             no_backout,
+            ..Default::default()
         })
         .await
         .map_err(|s| client.error(s))?

@@ -19,9 +19,11 @@ pub fn read_sources(file: &Path) -> Result<Sources, CliError> {
 
 /// Validates a changeset locally.
 pub fn validate(out: &Output, file: &Path, vars: &Vars) -> Result<Outcome, CliError> {
+    let secrets = vars.secrets.read()?.into_keys().collect();
     let vars = parse_vars(vars)?;
     let sources = read_sources(file)?;
-    let cs = changeset::validate(&sources, &vars).map_err(|d| CliError::Input(d.to_string()))?;
+    let cs = changeset::validate(&sources, &vars, &secrets)
+        .map_err(|d| CliError::Input(d.to_string()))?;
     let changes = cs.change_names();
     let summary = serde_json::json!({
         "file": file,
@@ -43,8 +45,17 @@ pub fn validate(out: &Output, file: &Path, vars: &Vars) -> Result<Outcome, CliEr
     Ok(Outcome::Ok)
 }
 
-/// The request `plan` and `apply` send.
-pub fn plan_request(file: &Path, vars: &Vars) -> Result<pb::PlanRequest, CliError> {
+/// The request `plan` and `apply` send. The secrets' values go only with
+/// `apply` (`with_values`): `plan` sends their names.
+pub fn plan_request(
+    file: &Path,
+    vars: &Vars,
+    with_values: bool,
+) -> Result<pb::PlanRequest, CliError> {
+    let mut secrets = vars.secrets.read()?;
+    if !with_values {
+        secrets.values_mut().for_each(String::clear);
+    }
     let vars = parse_vars(vars)?;
     let sources = read_sources(file)?;
     Ok(pb::PlanRequest {
@@ -53,6 +64,7 @@ pub fn plan_request(file: &Path, vars: &Vars) -> Result<pb::PlanRequest, CliErro
             files: sources.files,
         }),
         vars,
+        secrets: secrets.into_iter().collect(),
     })
 }
 
@@ -91,6 +103,10 @@ pub fn step_text(step: &Step) -> String {
             format!("cannot be rendered for this host: {reason}; it fails alone")
         }
     };
+    if !step.env.is_empty() {
+        let env: Vec<String> = step.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        s.push_str(&format!("  [env {}]", env.join(" ")));
+    }
     if let Some(t) = step.timeout {
         s.push_str(&format!("  [timeout {}]", humantime::format_duration(t)));
     }
@@ -175,7 +191,7 @@ pub fn warn(out: &Output, warnings: &[String]) {
 
 /// `--strict`: plans first and refuses (exit 2) if the plan has warnings.
 pub async fn strict_check(client: &Client, file: &Path, vars: &Vars) -> Result<(), CliError> {
-    let req = plan_request(file, vars)?;
+    let req = plan_request(file, vars, false)?;
     let warnings = client
         .admin()
         .plan(req)
@@ -203,7 +219,7 @@ pub async fn plan(
     vars: &Vars,
     strict: bool,
 ) -> Result<Outcome, CliError> {
-    let req = plan_request(file, vars)?;
+    let req = plan_request(file, vars, false)?;
     let r = client
         .admin()
         .plan(req)

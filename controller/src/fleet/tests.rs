@@ -91,6 +91,7 @@ fn step() -> Arc<Step> {
         stdin: None,
         expect: None,
         location: Default::default(),
+        secrets: Default::default(),
     })
 }
 
@@ -204,7 +205,8 @@ async fn a_step_on_an_agent_away_past_lost_after_is_lost_and_its_result_late() {
     let mut session = clock_held(rig.fleet.connect("web1", &Hello::default()))
         .await
         .expect("connect");
-    rig.fleet.send_step(RUN, id, "web1", step());
+    rig.fleet
+        .send_step(RUN, id, "web1", step(), Some(Default::default()));
     match session.outbound.try_recv() {
         Ok(ToAgent::Run { run, id: sent, .. }) => assert_eq!((run, sent), (RUN, id)),
         other => panic!("expected the step, got {other:?}"),
@@ -285,7 +287,8 @@ async fn an_agent_back_within_lost_after_loses_nothing() {
     let session = clock_held(rig.fleet.connect("web1", &Hello::default()))
         .await
         .expect("connect");
-    rig.fleet.send_step(RUN, id, "web1", step());
+    rig.fleet
+        .send_step(RUN, id, "web1", step(), Some(Default::default()));
     clock_held(rig.fleet.disconnect("web1", session.id)).await;
     tokio::time::sleep(lost_after / 2).await;
     let mut session = clock_held(rig.fleet.connect("web1", &Hello::default()))
@@ -343,4 +346,48 @@ async fn a_host_is_held_by_one_run_at_a_time() {
     assert!(rig.fleet.hold("web1", 1));
     assert!(rig.fleet.hold("web2", 1));
     assert!(rig.fleet.hold("web3", 1));
+}
+
+/// A step whose secrets its run lost in a restart is in flight but goes
+/// nowhere, not even to an agent that reconnects running it (which is not
+/// told to cancel it), until its run is given them; then it goes out with
+/// their values.
+#[tokio::test(start_paused = true)]
+async fn a_step_waiting_for_its_secrets_is_sent_only_once_they_are_given() {
+    let rig = Rig::new(Duration::from_secs(60));
+    let _inbox = rig.run(RUN.id);
+    let id = apply(0);
+    let full = full_id(RUN, &id);
+    let mut session = clock_held(rig.fleet.connect("web1", &Hello::default()))
+        .await
+        .expect("connect");
+    rig.fleet.send_step(RUN, id, "web1", step(), None);
+    assert!(
+        session.outbound.try_recv().is_err(),
+        "sent without its secrets"
+    );
+
+    let hello = Hello {
+        running: vec![full.clone()],
+        ..Hello::default()
+    };
+    let mut session = clock_held(rig.fleet.connect("web1", &hello))
+        .await
+        .expect("reconnect");
+    assert!(
+        session.outbound.try_recv().is_err(),
+        "neither resent without its secrets nor cancelled"
+    );
+
+    let secrets = crate::secret::from_request([("pw".into(), "hunter2".into())].into()).unwrap();
+    rig.fleet.supply(&full, Arc::new(secrets));
+    match session.outbound.try_recv() {
+        Ok(ToAgent::Run {
+            id: sent, secrets, ..
+        }) => {
+            assert_eq!(sent, id);
+            assert_eq!(secrets["pw"].expose(), "hunter2");
+        }
+        other => panic!("expected the step with its secrets, got {other:?}"),
+    }
 }

@@ -367,6 +367,7 @@ fn restore_step(of: &str, path: &str) -> Step {
         stdin: None,
         expect: None,
         location: Location::default(),
+        secrets: Default::default(),
     }
 }
 

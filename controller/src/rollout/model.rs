@@ -421,6 +421,9 @@ pub enum AlertKind {
     /// The controller's store cannot write: the run waits, paused, and
     /// goes on by itself once it can.
     StoreUnwritable,
+    /// The controller restarted and the run needs secrets it no longer
+    /// has: it waits, paused, until `modi resume RUN --secret ...`.
+    SecretsNeeded,
 }
 
 fn yes() -> bool {

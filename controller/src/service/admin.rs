@@ -185,9 +185,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 .unwrap_or_default(),
             req.vars.clone(),
         );
+        let secrets = convert::secrets(req.secrets.clone())?;
         let spec = convert::render(&self.shared, req)?;
         let warnings = convert::warnings(&files, &vars, &spec);
-        let run = driver::start(&self.shared.drivers, spec, &admin.name)
+        let run = driver::start(&self.shared.drivers, spec, secrets, &admin.name)
             .await
             .map_err(convert::store_error)?;
         tracing::info!(run, by = %admin.name, "run submitted");
@@ -351,7 +352,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ControlRequest>,
     ) -> Result<Response<pb::ControlResponse>, Status> {
         let admin = authz::caller(&request)?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         let run = convert::run_id(&req.run_id)?;
         let by = admin.name.clone();
         let event = match pb::ControlAction::try_from(req.action) {
@@ -381,7 +382,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let (tx, rx) = oneshot::channel();
         ports
             .inbox
-            .send(DriverMsg::Control { event, reply: tx })
+            .send(convert::control_msg(
+                event,
+                std::mem::take(&mut req.secrets),
+                tx,
+            )?)
             .await
             .map_err(|_| Status::unavailable(format!("run {run} is shutting down")))?;
         let state = rx

@@ -1,19 +1,20 @@
 //! Conversions between `pb::` admin types and ours, and our errors as gRPC
 //! statuses.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use std::collections::BTreeMap;
-
 use modi_proto::v1 as pb;
+use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::changeset;
 use crate::driver;
 use crate::fleet::{Presence, RunRef, full_id};
 use crate::limits;
-use crate::rollout::{DispatchId, StepResult, Termination};
-use crate::run_ports::WatchItem;
+use crate::rollout::{DispatchId, Event, RunState, StepResult, Termination};
+use crate::run_ports::{DriverMsg, WatchItem};
+use crate::secret::{self, Secrets};
 use crate::server::Shared;
 use crate::spec::{HostInfo, RunSpec};
 use crate::store::{HostRecord, RunMeta, StoreError};
@@ -125,6 +126,18 @@ pub fn render(shared: &Shared, req: pb::PlanRequest) -> Result<RunSpec, Status> 
             limits::MAX_SOURCES
         )));
     }
+    if req.secrets.len() > limits::MAX_SECRETS
+        || req
+            .secrets
+            .values()
+            .any(|v| v.len() > limits::MAX_SECRET_VALUE)
+    {
+        return Err(Status::invalid_argument(format!(
+            "at most {} --secret values of at most {} bytes each are accepted",
+            limits::MAX_SECRETS,
+            limits::MAX_SECRET_VALUE
+        )));
+    }
     if req.vars.len() > limits::MAX_VARS
         || req.vars.values().any(|v| v.len() > limits::MAX_VAR_VALUE)
     {
@@ -146,10 +159,40 @@ pub fn render(shared: &Shared, req: pb::PlanRequest) -> Result<RunSpec, Status> 
         .filter(|h| !h.revoked)
         .map(host_info)
         .collect();
-    let cs = changeset::validate_with_inventory(&sources, &req.vars, &shared.config.vars)
+    // The language sees secrets by name only.
+    let secrets: BTreeSet<String> = req.secrets.keys().cloned().collect();
+    let cs = changeset::validate_with_inventory(&sources, &req.vars, &secrets, &shared.config.vars)
         .map_err(|d| Status::invalid_argument(d.to_string()))?;
     changeset::render(&cs, &inventory, &shared.config.vars, &req.vars)
         .map_err(|d| Status::invalid_argument(d.to_string()))
+}
+
+/// The values of `--secret`s, checked: what `apply` and `resume` hand to a
+/// run's driver (they go nowhere else).
+pub fn secrets(given: BTreeMap<String, String>) -> Result<Secrets, Status> {
+    secret::from_request(given).map_err(Status::invalid_argument)
+}
+
+/// What a `Control` request asks of a run's driver: the control itself,
+/// or, for `resume` with `--secret`s, the secrets the run waits for.
+pub fn control_msg(
+    event: Event,
+    secrets: BTreeMap<String, String>,
+    reply: oneshot::Sender<Result<RunState, String>>,
+) -> Result<DriverMsg, Status> {
+    if secrets.is_empty() {
+        return Ok(DriverMsg::Control { event, reply });
+    }
+    match event {
+        Event::Resume { by } => Ok(DriverMsg::Secrets {
+            secrets: self::secrets(secrets)?,
+            by,
+            reply,
+        }),
+        _ => Err(Status::invalid_argument(
+            "--secret goes with `modi resume` only",
+        )),
+    }
 }
 
 /// The rendered spec of a run, from its journal.

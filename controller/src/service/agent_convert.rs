@@ -8,6 +8,7 @@ use modi_proto::v1 as pb;
 use crate::fleet::{AgentResult, Hello, OutputChunk, RunRef, ToAgent, full_id};
 use crate::limits;
 use crate::rollout::{DispatchId, StepResult, Termination};
+use crate::secret::Secrets;
 use crate::spec::{Step, StepAction};
 
 /// What an agent said about itself, as the fleet sees it; refused when it
@@ -47,7 +48,12 @@ pub fn hello(h: pb::Hello) -> Result<Hello, limits::TooMuch> {
 pub fn to_agent(msg: ToAgent) -> pb::ControllerMessage {
     use pb::controller_message::Msg as Down;
     let msg = match msg {
-        ToAgent::Run { run, id, step } => Down::Run(run_step(run, &id, &step)),
+        ToAgent::Run {
+            run,
+            id,
+            step,
+            secrets,
+        } => Down::Run(run_step(run, &id, &step, &secrets)),
         ToAgent::Cancel(dispatch_id) => Down::Cancel(pb::CancelStep { dispatch_id }),
         ToAgent::Ack(dispatch_id) => Down::Ack(pb::Ack { dispatch_id }),
         ToAgent::Renewed(cert_pem) => Down::Renewed(pb::Renewed { cert_pem }),
@@ -55,8 +61,9 @@ pub fn to_agent(msg: ToAgent) -> pb::ControllerMessage {
     pb::ControllerMessage { msg: Some(msg) }
 }
 
-/// The `RunStep` for one dispatch of run `run`.
-pub fn run_step(run: RunRef, id: &DispatchId, step: &Step) -> pb::RunStep {
+/// The `RunStep` for one dispatch of run `run`, with the values of the
+/// secrets it uses.
+pub fn run_step(run: RunRef, id: &DispatchId, step: &Step, secrets: &Secrets) -> pb::RunStep {
     use pb::step::Action;
     let action = match &step.action {
         StepAction::Run { command } => Action::Run(command.clone()),
@@ -104,6 +111,10 @@ pub fn run_step(run: RunRef, id: &DispatchId, step: &Step) -> pb::RunStep {
             user: step.user.clone().unwrap_or_default(),
             stdin: step.stdin.clone().map(String::into_bytes),
         }),
+        secrets: secrets
+            .iter()
+            .map(|(name, value)| (name.clone(), value.expose().to_string()))
+            .collect(),
     }
 }
 

@@ -70,6 +70,7 @@ async fn one_run(client: &Client, file: &Path) -> (f64, String) {
             files: sources.files,
         }),
         vars: Default::default(),
+        secrets: Default::default(),
     };
     let started = Instant::now();
     let run = client

@@ -58,6 +58,8 @@ const CASES: &[(&str, &str)] = files![
     "reserved_variable.yaml",
     "retry_below_minus_one.yaml",
     "rolling_without_batches.yaml",
+    "secret_declared_and_set.yaml",
+    "secret_not_given.yaml",
     "template_param_unset.yaml",
     "template_phase_conflict.yaml",
     "template_syntax_in_block.yaml",
@@ -84,7 +86,9 @@ fn run(name: &str) -> Diagnostics {
             .map(|t| t.to_string())
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"))
     };
-    match collect_sources(name, &mut read).and_then(|s| validate(&s, &BTreeMap::new())) {
+    match collect_sources(name, &mut read)
+        .and_then(|s| validate(&s, &BTreeMap::new(), &Default::default()))
+    {
         Ok(_) => Diagnostics::default(),
         Err(d) => d,
     }

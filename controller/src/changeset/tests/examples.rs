@@ -19,6 +19,7 @@ const CONFIG_PUSH: &str = include_str!("../../../../examples/config-push.yaml");
 const TEMPLATE_FOREACH: &str = include_str!("../../../../examples/template-foreach.yaml");
 const NESTED: &str = include_str!("../../../../examples/nested.yaml");
 const DB_MIGRATE: &str = include_str!("../../../../examples/db-migrate.yaml");
+const SERVICE_PASSWORD: &str = include_str!("../../../../examples/service-password.yaml");
 
 const FORMAT_DOC: &str = include_str!("../../../../docs/changeset-format.md");
 
@@ -105,6 +106,33 @@ fn add_user_has_its_backout() {
     assert!(
         matches!(&h.backout[0].steps[0].action, StepAction::Argv { argv } if argv[0] == "userdel")
     );
+}
+
+#[test]
+fn service_password_needs_its_secret_and_never_holds_it() {
+    let sources =
+        crate::changeset::Sources::single("examples/service-password.yaml", SERVICE_PASSWORD);
+    let none = Default::default();
+    let missing = crate::changeset::validate(&sources, &vars(&[]), &none).unwrap_err();
+    assert!(
+        missing
+            .to_string()
+            .contains("secret `password` is not given"),
+        "{missing}"
+    );
+    let given = ["password".to_string()].into();
+    let cs = crate::changeset::validate(&sources, &vars(&[]), &given).unwrap();
+    let spec = crate::changeset::render(&cs, &fleet(), &Default::default(), &vars(&[])).unwrap();
+    let h = &spec.changes[0].hosts[0];
+    assert_eq!(
+        command(&h.apply[0]),
+        r#"printf '%s:%s\n' app "$MODI_SECRET_password" | chpasswd"#
+    );
+    let StepAction::File(f) = &h.apply[1].action else {
+        panic!("a file step")
+    };
+    assert_eq!(f.content, "user=app\npassword=<secret password>\n");
+    assert_eq!(spec.secrets(), given);
 }
 
 #[test]

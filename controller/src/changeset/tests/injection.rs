@@ -71,7 +71,12 @@ fn hostile_values_reach_the_program_as_one_argument_and_run_nothing() {
     for value in hostile(dir.path()) {
         let text = CHANGESET.replace("VALUE", &yaml_string(&value));
         let cli = vars(&[("from_cli", value.as_str())]);
-        let cs = validate(&Sources::single("cs.yaml", &text), &cli).expect("valid");
+        let cs = validate(
+            &Sources::single("cs.yaml", &text),
+            &cli,
+            &Default::default(),
+        )
+        .expect("valid");
         let evil = host("h1", &[("evil", value.as_str())]);
         let spec = render(&cs, &[evil], &Default::default(), &cli).expect("renders");
         for step in &spec.changes[0].hosts[0].apply {
@@ -85,7 +90,12 @@ fn hostile_values_reach_the_program_as_one_argument_and_run_nothing() {
 #[test]
 fn safe_inserts_raw_text_on_purpose() {
     let text = "name: s\nvars: { flags: \"-v -x\" }\nchanges:\n  - name: x\n    hosts: all\n    apply:\n      - run: ls {{ flags | safe }} {{ flags }}\n";
-    let cs = validate(&Sources::single("cs.yaml", text), &vars(&[])).unwrap();
+    let cs = validate(
+        &Sources::single("cs.yaml", text),
+        &vars(&[]),
+        &Default::default(),
+    )
+    .unwrap();
     let spec = render(&cs, &[host("h", &[])], &Default::default(), &vars(&[])).unwrap();
     assert_eq!(
         command(&spec.changes[0].hosts[0].apply[0]),
@@ -100,7 +110,7 @@ proptest! {
     fn any_value_round_trips_through_sh(value in "[^\u{0}]{0,40}") {
         let text = "name: p\nchanges:\n  - name: x\n    hosts: all\n    apply:\n      - run: printf %s {{ v }}\n";
         let cli = vars(&[("v", value.as_str())]);
-        let cs = validate(&Sources::single("cs.yaml", text), &cli).expect("valid");
+        let cs = validate(&Sources::single("cs.yaml", text), &cli, &Default::default()).expect("valid");
         let hosts = [HostInfo { name: "h".into(), ..HostInfo::default() }];
         let spec = render(&cs, &hosts, &Default::default(), &cli).expect("renders");
         let dir = tempfile::tempdir().expect("temp dir");

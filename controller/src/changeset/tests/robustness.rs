@@ -18,7 +18,7 @@ const SEEDS: &[&str] = &[
 
 fn run(text: &str) {
     let cli = BTreeMap::new();
-    if let Ok(cs) = validate(&Sources::single("f.yaml", text), &cli) {
+    if let Ok(cs) = validate(&Sources::single("f.yaml", text), &cli, &Default::default()) {
         let fleet = [
             host("web-1", &[("role", "web")]),
             host("db-1", &[("role", "db")]),

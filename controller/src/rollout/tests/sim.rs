@@ -55,6 +55,7 @@ fn step(action: StepAction) -> Step {
         stdin: None,
         expect: None,
         location: Location::default(),
+        secrets: Default::default(),
     }
 }
 
