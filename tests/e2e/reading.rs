@@ -244,3 +244,49 @@ fn the_metrics_endpoint_counts_what_a_run_did() {
         .unwrap_or(0);
     assert!(bytes > 0, "{body}");
 }
+
+#[test]
+fn a_fleet_wide_backout_names_the_host_that_caused_it_and_its_stderr() {
+    let ctl = Controller::start();
+    let _agents: Vec<Agent> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| Agent::join(&ctl, n, &[]))
+        .collect();
+    let file = ctl.changeset(
+        "all.yaml",
+        r#"
+name: all
+changes:
+  - name: upgrade
+    hosts: all
+    rollout: { mode: serial }
+    on_failure: backout_all
+    apply:
+      - run: touch applied
+    verify:
+      - run: test {{ host.name }} != b2 || { echo "health check failed on port 8080" >&2; exit 3; }
+    backout:
+      steps:
+        - run: rm applied
+"#,
+    );
+    let run = ctl.detach(&file, &[]);
+    ctl.wait_final(&run);
+    let text = ctl.modi(&["status", &run]).stdout;
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line("b1").contains("backed out: b2 failed verify[0]"),
+        "{text}"
+    );
+    assert!(
+        line("b2").contains("verify[0]: exited 3")
+            && line("b2").contains("stderr: health check failed on port 8080"),
+        "{text}"
+    );
+    assert!(!text.contains("c0.h"), "no internal ids: {text}");
+}

@@ -171,25 +171,45 @@ pub fn status_text(run: &str, name: &str, status: &RunStatus, filter: &HostFilte
             plural(c.hosts.len(), "host"),
             counts.join(", ")
         ));
+        // The host whose failure backed the others out, for theirs.
+        let culprit = c.hosts.iter().find_map(|h| {
+            h.failure
+                .as_ref()
+                .filter(|f| f.reason != crate::rollout::FailureReason::Cancelled)
+                .map(|f| format!("backed out: {} failed {}[{}]", h.name, f.phase, f.step))
+        });
         let rows: Vec<Vec<String>> = c
             .hosts
             .iter()
             .filter(|h| filter.shows(h))
             .map(|h| {
-                let why = h.failure.as_ref().map_or(String::new(), |f| {
-                    let text = format!(
-                        "{}[{}] {}: {}",
-                        f.phase,
-                        f.step,
-                        f.reason.as_str(),
-                        f.message
-                    );
-                    // One line per host; `--output json` has it all.
-                    match text.char_indices().nth(FAILURE_WIDTH) {
-                        Some((cut, _)) => format!("{}…", &text[..cut]),
-                        None => text,
-                    }
-                });
+                let backed_out = matches!(
+                    h.state.as_str(),
+                    "backout_ok" | "backout_failed" | "backing_out" | "backout_pending"
+                );
+                let why = h.failure.as_ref().map_or_else(
+                    || {
+                        if backed_out {
+                            culprit.clone().unwrap_or_default()
+                        } else {
+                            String::new()
+                        }
+                    },
+                    |f| {
+                        let last = f.stderr.lines().rev().find(|l| !l.trim().is_empty());
+                        let text = format!(
+                            "{} ({}){}",
+                            f.message,
+                            f.reason.as_str(),
+                            last.map_or(String::new(), |l| format!(" | stderr: {}", l.trim()))
+                        );
+                        // One line per host; `--output json` has it all.
+                        match text.char_indices().nth(FAILURE_WIDTH) {
+                            Some((cut, _)) => format!("{}…", &text[..cut]),
+                            None => text,
+                        }
+                    },
+                );
                 let why = escape_controls(&why);
                 vec![
                     format!("  {}", h.name),

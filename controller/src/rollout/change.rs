@@ -348,8 +348,8 @@ impl ChangeRun {
                 }
                 OnFailure::BackoutAll if self.mass.is_none() => {
                     let why = format!(
-                        "change {} backs out everywhere (on_failure: backout_all): {}",
-                        spec.name, failure.message
+                        "backed out: {} failed {} (change {}, on_failure: backout_all)",
+                        spec.hosts[h].host.name, failure.message, spec.name
                     );
                     self.enter_mass(spec, ctx, why);
                 }

@@ -57,7 +57,16 @@ pub(super) fn judge_result(
         exit_code: result.exit_code,
         stdout: result.stdout.clone(),
         stderr: result.stderr.clone(),
-        message: format!("{} step {} ({id}): {message}", id.phase, id.step),
+        message: if id.attempt > 0 {
+            format!(
+                "{}[{}] (attempt {}): {message}",
+                id.phase,
+                id.step,
+                id.attempt + 1
+            )
+        } else {
+            format!("{}[{}]: {message}", id.phase, id.step)
+        },
     })
 }
 
