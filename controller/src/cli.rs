@@ -131,6 +131,18 @@ pub enum Command {
     },
     /// This CLI's version and the controller's.
     Version,
+    /// A shell completion script on stdout (e.g. `modi completions bash >
+    /// /etc/bash_completion.d/modi`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Man pages for modi and each subcommand, written to a folder.
+    Man {
+        /// Where to write them (modi.1, modi-apply.1, ...).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// The audit journal: who changed what, when, with what outcome.
     Audit {
         /// Only the newest N entries (0 = all).
@@ -446,6 +458,12 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             }
         }
         Command::Version => access::version(&out, config).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "modi", &mut std::io::stdout());
+            Ok(Outcome::Ok)
+        }
+        Command::Man { out: dir } => man_pages(&out, &dir),
         Command::Audit { limit } => {
             access::audit(&out, &Client::connect(config).await?, limit).await
         }
@@ -509,6 +527,36 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Demo { file, keep } => demo::run(&out, file, keep).await,
         Command::AgentRun { config: file } => serve::agent(file).await.map(|()| Outcome::Ok),
     }
+}
+
+/// Writes `modi.1` and one page per subcommand (`modi-apply.1`, ...).
+fn man_pages(out: &Output, dir: &std::path::Path) -> Result<Outcome, CliError> {
+    use clap::CommandFactory;
+    let io = |e: std::io::Error| {
+        CliError::Failed(format!("cannot write man pages in {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let cmd = Cli::command();
+    let mut written = Vec::new();
+    let mut write = |name: String, cmd: clap::Command| -> Result<(), CliError> {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .title(name.clone())
+            .render(&mut page)
+            .map_err(io)?;
+        std::fs::write(&path, page).map_err(io)?;
+        written.push(path);
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        write(format!("modi-{}", sub.get_name()), sub.clone())?;
+    }
+    write("modi".into(), cmd)?;
+    out.data(&serde_json::json!({ "written": written }), || {
+        format!("wrote {} man pages in {}", written.len(), dir.display())
+    });
+    Ok(Outcome::Ok)
 }
 
 /// Parses `--var k=v` flags.

@@ -290,3 +290,24 @@ changes:
     );
     assert!(!text.contains("c0.h"), "no internal ids: {text}");
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli_itself() {
+    let ctl = Controller::start();
+    let bash = ctl.modi(&["completions", "bash"]);
+    assert!(
+        bash.ok().contains("complete") && bash.stdout.contains("operator"),
+        "{bash:?}"
+    );
+    let fish = ctl.modi(&["completions", "fish"]).stdout;
+    assert!(fish.contains("complete -c modi"), "{fish}");
+    let dir = ctl.root.join("man");
+    ctl.modi(&["man", "--out", dir.to_str().unwrap()]).ok();
+    let apply = std::fs::read_to_string(dir.join("modi-apply.1")).unwrap();
+    assert!(apply.contains(".TH") && apply.contains("strict"), "{apply}");
+    assert!(dir.join("modi.1").exists());
+    assert!(
+        !dir.join("modi-agent-run.1").exists(),
+        "hidden commands have no page"
+    );
+}
