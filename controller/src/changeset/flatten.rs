@@ -414,6 +414,16 @@ impl<'a> Flattener<'a> {
         for (k, (item, loc)) in items.iter().enumerate() {
             let mut s = scope.clone();
             if let VarValue::Map(entries) = item {
+                if entries.iter().any(|(key, _)| key == "item") {
+                    // `item` is the whole item; a key of that name would
+                    // hide it (or be hidden), so neither wins: refused.
+                    self.diags.push(Diagnostic::new(
+                        loc.clone(),
+                        format!(
+                            "a key named `item` collides with `item`, the whole item; rename the key"
+                        ),
+                    ));
+                }
                 for (key, value) in entries {
                     s.defs.insert(
                         key.clone(),

@@ -36,6 +36,7 @@ const CASES: &[(&str, &str)] = files![
     "empty_file.yaml",
     "file_with_env.yaml",
     "foreach_empty.yaml",
+    "foreach_item_key.yaml",
     "foreach_item_missing_param.yaml",
     "host_attribute.yaml",
     "include_loop.yaml",
