@@ -419,9 +419,8 @@ impl<'a> Flattener<'a> {
                     // hide it (or be hidden), so neither wins: refused.
                     self.diags.push(Diagnostic::new(
                         loc.clone(),
-                        format!(
-                            "a key named `item` collides with `item`, the whole item; rename the key"
-                        ),
+                        "a key named `item` collides with `item`, the whole item; rename the key"
+                            .to_string(),
                     ));
                 }
                 for (key, value) in entries {
