@@ -311,3 +311,46 @@ fn completions_and_man_pages_come_from_the_cli_itself() {
         "hidden commands have no page"
     );
 }
+
+#[test]
+fn plan_groups_hosts_with_the_same_steps_and_says_policies_in_words() {
+    let ctl = Controller::start();
+    let _agents: Vec<Agent> = ["p1", "p2", "p3", "q1"]
+        .iter()
+        .map(|n| Agent::join(&ctl, n, &[]))
+        .collect();
+    let file = ctl.changeset(
+        "grouped.yaml",
+        r#"
+name: grouped
+changes:
+  - name: roll
+    hosts: all
+    rollout: { mode: rolling, batches: [1, "50%"], pause: 30s }
+    on_failure: continue
+    retry: { max_retries: 2, delay: 5s }
+    approve: { at: each_batch, timeout: 1h }
+    apply:
+      - run: echo {{ "same" if host.name != "q1" else "other" }}
+"#,
+    );
+    let text = ctl.modi(&["plan", file.to_str().unwrap()]).stdout;
+    for words in [
+        "4 hosts, in rolling batches; a failure backs out that host and carries on",
+        "tried again 2 times, 5s apart",
+        "waits for approval before each batch (a deny after 1h)",
+        ", then a pause of 30s",
+        "  p1..p3\n",
+    ] {
+        assert!(text.contains(words), "{words:?} in:\n{text}");
+    }
+    assert_eq!(
+        text.matches("apply[0]").count(),
+        2,
+        "one block per group:\n{text}"
+    );
+    assert!(
+        !text.contains("Rolling") && !text.contains("Continue"),
+        "{text}"
+    );
+}

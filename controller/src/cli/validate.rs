@@ -118,6 +118,7 @@ pub fn step_text(step: &Step) -> String {
 
 /// Renders the plan as text.
 pub fn plan_text(spec: &RunSpec) -> String {
+    use crate::spec::{ApproveAt, OnFailure, RolloutMode};
     let mut s = format!("plan for {} ({})\n", spec.name, spec.source);
     for change in &spec.changes {
         let requires: Vec<&str> = change
@@ -125,57 +126,167 @@ pub fn plan_text(spec: &RunSpec) -> String {
             .iter()
             .filter_map(|i| spec.changes.get(*i).map(|c| c.name.as_str()))
             .collect();
+        let mode = match change.rollout.mode {
+            RolloutMode::Serial => "one host at a time".to_string(),
+            RolloutMode::Parallel => match change.rollout.max_parallel {
+                Some(n) => format!("in parallel, at most {n} at once"),
+                None => "all hosts in parallel".to_string(),
+            },
+            RolloutMode::Rolling => "in rolling batches".to_string(),
+        };
+        let on_failure = match change.on_failure {
+            OnFailure::Halt => "a failure backs out that host and starts no other".to_string(),
+            OnFailure::Continue => match change.rollout.max_failures {
+                Some(m) => format!(
+                    "a failure backs out that host and carries on, up to {} failed",
+                    amount(m)
+                ),
+                None => "a failure backs out that host and carries on".to_string(),
+            },
+            OnFailure::BackoutAll => {
+                "a failure backs out every host the change was applied to".to_string()
+            }
+        };
         s.push_str(&format!(
-            "\nchange {}: {} host{}, {:?}, on_failure {:?}{}\n",
+            "\nchange {}: {}, {mode}; {on_failure}{}\n",
             change.name,
-            change.hosts.len(),
-            if change.hosts.len() == 1 { "" } else { "s" },
-            change.rollout.mode,
-            change.on_failure,
+            super::runs::plural(change.hosts.len(), "host"),
             if requires.is_empty() {
                 String::new()
             } else {
-                format!(", after {}", requires.join(", "))
+                format!("; after {}", requires.join(", "))
             }
         ));
+        if change.retry.max_retries != 0 {
+            let times = if change.retry.max_retries < 0 {
+                "forever".to_string()
+            } else {
+                super::runs::plural(change.retry.max_retries as usize, "time")
+            };
+            s.push_str(&format!(
+                "  a failed host is tried again {times}, {} apart\n",
+                humantime::format_duration(change.retry.delay)
+            ));
+        }
+        let gate = match change.approve.at {
+            ApproveAt::None => None,
+            ApproveAt::Once => Some("before the change starts"),
+            ApproveAt::EachBatch => Some("before each batch"),
+            ApproveAt::EachHost => Some("before each host"),
+        };
+        if let Some(gate) = gate {
+            let timeout = change.approve.timeout.map_or(String::new(), |t| {
+                format!(" (a deny after {})", humantime::format_duration(t))
+            });
+            s.push_str(&format!("  waits for approval {gate}{timeout}\n"));
+        }
         if change.hosts.is_empty() {
             s.push_str("  (no host matches its selector today)\n");
             continue;
         }
-        for (b, batch) in change.batches().iter().enumerate() {
+        let batches = change.batches();
+        for (b, batch) in batches.iter().enumerate() {
             let names: Vec<&str> = batch
                 .iter()
                 .map(|h| change.hosts[*h].host.name.as_str())
                 .collect();
-            s.push_str(&format!("  batch {}: {}\n", b + 1, names.join(", ")));
+            let pause = match change.rollout.pause {
+                Some(p) if b + 1 < batches.len() => {
+                    format!(", then a pause of {}", humantime::format_duration(p))
+                }
+                _ => String::new(),
+            };
+            s.push_str(&format!(
+                "  batch {}: {}{pause}\n",
+                b + 1,
+                host_ranges(&names)
+            ));
         }
+        // Hosts whose rendered steps are the same are shown once.
+        let mut groups: Vec<(Vec<&str>, String)> = Vec::new();
         for host in &change.hosts {
-            s.push_str(&format!("  host {}\n", host.host.name));
-            for (phase, steps) in [
-                ("skip_if", &host.skip_if),
-                ("check", &host.check),
-                ("apply", &host.apply),
-                ("verify", &host.verify),
-            ] {
-                for (i, step) in steps.iter().enumerate() {
-                    s.push_str(&format!("    {phase}[{i}] {}\n", step_text(step)));
+            let text = host_steps_text(host);
+            match groups.iter_mut().find(|(_, t)| *t == text) {
+                Some((names, _)) => names.push(&host.host.name),
+                None => groups.push((vec![&host.host.name], text)),
+            }
+        }
+        for (names, text) in groups {
+            s.push_str(&format!("  {}\n{text}", host_ranges(&names)));
+        }
+    }
+    s
+}
+
+/// `3` or `10%`.
+fn amount(a: crate::spec::Amount) -> String {
+    match a {
+        crate::spec::Amount::Count(n) => n.to_string(),
+        crate::spec::Amount::Percent(p) => format!("{p}%"),
+    }
+}
+
+/// Host names, runs of numbered names shortened: `web-01..web-17, db-1`.
+pub fn host_ranges(names: &[&str]) -> String {
+    fn split(name: &str) -> (&str, Option<(u64, usize)>) {
+        let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return (name, None);
+        }
+        let (stem, num) = name.split_at(name.len() - digits);
+        (stem, num.parse().ok().map(|n| (n, digits)))
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < names.len() {
+        let (stem, num) = split(names[i]);
+        let mut j = i;
+        if let Some((n, width)) = num {
+            while j + 1 < names.len() {
+                match split(names[j + 1]) {
+                    (s, Some((m, w))) if s == stem && w == width && m == n + (j + 1 - i) as u64 => {
+                        j += 1
+                    }
+                    _ => break,
                 }
             }
-            for (p, b) in host.backout.iter().enumerate() {
-                let when = b
-                    .when
-                    .as_ref()
-                    .map_or(String::new(), |w| format!(" when {}", w.expr));
-                s.push_str(&format!("    backout[{p}]{when}\n"));
-                for (phase, steps) in [
-                    ("check", &b.check),
-                    ("steps", &b.steps),
-                    ("verify", &b.verify),
-                ] {
-                    for (i, step) in steps.iter().enumerate() {
-                        s.push_str(&format!("      {phase}[{i}] {}\n", step_text(step)));
-                    }
-                }
+        }
+        if j >= i + 2 {
+            out.push(format!("{}..{}", names[i], names[j]));
+        } else {
+            out.extend(names[i..=j].iter().map(|n| n.to_string()));
+        }
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+/// One host's steps, as the plan prints them.
+fn host_steps_text(host: &crate::spec::HostPlan) -> String {
+    let mut s = String::new();
+    for (phase, steps) in [
+        ("skip_if", &host.skip_if),
+        ("check", &host.check),
+        ("apply", &host.apply),
+        ("verify", &host.verify),
+    ] {
+        for (i, step) in steps.iter().enumerate() {
+            s.push_str(&format!("    {phase}[{i}] {}\n", step_text(step)));
+        }
+    }
+    for (p, b) in host.backout.iter().enumerate() {
+        let when = b
+            .when
+            .as_ref()
+            .map_or(String::new(), |w| format!(" when {}", w.expr));
+        s.push_str(&format!("    backout[{p}]{when}\n"));
+        for (phase, steps) in [
+            ("check", &b.check),
+            ("steps", &b.steps),
+            ("verify", &b.verify),
+        ] {
+            for (i, step) in steps.iter().enumerate() {
+                s.push_str(&format!("      {phase}[{i}] {}\n", step_text(step)));
             }
         }
     }
@@ -255,4 +366,16 @@ pub async fn plan(
         )));
     }
     Ok(Outcome::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn numbered_hosts_are_shown_as_ranges() {
+        let names = ["web-01", "web-02", "web-03", "web-05", "db-1", "db-2", "x"];
+        assert_eq!(
+            super::host_ranges(&names),
+            "web-01..web-03, web-05, db-1, db-2, x"
+        );
+    }
 }
