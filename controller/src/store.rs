@@ -652,13 +652,15 @@ impl Store {
 
     // ---- revocation --------------------------------------------------
 
-    /// Revokes every certificate issued to `name`; `None` if there is no
-    /// such host. Returns the host as revoked. Durable on return.
+    /// Revokes every certificate issued to host `name`, and either marks it
+    /// revoked or, with `forget`, removes its record; `None` if there is no
+    /// such host. Returns the host as it was revoked. Durable on return.
     pub async fn revoke(
         &self,
         name: &str,
         by: &str,
         now: Millis,
+        forget: bool,
     ) -> Result<Option<HostRecord>, StoreError> {
         let (name, by) = (name.to_string(), by.to_string());
         self.write(move |t| {
@@ -666,15 +668,12 @@ impl Store {
                 return Ok(None);
             };
             host.revoked = true;
-            t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
-            for serial in &host.serials {
-                let r = Revocation {
-                    name: host.name.clone(),
-                    at: now,
-                    by: by.clone(),
-                };
-                t.trees.revoked.insert(serial.as_slice(), encode(&r))?;
+            if forget {
+                t.trees.hosts.remove(name.as_bytes())?;
+            } else {
+                t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
             }
+            revoke_serials(t, &host.name, &host.serials, &by, now)?;
             Ok(Some(host))
         })
         .await
@@ -803,6 +802,25 @@ impl Store {
             .map(|v| decode("journal", &v?))
             .collect()
     }
+}
+
+/// Records every serial in `serials` (issued to `name`) as revoked.
+fn revoke_serials(
+    t: &Tx<'_>,
+    name: &str,
+    serials: &[Vec<u8>],
+    by: &str,
+    now: Millis,
+) -> Result<(), StoreError> {
+    for serial in serials {
+        let r = Revocation {
+            name: name.to_string(),
+            at: now,
+            by: by.to_string(),
+        };
+        t.trees.revoked.insert(serial.as_slice(), encode(&r))?;
+    }
+    Ok(())
 }
 
 /// The writer thread: batches, applies, flushes once, answers; on a

@@ -58,6 +58,39 @@ impl AdminApi {
     }
 }
 
+impl AdminApi {
+    /// `agents revoke` (`forget` false) and `agents remove` (true): every
+    /// certificate of the host is refused from now on, its live session
+    /// dropped, and with `forget` its record removed.
+    async fn drop_agent(
+        &self,
+        request: Request<pb::RevokeAgentRequest>,
+        forget: bool,
+    ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
+        let admin = authz::caller(&request)?;
+        let name = request.into_inner().name;
+        let host = self
+            .shared
+            .store
+            .revoke(&name, &admin.name, crate::clock::now(), forget)
+            .await
+            .map_err(convert::store_error)?
+            .ok_or_else(|| Status::not_found(format!("no agent named {name:?}")))?;
+        self.shared
+            .revoked
+            .write()
+            .expect("revoked lock")
+            .extend(host.serials.iter().cloned());
+        self.shared.fleet.kick(&name).await;
+        let what = if forget { "removed" } else { "revoked" };
+        tracing::warn!(agent = %name, by = %admin.name, "agent {what}");
+        Ok(access::audited(
+            pb::RevokeAgentResponse {},
+            format!("host {name}"),
+        ))
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -105,51 +138,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::RevokeAgentRequest>,
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
-        let admin = authz::caller(&request)?;
-        let name = request.into_inner().name;
-        let store = &self.shared.store;
-        let host = store
-            .revoke(&name, &admin.name, crate::clock::now())
-            .await
-            .map_err(convert::store_error)?
-            .ok_or_else(|| Status::not_found(format!("no agent named {name:?}")))?;
-        self.shared
-            .revoked
-            .write()
-            .expect("revoked lock")
-            .extend(host.serials.iter().cloned());
-        self.shared.fleet.kick(&name).await;
-        tracing::warn!(agent = %name, by = %admin.name, "agent revoked");
-        Ok(access::audited(
-            pb::RevokeAgentResponse {},
-            format!("host {name}"),
-        ))
+        self.drop_agent(request, false).await
     }
 
     async fn remove_agent(
         &self,
         request: Request<pb::RevokeAgentRequest>,
     ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
-        let admin = authz::caller(&request)?;
-        let name = request.into_inner().name;
-        let host = self
-            .shared
-            .store
-            .remove_host(&name, &admin.name, crate::clock::now())
-            .await
-            .map_err(convert::store_error)?
-            .ok_or_else(|| Status::not_found(format!("no agent named {name:?}")))?;
-        self.shared
-            .revoked
-            .write()
-            .expect("revoked lock")
-            .extend(host.serials.iter().cloned());
-        self.shared.fleet.kick(&name).await;
-        tracing::warn!(agent = %name, by = %admin.name, "agent removed");
-        Ok(access::audited(
-            pb::RevokeAgentResponse {},
-            format!("host {name}"),
-        ))
+        self.drop_agent(request, true).await
     }
 
     async fn plan(

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HostRecord, Revocation, Store, StoreError, TokenRecord, decode, encode, get};
+use super::{HostRecord, Store, StoreError, TokenRecord, decode, encode, get};
 use crate::rollout::Millis;
 
 /// What an operator may do. Ordered: each role may do what the ones
@@ -177,34 +177,6 @@ impl Store {
         .await
     }
 
-    /// Forgets host `name`: every certificate issued to it is revoked and
-    /// its record removed; `None` if there is no such host. Durable on
-    /// return.
-    pub async fn remove_host(
-        &self,
-        name: &str,
-        by: &str,
-        now: Millis,
-    ) -> Result<Option<HostRecord>, StoreError> {
-        let (name, by) = (name.to_string(), by.to_string());
-        self.write(move |t| {
-            let Some(host) = get::<HostRecord>(&t.trees.hosts, "hosts", &name)? else {
-                return Ok(None);
-            };
-            for serial in &host.serials {
-                let r = Revocation {
-                    name: host.name.clone(),
-                    at: now,
-                    by: by.clone(),
-                };
-                t.trees.revoked.insert(serial.as_slice(), encode(&r))?;
-            }
-            t.trees.hosts.remove(name.as_bytes())?;
-            Ok(Some(host))
-        })
-        .await
-    }
-
     // ---- operators ---------------------------------------------------
 
     /// The operator called `name`.
@@ -280,14 +252,7 @@ impl Store {
             };
             op.revoked = true;
             t.trees.operators.insert(name.as_bytes(), encode(&op))?;
-            for serial in &op.serials {
-                let r = Revocation {
-                    name: op.name.clone(),
-                    at: now,
-                    by: by.clone(),
-                };
-                t.trees.revoked.insert(serial.as_slice(), encode(&r))?;
-            }
+            super::revoke_serials(t, &op.name, &op.serials, &by, now)?;
             Ok(Some(op))
         })
         .await
