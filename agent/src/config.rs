@@ -25,6 +25,15 @@ pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest reconnect delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Exit status of `modi-agent run` on a host that has not joined (no
+/// config, key or certificate): sysexits' EX_CONFIG. The systemd unit does
+/// not restart on it (`RestartPreventExitStatus=`), nor does the install
+/// script's supervisor loop.
+pub const EXIT_NOT_ENROLLED: u8 = 78;
+/// Exit status of `modi-agent run` when the controller refuses this agent
+/// for good (revoked, or no longer enrolled): sysexits' EX_NOPERM. Not
+/// restarted either: retrying cannot help.
+pub const EXIT_REFUSED: u8 = 77;
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -4,6 +4,11 @@
 //! the token over TLS to a controller whose CA matches the pinned SHA-256
 //! fingerprint, checks what comes back, and stores key (0600), certificate,
 //! CA and config in its data dir.
+//!
+//! The key is written before the token is sent, so a data dir that cannot
+//! be written never costs a token; and a join that fails after the
+//! controller answered is finished by running it again: same token, name
+//! and key make it a retry, not a new enrolment.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -59,9 +64,19 @@ pub enum JoinError {
     /// The controller's answer does not hold up.
     #[error("the controller's answer is not acceptable: {0}")]
     BadAnswer(String),
-    /// Files could not be written.
-    #[error("cannot write {path}: {source}")]
+    /// Files could not be written (before the token was used).
+    #[error("cannot write {path}: {source} (the join token was not used)")]
     Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Files could not be written after the controller enrolled us.
+    #[error(
+        "enrolled, but cannot write {path}: {source}; fix that and run the same join command again: the controller takes it as a retry of this join"
+    )]
+    AfterEnrol {
         /// The file.
         path: PathBuf,
         /// Why.
@@ -104,11 +119,39 @@ pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
         )));
     }
     let config_path = req.data_dir.join(config::CONFIG_FILE);
-    if config_path.exists() || req.data_dir.join(config::KEY_FILE).exists() {
+    if config_path.exists() {
         return Err(JoinError::AlreadyJoined(req.data_dir.clone()));
     }
+    let io = |path: PathBuf| move |source| JoinError::Io { path, source };
+    // The key first: this proves the data dir can be written before the
+    // token is spent. A key left by a join that failed after the
+    // controller answered is used again, which makes this join a retry the
+    // controller recognises (same token, name and key), not a new use.
+    fsutil::private_dir(&req.data_dir).map_err(io(req.data_dir.clone()))?;
+    let key_path = req.data_dir.join(config::KEY_FILE);
+    let key = match std::fs::read_to_string(&key_path) {
+        Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| {
+            JoinError::Usage(format!(
+                "{} holds no usable key ({e}); remove it and join again",
+                key_path.display()
+            ))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key =
+                rcgen::KeyPair::generate().map_err(|e| JoinError::BadAnswer(e.to_string()))?;
+            fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                .map_err(io(key_path.clone()))?;
+            key
+        }
+        Err(e) => return Err(io(key_path.clone())(e)),
+    };
+    for probe in [config::CERT_FILE, config::CA_FILE, config::CONFIG_FILE] {
+        let path = req.data_dir.join(probe);
+        if path.is_dir() {
+            return Err(io(path)(std::io::Error::other("a directory is in the way")));
+        }
+    }
 
-    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::BadAnswer(e.to_string()))?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -165,15 +208,13 @@ pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
         )));
     }
 
+    // Enrolled from here on: a failure to write is finished by running
+    // the same join again (the controller takes it as a retry).
     let write = |file: &str, bytes: &[u8], mode: u32| {
         let path = req.data_dir.join(file);
-        fsutil::write_atomic(&path, bytes, mode).map_err(|source| JoinError::Io { path, source })
+        fsutil::write_atomic(&path, bytes, mode)
+            .map_err(|source| JoinError::AfterEnrol { path, source })
     };
-    fsutil::private_dir(&req.data_dir).map_err(|source| JoinError::Io {
-        path: req.data_dir.clone(),
-        source,
-    })?;
-    write(config::KEY_FILE, key.serialize_pem().as_bytes(), 0o600)?;
     write(config::CERT_FILE, response.cert_pem.as_bytes(), 0o644)?;
     write(config::CA_FILE, response.ca_pem.as_bytes(), 0o644)?;
     let config = AgentConfig {
@@ -184,9 +225,11 @@ pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
         heartbeat_secs: config::DEFAULT_HEARTBEAT_SECS,
         data_dir: req.data_dir.clone(),
     };
-    config.save().map_err(|source| JoinError::Io {
-        path: config_path,
-        source,
-    })?;
+    config
+        .save()
+        .map_err(|source| JoinError::AfterEnrol {
+            path: config_path,
+            source,
+        })?;
     Ok(config)
 }

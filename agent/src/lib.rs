@@ -15,7 +15,8 @@
 //! - [`enroll`]: `modi-agent join`.
 //! - [`config`]: the typed configuration and its defaults.
 //! - [`facts`]: what the agent reports about its host.
-//! - [`fsutil`]: crash-safe file writes.
+//! - `fsutil`, `shutdown_signal`, `error_chain`: from `modi-common`, the
+//!   small crate both binaries share.
 //!
 //! The agent depends on the protocol crate and what it needs to run
 //! commands; it never links sled, the changeset language or the CLI.
@@ -24,7 +25,6 @@ pub mod config;
 pub mod enroll;
 pub mod exec;
 pub mod facts;
-pub mod fsutil;
 pub mod journal;
 pub mod pgroup;
 pub mod renew;
@@ -32,39 +32,6 @@ pub mod secrets;
 pub mod session;
 
 pub use config::AgentConfig;
+pub use modi_common::{error_chain, fsutil, shutdown_signal};
 pub use enroll::{JoinError, JoinRequest, join};
 pub use session::{RunError, run};
-
-/// Resolves on SIGTERM or SIGINT: how both daemons learn to stop.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// A gRPC status and all its sources, `: `-separated, for people. tonic's
-/// transport errors keep the real reason (a refused certificate, a
-/// connection refused) a few sources down.
-pub fn error_chain(status: &tonic::Status) -> String {
-    use std::error::Error;
-    let mut out = status.message().to_string();
-    let mut source = status.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}

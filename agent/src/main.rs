@@ -1,6 +1,7 @@
 //! `modi-agent`: parses flags, sets up logging, calls the library, maps
 //! the outcome to an exit status (0 ok, 1 failure, 2 usage or config
-//! error, 3 controller unreachable).
+//! error, 3 controller unreachable, 77 refused by the controller for good,
+//! 78 not enrolled; the systemd unit restarts on neither of the last two).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -140,6 +141,13 @@ fn main() -> ExitCode {
             Command::Run { config } => {
                 let config = match AgentConfig::load(config.as_ref()) {
                     Ok(c) => c,
+                    Err(config::ConfigError::Read { path, source })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        let e = modi_agent::RunError::NotEnrolled { missing: path };
+                        eprintln!("modi-agent: {e}");
+                        return ExitCode::from(config::EXIT_NOT_ENROLLED);
+                    }
                     Err(e) => {
                         eprintln!("modi-agent: {e}");
                         return ExitCode::from(2);
@@ -156,7 +164,11 @@ fn main() -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("modi-agent: {e}");
-                        ExitCode::from(2)
+                        ExitCode::from(match e {
+                            modi_agent::RunError::NotEnrolled { .. } => config::EXIT_NOT_ENROLLED,
+                            modi_agent::RunError::Refused(_) => config::EXIT_REFUSED,
+                            _ => 2,
+                        })
                     }
                 }
             }

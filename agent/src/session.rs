@@ -42,6 +42,17 @@ pub enum RunError {
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),
+    /// This data dir holds no enrolled agent (`modi-agent join` has not
+    /// run, or did not finish).
+    #[error("not enrolled: run `modi-agent join ...` first (the line `modi token create` prints); {} is missing", missing.display())]
+    NotEnrolled {
+        /// The file that is not there.
+        missing: PathBuf,
+    },
+    /// The controller refuses this agent for good (revoked): retrying
+    /// cannot help, so the agent stops.
+    #[error("{0}; stopping (re-enrol with a new token to bring this host back)")]
+    Refused(String),
     /// Another agent holds the data dir's lock: two agents on one journal
     /// could both run the same step.
     #[error("another modi-agent is running with data dir {}", data_dir.display())]
@@ -81,10 +92,62 @@ const RENEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn read_state(config: &AgentConfig, file: &str) -> Result<String, RunError> {
     let path = config.data_dir.join(file);
-    std::fs::read_to_string(&path).map_err(|e| RunError::State {
-        path,
-        detail: e.to_string(),
+    std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            RunError::NotEnrolled { missing: path }
+        } else {
+            RunError::State {
+                path,
+                detail: e.to_string(),
+            }
+        }
     })
+}
+
+/// How a session attempt ended badly.
+enum Failed {
+    /// Try again later (network, controller down, TLS trouble).
+    Retry(String),
+    /// The controller refuses this agent for good.
+    Refused(String),
+}
+
+/// Tells a refusal that retrying cannot cure from any other failure, by
+/// the status code and by walking the error's sources (never its text):
+/// the controller answers `PermissionDenied` to a revoked or unknown
+/// agent, and refuses a revoked certificate at the handshake with the
+/// `certificate_revoked` alert.
+fn classify(status: &tonic::Status, name: &str) -> Failed {
+    use std::error::Error;
+    if status.code() == tonic::Code::PermissionDenied {
+        return Failed::Refused(format!(
+            "the controller refuses agent {name:?}: {}",
+            status.message()
+        ));
+    }
+    let revoked = |e: &(dyn Error + 'static)| {
+        let rustls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        matches!(
+            rustls,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::CertificateRevoked
+            ))
+        )
+    };
+    let mut source = status.source();
+    while let Some(e) = source {
+        if revoked(e) {
+            return Failed::Refused(format!(
+                "agent {name:?} was revoked: the controller refused its certificate at the handshake (certificate_revoked)"
+            ));
+        }
+        source = e.source();
+    }
+    Failed::Retry(crate::error_chain(status))
 }
 
 /// Takes the data dir's lock, held until the returned value is dropped.
@@ -168,10 +231,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let mut client = agent.client(&ca)?;
     let mut backoff = config::BACKOFF_MIN;
     tracing::info!(controller = %agent.config.controller, name = %agent.config.name, "agent starting");
+    let mut refused = None;
     while !shutdown.is_cancelled() {
         match agent.session(&mut client, &mut internal_rx).await {
             Ok(()) => backoff = config::BACKOFF_MIN,
-            Err(e) => tracing::warn!(error = %e, "session ended"),
+            Err(Failed::Retry(e)) => tracing::warn!(error = %e, "session ended"),
+            Err(Failed::Refused(why)) => {
+                tracing::error!(error = %why, "refused by the controller; stopping");
+                refused = Some(why);
+                break;
+            }
         }
         if shutdown.is_cancelled() {
             break;
@@ -202,7 +271,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         backoff = (backoff * 2).min(config::BACKOFF_MAX);
     }
     agent.stop(internal_rx).await;
-    Ok(())
+    match refused {
+        Some(why) => Err(RunError::Refused(why)),
+        None => Ok(()),
+    }
 }
 
 impl Agent {
@@ -240,7 +312,7 @@ impl Agent {
         &self,
         client: &mut AgentServiceClient<tonic::transport::Channel>,
         internal_rx: &mut mpsc::Receiver<Internal>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failed> {
         let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(OUTBOUND_QUEUE);
         let running: Vec<String> = self
             .running
@@ -260,11 +332,14 @@ impl Agent {
         let _ = out_tx.try_send(pb::AgentMessage {
             msg: Some(Up::Hello(hello)),
         });
-        let pending = self.journal.pending().map_err(|e| e.to_string())?;
+        let pending = self
+            .journal
+            .pending()
+            .map_err(|e| Failed::Retry(e.to_string()))?;
         let inbound = client
             .connect(ReceiverStream::new(out_rx))
             .await
-            .map_err(|s| crate::error_chain(&s))?
+            .map_err(|s| classify(&s, &self.config.name))?
             .into_inner();
         tracing::info!(pending = pending.len(), "connected");
         for result in pending {

@@ -274,20 +274,12 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// Run an agent from this binary (used by `modi demo` when the
-    /// modi-agent binary is not next to modi).
-    #[command(name = "agent-run", hide = true)]
-    AgentRun {
-        /// The agent's config file.
-        #[arg(long)]
-        config: PathBuf,
-    },
 }
 
 /// `modi token ...`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Print a join token and the `modi-agent join` line.
+    /// Print a join token and the line to run on new hosts.
     Create {
         /// How long it works (e.g. 30m, 2h; at most the controller's
         /// max_token_ttl, 7 days by default).
@@ -299,6 +291,10 @@ pub enum TokenCommand {
         /// How many hosts may join with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// Print the one line that installs, enrols and starts the agent
+        /// on a new host (`curl ... | sh`) instead of the join command.
+        #[arg(long)]
+        install: bool,
     },
     /// Every token, with its id, state and uses.
     List,
@@ -423,9 +419,14 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Token { command } => {
             let client = Client::connect(config).await?;
             match command {
-                TokenCommand::Create { ttl, labels, uses } => {
+                TokenCommand::Create {
+                    ttl,
+                    labels,
+                    uses,
+                    install,
+                } => {
                     let labels = access::parse_labels("--label", &labels)?;
-                    hosts::token(&out, &client, ttl, labels, uses).await
+                    hosts::token(&out, &client, ttl, labels, uses, install).await
                 }
                 TokenCommand::List => access::list_tokens(&out, &client).await,
                 TokenCommand::Revoke { id } => access::revoke_token(&out, &client, id).await,
@@ -525,7 +526,6 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Pause { run } => runs::control(&out, config, &run, runs::Control::Pause).await,
         Command::Resume { run, secrets } => secrets::resume(&out, config, &run, &secrets).await,
         Command::Demo { file, keep } => demo::run(&out, file, keep).await,
-        Command::AgentRun { config: file } => serve::agent(file).await.map(|()| Outcome::Ok),
     }
 }
 

@@ -135,6 +135,11 @@ pub struct ControllerFile {
     /// off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// The `modi-agent` binary `modi serve` hands out to new hosts at
+    /// `/install/...` (default: found beside `modi`; it must be the
+    /// controller's own version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_binary: Option<PathBuf>,
     /// Alerts ("a human must look").
     #[serde(default, skip_serializing_if = "AlertsFile::is_empty")]
     pub alerts: AlertsFile,
@@ -184,6 +189,9 @@ pub struct ControllerConfig {
     pub operator_cert_lifetime: Duration,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<String>,
+    /// The agent binary to serve (see [`ControllerFile::agent_binary`]);
+    /// relative to the config file's folder.
+    pub agent_binary: Option<PathBuf>,
     /// Alert webhook.
     pub webhook: Option<String>,
     /// Alert command.
@@ -306,6 +314,10 @@ impl ControllerConfig {
             agent_cert_lifetime,
             operator_cert_lifetime,
             metrics_listen: file.metrics_listen,
+            agent_binary: file.agent_binary.map(|p| match path.parent() {
+                Some(dir) if p.is_relative() => dir.join(p),
+                _ => p,
+            }),
             webhook: file.alerts.webhook,
             alert_command: file.alerts.command,
             vars,

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use modi_agent::fsutil;
+use modi_common::fsutil;
 use modi_proto::identity::Role;
 
 use crate::config::{self, CliConfig, ControllerFile, files};

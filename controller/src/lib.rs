@@ -21,6 +21,8 @@
 //! - [`cli`]: the operator CLI, one module per subcommand.
 //! - [`clock`]: the injected [`clock::Clock`] that everything deciding by
 //!   time reads.
+//! - [`install`]: the one-line agent install `modi serve` hands out (an
+//!   install script and the agent binary, beside the gRPC services).
 //! - [`config`], [`init`], [`alert`]: the rest.
 //!
 //! Imports point down: `server` → `service` → `driver` → `fleet` →
@@ -37,6 +39,7 @@ pub mod fleet;
 pub mod init;
 pub mod limits;
 pub mod metrics;
+pub mod install;
 pub mod pki;
 pub mod rollout;
 pub mod run_ports;

@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemons log at info; the CLI only says what matters.
     let default = match cli.command {
-        Command::Serve { .. } | Command::AgentRun { .. } => "info",
+        Command::Serve { .. } => "info",
         _ => "warn",
     };
     let logs = tracing_subscriber::fmt()

@@ -281,6 +281,32 @@ pub fn serial_of(der: &[u8]) -> Option<Vec<u8>> {
     Some(cert.tbs_certificate.raw_serial().to_vec())
 }
 
+/// SHA-256 of a DER certificate's public key (its SubjectPublicKeyInfo):
+/// what curl's `--pinnedpubkey sha256//...` pins, and how a retried
+/// enrolment is told from a new one.
+pub fn spki_sha256(der: &[u8]) -> Result<[u8; 32], PkiError> {
+    use sha2::Digest;
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
+        PkiError::BadInput {
+            what: "certificate",
+            detail: e.to_string(),
+        }
+    })?;
+    Ok(sha2::Sha256::digest(cert.tbs_certificate.subject_pki.raw).into())
+}
+
+/// [`spki_sha256`] of the first certificate in `pem`, as hex.
+pub fn key_sha256(pem: &str) -> Result<String, PkiError> {
+    let der = modi_proto::tls::certs_from_pem("certificate", pem).map_err(|e| {
+        PkiError::BadInput {
+            what: "certificate",
+            detail: e.to_string(),
+        }
+    })?;
+    Ok(hex::encode(spki_sha256(&der[0])?))
+}
+
 /// Client certificates: optional (for `Enroll`), but if presented they
 /// must chain to our CA, carry the agent or admin role, and for an agent
 /// not be revoked (a revoked operator is refused by every admin call, with
@@ -344,11 +370,14 @@ impl ClientCertVerifier for ClientVerifier {
         let serial = serial_of(end_entity).unwrap_or_default();
         // A revoked operator is let through the handshake only to be told,
         // call by call, that it was revoked (the admin API's authorisation
-        // refuses it before anything runs); an agent is refused here.
+        // refuses it before anything runs); an agent is refused here, with
+        // the certificate_revoked alert, which tells it why (so it stops
+        // retrying instead of knocking for ever).
         if id.role == Role::Agent && self.revoked.read().expect("revoked lock").contains(&serial) {
-            return Err(rustls::Error::General(format!(
-                "client certificate refused: {id} was revoked"
-            )));
+            tracing::warn!("client certificate refused: {id} was revoked");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -378,7 +407,7 @@ impl ClientCertVerifier for ClientVerifier {
 
 /// The controller's TLS 1.3 server configuration: it presents its
 /// certificate *and* the CA (so a joining agent can match its pin), and
-/// speaks HTTP/2 only.
+/// speaks HTTP/2 (gRPC) and HTTP/1.1 (the install paths).
 pub fn server_config(
     ca: &Ca,
     cert_pem: &str,
@@ -403,7 +432,9 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(ClientVerifier::new(ca.cert_der().clone(), revoked)?)
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC speaks HTTP/2; the install script and the agent binary are
+    // fetched by curl, which may speak HTTP/1.1 only.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // No resumption: a resumed session skips the client certificate check,
     // and with it the revocation check. Every connection shows its
     // certificate again.

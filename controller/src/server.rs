@@ -1,6 +1,7 @@
 //! `modi serve`: the controller daemon's life. Load the CA and certs, open
 //! the store, bind, resume unfinished runs from their journals, serve both
-//! gRPC services on one TLS 1.3 port, and on shutdown stop accepting, let
+//! gRPC services (and the agent install paths, see `install`) on one TLS
+//! 1.3 port, and on shutdown stop accepting, let
 //! drivers finish their journal writes, and flush the store last.
 
 use std::net::SocketAddr;
@@ -275,17 +276,24 @@ impl Server {
                 }
             }
         });
+        // The one-line agent install is served on the same port.
+        let routes = crate::install::routes(
+            tonic::service::Routes::new(agent)
+                .add_service(admin)
+                .add_service(health),
+            shared.clone(),
+        );
         let serve_shutdown = shutdown.clone();
         let mut serving = tokio::spawn(
             tonic::transport::Server::builder()
+                // HTTP/1.1 too, for curl fetching the install paths.
+                .accept_http1(true)
                 // No call waits forever: past this it is answered
                 // "deadline exceeded" (a stream counts until it starts).
                 .timeout(ADMIN_DEADLINE)
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-                .add_service(agent)
-                .add_service(admin)
-                .add_service(health)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                     serve_shutdown.cancelled().await
                 }),

@@ -97,9 +97,12 @@ pub enum TokenRefused {
     /// Not a token we issued.
     #[error("unknown join token")]
     Unknown,
-    /// Already used.
+    /// Already used (as many times as it may be).
     #[error("this join token was already used (by {0:?})")]
     Used(String),
+    /// The name is held by an enrolled agent.
+    #[error("an agent named {0:?} is already enrolled; revoke it first (modi agents revoke {0})")]
+    NameTaken(String),
     /// Past its expiry.
     #[error("this join token expired")]
     Expired,
@@ -162,6 +165,20 @@ pub struct TokenRecord {
     /// Revoked by an operator.
     #[serde(default)]
     pub revoked: bool,
+    /// Who enrolled with it, with the key they enrolled: the same name
+    /// and key coming again (a join that failed on its host after the
+    /// controller answered) is a retry, not a new use.
+    #[serde(default)]
+    pub joined: Vec<Joined>,
+}
+
+/// One enrolment made with a token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Joined {
+    /// The agent's name.
+    pub name: String,
+    /// SHA-256 (hex) of the public key it enrolled.
+    pub key_sha256: String,
 }
 
 fn one_use() -> u32 {
@@ -589,6 +606,11 @@ impl Store {
 
     // ---- tokens ------------------------------------------------------
 
+    /// The token with this hash, if there is one.
+    pub fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        get(&self.trees()?.tokens, "tokens", hash)
+    }
+
     /// Records a token by its hash. Durable on return.
     pub async fn put_token(&self, hash: &str, token: TokenRecord) -> Result<(), StoreError> {
         let hash = hash.to_string();
@@ -599,20 +621,27 @@ impl Store {
         .await
     }
 
-    /// Enrols agent `name`: uses the token with this hash (once per
-    /// host, up to its `uses`) and records the host with the certificate
-    /// serial it was issued and its labels — the token's if it names any,
-    /// else `asked` — in one write (a token is never used up without its
-    /// host). Durable on return.
+    /// Enrols agent `name` with the public key whose SHA-256 is `key`:
+    /// uses the token with this hash (once per host, up to its `uses`)
+    /// and records the host with the certificate serial it was issued and
+    /// its labels — the token's if it names any, else `asked` — in one
+    /// write (a token is never used up without its host). The same name
+    /// and key coming again with the same token is a retry (the host lost
+    /// the answer, or failed writing it): it is let through without using
+    /// the token again, as long as neither the host nor the token is
+    /// revoked. Durable on return.
     pub async fn enroll(
         &self,
         hash: &str,
         name: &str,
+        key: &str,
         serial: (Vec<u8>, Millis),
         asked: BTreeMap<String, String>,
         now: Millis,
     ) -> Result<Result<HostRecord, TokenRefused>, StoreError> {
-        let (hash, name) = (hash.to_string(), name.to_string());
+        let (hash, name, key) = (hash.to_string(), name.to_string(), key.to_string());
+        // The one writer decides between agents racing for one token or
+        // one name: each sees what the one before it wrote.
         self.write(move |t| {
             let Some(mut token) = get::<TokenRecord>(&t.trees.tokens, "tokens", &hash)? else {
                 return Ok(Err(TokenRefused::Unknown));
@@ -620,20 +649,34 @@ impl Store {
             if token.revoked {
                 return Ok(Err(TokenRefused::Revoked));
             }
-            if token.used_by.len() >= token.uses.max(1) as usize {
-                return Ok(Err(TokenRefused::Used(token.used_by.join(", "))));
-            }
-            if now >= token.expires_at {
-                return Ok(Err(TokenRefused::Expired));
-            }
-            // The one writer decides between agents racing with one
-            // token: the last one past its uses finds it used.
-            token.used_by.push(name.clone());
-            let mut host =
-                get::<HostRecord>(&t.trees.hosts, "hosts", &name)?.unwrap_or_else(|| HostRecord {
+            let existing = get::<HostRecord>(&t.trees.hosts, "hosts", &name)?;
+            let retry = token
+                .joined
+                .iter()
+                .any(|j| j.name == name && j.key_sha256 == key)
+                && existing.as_ref().is_some_and(|h| !h.revoked);
+            if !retry {
+                if token.used_by.len() >= token.uses.max(1) as usize {
+                    return Ok(Err(TokenRefused::Used(token.used_by.join(", "))));
+                }
+                if now >= token.expires_at {
+                    return Ok(Err(TokenRefused::Expired));
+                }
+                if existing.as_ref().is_some_and(|h| !h.revoked) {
+                    return Ok(Err(TokenRefused::NameTaken(name)));
+                }
+                // The one writer decides between agents racing with one
+                // token: the last one past its uses finds it used.
+                token.used_by.push(name.clone());
+                token.joined.push(Joined {
                     name: name.clone(),
-                    ..HostRecord::default()
+                    key_sha256: key,
                 });
+            }
+            let mut host = existing.unwrap_or_else(|| HostRecord {
+                name: name.clone(),
+                ..HostRecord::default()
+            });
             host.enrolled_at = now;
             host.revoked = false;
             host.serials.push(serial.0);
@@ -989,6 +1032,7 @@ mod tests {
             uses: 1,
             labels: BTreeMap::new(),
             revoked: false,
+            joined: Vec::new(),
         }
     }
 
@@ -1020,25 +1064,25 @@ mod tests {
         s.put_token("h2", token(1000)).await.unwrap();
         let none = BTreeMap::new;
         let host = s
-            .enroll("h1", "web-1", (vec![1], 0), none(), 10)
+            .enroll("h1", "web-1", "k1", (vec![1], 0), none(), 10)
             .await
             .unwrap()
             .unwrap();
         assert_eq!((host.name.as_str(), host.serials.len()), ("web-1", 1));
         assert_eq!(
-            s.enroll("h1", "web-2", (vec![2], 0), none(), 10)
+            s.enroll("h1", "web-2", "k2", (vec![2], 0), none(), 10)
                 .await
                 .unwrap(),
             Err(TokenRefused::Used("web-1".into()))
         );
         assert_eq!(
-            s.enroll("h2", "web-2", (vec![2], 0), none(), 1000)
+            s.enroll("h2", "web-2", "k2", (vec![2], 0), none(), 1000)
                 .await
                 .unwrap(),
             Err(TokenRefused::Expired)
         );
         assert_eq!(
-            s.enroll("nope", "web-2", (vec![2], 0), none(), 1)
+            s.enroll("nope", "web-2", "k2", (vec![2], 0), none(), 1)
                 .await
                 .unwrap(),
             Err(TokenRefused::Unknown)
@@ -1046,6 +1090,36 @@ mod tests {
         assert!(
             s.host("web-2").unwrap().is_none(),
             "a refused token records no host"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_is_used_once_per_host_and_a_retry_is_not_a_use() {
+        let (_d, s) = store();
+        let mut three = token(1000);
+        three.uses = 3;
+        s.put_token("t", three).await.unwrap();
+        s.enroll("t", "web-1", "k1", (vec![1], 0), BTreeMap::new(), 10).await.unwrap().unwrap();
+        // web-1 lost the answer and asks again with the same key: a retry,
+        // even after the token expired.
+        let again = s.enroll("t", "web-1", "k1", (vec![2], 0), BTreeMap::new(), 2000).await.unwrap().unwrap();
+        assert_eq!(again.serials, vec![vec![1], vec![2]]);
+        // The same name with another key is someone else.
+        assert_eq!(
+            s.enroll("t", "web-1", "evil", (vec![3], 0), BTreeMap::new(), 10).await.unwrap(),
+            Err(TokenRefused::NameTaken("web-1".into()))
+        );
+        s.enroll("t", "web-2", "k2", (vec![4], 0), BTreeMap::new(), 10).await.unwrap().unwrap();
+        s.enroll("t", "web-3", "k3", (vec![5], 0), BTreeMap::new(), 10).await.unwrap().unwrap();
+        assert_eq!(
+            s.enroll("t", "web-4", "k4", (vec![6], 0), BTreeMap::new(), 10).await.unwrap(),
+            Err(TokenRefused::Used("web-1, web-2, web-3".into()))
+        );
+        // A revoked host cannot come back through a retry.
+        s.revoke("web-2", "admin", 20).await.unwrap();
+        assert_eq!(
+            s.enroll("t", "web-2", "k2", (vec![7], 0), BTreeMap::new(), 30).await.unwrap(),
+            Err(TokenRefused::Used("web-1, web-2, web-3".into()))
         );
     }
 

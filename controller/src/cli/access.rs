@@ -190,10 +190,10 @@ fn write_bundle(dir: &Path, cert: &pb::OperatorCert, key_pem: &str) -> Result<Pa
     let io = |path: &Path, e: std::io::Error| {
         CliError::Failed(format!("cannot write {}: {e}", path.display()))
     };
-    modi_agent::fsutil::private_dir(dir).map_err(|e| io(dir, e))?;
+    modi_common::fsutil::private_dir(dir).map_err(|e| io(dir, e))?;
     let write = |file: &str, bytes: &[u8], mode: u32| {
         let path = dir.join(file);
-        modi_agent::fsutil::write_atomic(&path, bytes, mode).map_err(|e| io(&path, e))
+        modi_common::fsutil::write_atomic(&path, bytes, mode).map_err(|e| io(&path, e))
     };
     let (cert_file, key_file) = (format!("{}.pem", cert.name), format!("{}.key", cert.name));
     write(&key_file, key_pem.as_bytes(), 0o600)?;

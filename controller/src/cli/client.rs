@@ -87,7 +87,7 @@ impl Client {
             Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
                 CliError::Unreachable(format!(
                     "cannot reach the controller at {url}: {}",
-                    modi_agent::error_chain(&status)
+                    modi_common::error_chain(&status)
                 ))
             }
             Code::Unauthenticated => CliError::Unreachable(format!(

@@ -1,9 +1,8 @@
 //! `modi demo`: the embedded default. A throwaway CA and data dir, a
-//! controller and five local agents as child processes (each with its own
-//! work dir and labels), `examples/demo.yaml` applied with live progress,
+//! controller and five `modi-agent` processes (found beside `modi` or on
+//! PATH; each joins with its own work dir and labels), `examples/demo.yaml` applied with live progress,
 //! then everything stopped and cleaned up.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -26,6 +25,9 @@ pub const AGENTS: [(&str, &str); 5] = [
     ("demo-4", "web"),
     ("demo-5", "db"),
 ];
+
+/// The config file `modi-agent join` writes in its data dir.
+const AGENT_CONFIG: &str = "agent.toml";
 
 /// How long the demo waits for its fleet to come up.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -89,18 +91,6 @@ fn free_port() -> Result<u16, CliError> {
         .map_err(|e| CliError::Failed(format!("no free port on 127.0.0.1: {e}")))
 }
 
-/// Where the agent binary is: `modi-agent` next to `modi`, or `modi`
-/// itself in its hidden agent mode.
-fn agent_program() -> Result<(PathBuf, Vec<&'static str>), CliError> {
-    let me = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
-    let beside = me.with_file_name("modi-agent");
-    if beside.is_file() {
-        Ok((beside, vec!["run"]))
-    } else {
-        Ok((me, vec!["agent-run"]))
-    }
-}
-
 /// Runs the demo. Exit 0 when the demo ran to its end (its run includes a
 /// deliberate failure and backout, so the run itself does not succeed).
 pub async fn run(out: &Output, file: Option<PathBuf>, keep: bool) -> Result<Outcome, CliError> {
@@ -150,48 +140,54 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
     let outcome = async {
         wait_for(&client, &mut procs, 0).await?;
         say(&format!("controller listening on 127.0.0.1:{port}"));
-        let (agent_bin, agent_args) = agent_program()?;
-        for (name, role) in AGENTS {
-            let token = client
-                .admin()
-                .create_token(pb::CreateTokenRequest {
-                    ttl_seconds: 300,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| client.error(s))?
-                .into_inner();
-            let dir = root.join("agents").join(name);
-            let labels: BTreeMap<String, String> = [
-                ("role".to_string(), role.to_string()),
-                ("env".to_string(), "demo".to_string()),
-            ]
-            .into();
-            modi_agent::join(modi_agent::JoinRequest {
-                controller: token.controller_url.clone(),
-                token: token.token.clone(),
-                ca_sha256: token.ca_sha256.clone(),
-                name: Some(name.to_string()),
-                labels,
-                data_dir: dir.clone(),
-                work_dir: None,
+        let agent_bin = crate::install::locate_agent(None).map_err(|e| {
+            CliError::Failed(format!("{e}; the demo starts modi-agent processes"))
+        })?;
+        // One token for the whole demo fleet, as for a real one.
+        let token = client
+            .admin()
+            .create_token(pb::CreateTokenRequest {
+                ttl_seconds: 300,
+                uses: AGENTS.len() as u32,
+                ..Default::default()
             })
             .await
-            .map_err(|e| CliError::Failed(format!("{name} could not join: {e}")))?;
-            let agent_config = dir.join(modi_agent::config::CONFIG_FILE);
-            let agent_config = agent_config.to_string_lossy().into_owned();
-            let mut args = agent_args.clone();
-            args.extend(["--config", agent_config.as_str()]);
+            .map_err(|s| client.error(s))?
+            .into_inner();
+        for (name, role) in AGENTS {
+            let dir = root.join("agents").join(name);
+            let dir_arg = dir.to_string_lossy().into_owned();
+            let (role, env) = (format!("role={role}"), "env=demo".to_string());
+            let joined = Command::new(&agent_bin)
+                .args(["join", "--controller", &token.controller_url])
+                .args(["--token", &token.token, "--ca-sha256", &token.ca_sha256])
+                .args(["--name", name, "--label", &role, "--label", &env])
+                .args(["--data", &dir_arg])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|e| {
+                    CliError::Failed(format!("cannot start {}: {e}", agent_bin.display()))
+                })?;
+            if !joined.status.success() {
+                return Err(CliError::Failed(format!(
+                    "{name} could not join ({}): {}",
+                    joined.status,
+                    String::from_utf8_lossy(&joined.stderr).trim()
+                )));
+            }
+            let agent_config = dir.join(AGENT_CONFIG).to_string_lossy().into_owned();
             procs.push(Proc::spawn(
                 name,
                 &agent_bin,
-                &args,
+                &["run", "--config", &agent_config],
                 root.join(format!("{name}.log")),
             )?);
         }
         wait_for(&client, &mut procs, AGENTS.len()).await?;
         say(&format!(
-            "{} agents enrolled with one-time tokens and connected over mutual TLS",
+            "{} modi-agent processes enrolled with one {}-use token and connected over mutual TLS",
+            AGENTS.len(),
             AGENTS.len()
         ));
 

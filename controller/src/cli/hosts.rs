@@ -13,17 +13,20 @@ struct Token<'a> {
     token: &'a str,
     expires_at_ms: u64,
     join_command: &'a str,
+    install_command: &'a str,
     ca_sha256: &'a str,
     controller: &'a str,
 }
 
-/// Prints a new join token and the line to run on the new host.
+/// Prints a new join token and the line to run on the new host: the join
+/// command, or with `install` the one-line install (`curl ... | sh`).
 pub async fn token(
     out: &Output,
     client: &Client,
     ttl: Option<String>,
     labels: std::collections::BTreeMap<String, String>,
     uses: u32,
+    install: bool,
 ) -> Result<Outcome, CliError> {
     let ttl_seconds = match ttl {
         Some(t) => {
@@ -62,6 +65,7 @@ pub async fn token(
         token: &r.token,
         expires_at_ms: r.expires_at_ms,
         join_command: &r.join_command,
+        install_command: &r.install_command,
         ca_sha256: &r.ca_sha256,
         controller: &r.controller_url,
     };
@@ -70,12 +74,23 @@ pub async fn token(
             0 | 1 => "One-time join token".to_string(),
             n => format!("Join token for {n} hosts"),
         };
-        format!(
-            "{uses} {} (expires {} UTC). On the new host run:\n\n  {}\n",
-            r.id,
-            when(r.expires_at_ms),
-            r.join_command
-        )
+        if install {
+            format!(
+                "{uses} {} (expires {} UTC). On each new host, as root:\n\n  {}\n\n\
+                 It downloads modi-agent from this controller (pinned to its key), verifies it, \
+                 joins and starts it. Join options go after `sh -s --`, e.g. `| sh -s -- --name web-01`.\n",
+                r.id,
+                when(r.expires_at_ms),
+                r.install_command
+            )
+        } else {
+            format!(
+                "{uses} {} (expires {} UTC). On the new host run:\n\n  {}\n",
+                r.id,
+                when(r.expires_at_ms),
+                r.join_command
+            )
+        }
     });
     Ok(Outcome::Ok)
 }

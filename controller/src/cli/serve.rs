@@ -1,4 +1,4 @@
-//! `modi serve` (the daemon's life) and the hidden `modi agent-run`.
+//! `modi serve`: the daemon's life.
 
 use std::path::PathBuf;
 
@@ -30,7 +30,7 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
         .map_err(|e| CliError::Failed(e.to_string()))?;
     tracing::info!(%addr, "modi controller listening");
     tokio::spawn(async move {
-        modi_agent::shutdown_signal().await;
+        modi_common::shutdown_signal().await;
         tracing::info!("shutting down");
         shutdown.cancel();
     });
@@ -38,20 +38,4 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CliError> {
         .run()
         .await
         .map_err(|e| CliError::Failed(e.to_string()))
-}
-
-/// Runs an agent in this process (the demo's fallback when the
-/// `modi-agent` binary is not installed next to `modi`).
-pub async fn agent(config: PathBuf) -> Result<(), CliError> {
-    let config =
-        modi_agent::AgentConfig::load(&config).map_err(|e| CliError::Input(e.to_string()))?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        modi_agent::shutdown_signal().await;
-        signal.cancel();
-    });
-    modi_agent::run(config, shutdown)
-        .await
-        .map_err(|e| CliError::Input(e.to_string()))
 }

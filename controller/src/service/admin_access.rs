@@ -58,6 +58,7 @@ pub async fn create_token(
                 uses,
                 labels,
                 revoked: false,
+                joined: Vec::new(),
             },
         )
         .await
@@ -66,6 +67,8 @@ pub async fn create_token(
     let ca = shared.ca.fingerprint();
     let url = shared.config.advertise.clone();
     tracing::info!(by = %by.name, ttl = ?ttl, uses, %id, "join token created");
+    let install_command = crate::install::command(shared, &token)
+        .unwrap_or_else(|why| format!("# no install line: {why}"));
     Ok(audited(
         pb::CreateTokenResponse {
             join_command: format!(
@@ -77,6 +80,7 @@ pub async fn create_token(
             controller_url: url,
             id: id.clone(),
             uses,
+            install_command,
         },
         format!("token {id}"),
     ))

@@ -15,6 +15,7 @@ use super::{agent_convert as convert, auth};
 use crate::fleet::Hello;
 use crate::fleet::ToAgent;
 use crate::server::Shared;
+use crate::store::TokenRefused;
 
 /// How long a new session may take to say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,16 +39,12 @@ pub fn silence_limit(hello: &Hello) -> Duration {
 /// The agent-facing service.
 pub struct AgentApi {
     shared: Arc<Shared>,
-    enrolling: tokio::sync::Mutex<()>,
 }
 
 impl AgentApi {
     /// Serves from the controller's shared state.
     pub fn new(shared: Arc<Shared>) -> AgentApi {
-        AgentApi {
-            shared,
-            enrolling: tokio::sync::Mutex::new(()),
-        }
+        AgentApi { shared }
     }
 }
 
@@ -108,17 +105,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let store = &self.shared.store;
         identity::valid_name(&req.name)
             .map_err(|e| Status::invalid_argument(format!("agent name: {e}")))?;
-        // One enrolment at a time: two agents racing for one new name
-        // cannot both pass the check below.
-        let _one_at_a_time = self.enrolling.lock().await;
-        if let Some(h) = store.host(&req.name).map_err(internal)?
-            && !h.revoked
-        {
-            return Err(Status::already_exists(format!(
-                "an agent named {:?} is already enrolled; revoke it first (modi agents revoke {})",
-                req.name, req.name
-            )));
-        }
         // A bad CSR must not burn the token: sign first, hand out only
         // after the token is consumed.
         let labels: std::collections::BTreeMap<String, String> = req.labels.into_iter().collect();
@@ -134,11 +120,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 self.shared.config.agent_cert_lifetime,
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = crate::pki::key_sha256(&issued.cert_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let now = crate::clock::now();
+        // The store's one writer decides races for a token or a name.
         let enrolled = store
             .enroll(
                 &token_hash(&req.token),
                 &req.name,
+                &key,
                 (issued.serial.clone(), issued.expires_at),
                 labels,
                 now,
@@ -147,7 +137,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(internal)?;
         if let Err(refused) = enrolled {
             tracing::warn!(name = %req.name, reason = %refused, "enrolment refused");
-            return Err(Status::permission_denied(refused.to_string()));
+            return Err(match refused {
+                TokenRefused::NameTaken(_) => Status::already_exists(refused.to_string()),
+                _ => Status::permission_denied(refused.to_string()),
+            });
         }
         tracing::info!(name = %req.name, "agent enrolled");
         Ok(Response::new(pb::EnrollResponse {

@@ -380,6 +380,7 @@ mod tests {
                 uses: 2,
                 labels: labels.clone(),
                 revoked: false,
+                joined: Vec::new(),
             },
         )
         .await
@@ -387,14 +388,14 @@ mod tests {
         let asked = BTreeMap::from([("role".to_string(), "db".to_string())]);
         for name in ["a", "b"] {
             let host = s
-                .enroll("abcdef0123456789", name, (vec![1], 0), asked.clone(), 1)
+                .enroll("abcdef0123456789", name, name, (vec![1], 0), asked.clone(), 1)
                 .await
                 .unwrap()
                 .unwrap();
             assert_eq!(host.labels, labels, "the token's labels win");
         }
         assert!(matches!(
-            s.enroll("abcdef0123456789", "c", (vec![1], 0), asked, 1)
+            s.enroll("abcdef0123456789", "c", "c", (vec![1], 0), asked, 1)
                 .await
                 .unwrap(),
             Err(super::super::TokenRefused::Used(_))
