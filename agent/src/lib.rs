@@ -13,6 +13,8 @@
 //! - [`secrets`]: a step's secrets, in memory only: filled in where the
 //!   step holds their placeholders, masked in its output.
 //! - [`enroll`]: `modi-agent join`.
+//! - [`probe`]: asks the controller whether it refuses this agent's
+//!   certificate as revoked (then the agent stops instead of retrying).
 //! - [`config`]: the typed configuration and its defaults.
 //! - [`facts`]: what the agent reports about its host.
 //! - `fsutil`, `shutdown_signal`, `error_chain`: from `modi-common`, the
@@ -29,6 +31,7 @@ pub mod journal;
 pub mod pgroup;
 pub mod renew;
 pub mod secrets;
+pub mod probe;
 pub mod session;
 
 pub use config::AgentConfig;

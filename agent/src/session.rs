@@ -113,39 +113,15 @@ enum Failed {
 }
 
 /// Tells a refusal that retrying cannot cure from any other failure, by
-/// the status code and by walking the error's sources (never its text):
-/// the controller answers `PermissionDenied` to a revoked or unknown
-/// agent, and refuses a revoked certificate at the handshake with the
-/// `certificate_revoked` alert.
+/// the status code: the controller answers `PermissionDenied` to a
+/// revoked or unknown agent. (A certificate refused at the handshake is
+/// found by [`crate::probe`].)
 fn classify(status: &tonic::Status, name: &str) -> Failed {
-    use std::error::Error;
     if status.code() == tonic::Code::PermissionDenied {
         return Failed::Refused(format!(
             "the controller refuses agent {name:?}: {}",
             status.message()
         ));
-    }
-    let revoked = |e: &(dyn Error + 'static)| {
-        let rustls = e.downcast_ref::<rustls::Error>().or_else(|| {
-            e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        matches!(
-            rustls,
-            Some(rustls::Error::AlertReceived(
-                rustls::AlertDescription::CertificateRevoked
-            ))
-        )
-    };
-    let mut source = status.source();
-    while let Some(e) = source {
-        if revoked(e) {
-            return Failed::Refused(format!(
-                "agent {name:?} was revoked: the controller refused its certificate at the handshake (certificate_revoked)"
-            ));
-        }
-        source = e.source();
     }
     Failed::Retry(crate::error_chain(status))
 }
@@ -235,7 +211,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     while !shutdown.is_cancelled() {
         match agent.session(&mut client, &mut internal_rx).await {
             Ok(()) => backoff = config::BACKOFF_MIN,
-            Err(Failed::Retry(e)) => tracing::warn!(error = %e, "session ended"),
+            Err(Failed::Retry(e)) => {
+                tracing::warn!(error = %e, "session ended");
+                if crate::probe::certificate_revoked(&agent.config.controller, &ca, &identity).await
+                {
+                    let why = format!(
+                        "agent {:?} was revoked: the controller refuses its certificate (certificate_revoked)",
+                        agent.config.name
+                    );
+                    tracing::error!(error = %why, "refused by the controller; stopping");
+                    refused = Some(why);
+                    break;
+                }
+            }
             Err(Failed::Refused(why)) => {
                 tracing::error!(error = %why, "refused by the controller; stopping");
                 refused = Some(why);
