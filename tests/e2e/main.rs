@@ -2,10 +2,12 @@
 //! loopback. One test binary; the suites are listed here.
 
 mod agent_orphans;
+mod dist;
 mod durability;
 mod faults;
 mod foundation;
 mod gates;
+mod install;
 mod language;
 mod reading;
 mod refusals;

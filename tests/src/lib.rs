@@ -162,6 +162,15 @@ impl Proc {
         }
     }
 
+    /// Its exit code once it has exited (-1 for a signal), `None` while
+    /// it runs.
+    pub fn exited(&mut self) -> Option<i32> {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(status))) => Some(status.code().unwrap_or(-1)),
+            _ => None,
+        }
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -480,6 +489,20 @@ impl Agent {
             cmd.arg("--label").arg(format!("{k}={v}"));
         }
         run(&mut cmd)
+    }
+
+    /// An agent already joined in `dir`, not started.
+    pub fn at(name: &str, dir: PathBuf) -> Agent {
+        Agent {
+            name: name.into(),
+            dir,
+            proc: None,
+        }
+    }
+
+    /// Its exit code once `modi-agent run` has exited.
+    pub fn exited(&mut self) -> Option<i32> {
+        self.proc.as_mut().and_then(Proc::exited)
     }
 
     /// Starts `modi-agent run`.
