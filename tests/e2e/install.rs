@@ -41,6 +41,21 @@ case $verb in
 esac
 "#;
 
+/// Stands in for `systemd-run --on-active=Ns CMD...`: runs CMD after N
+/// seconds, detached from the caller (as a transient systemd timer is).
+const SYSTEMD_RUN: &str = r#"#!/bin/sh
+delay=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --on-active=*) delay=${1#--on-active=}; delay=${delay%s}; shift ;;
+        -*) shift ;;
+        *) break ;;
+    esac
+done
+echo "systemd-run after $delay: $*" >>"${FAKE_SYSTEMD:?}/calls"
+nohup setsid sh -c 'sleep "$0"; exec "$@"' "$delay" "$@" >/dev/null 2>&1 </dev/null &
+"#;
+
 /// A throwaway host: a root to install into, and (with systemd) the
 /// stand-in `systemctl` on PATH. Every process it started is killed on
 /// drop, by PID.
@@ -65,6 +80,10 @@ impl Host {
             let systemctl = fake.join("bin/systemctl");
             std::fs::write(&systemctl, SYSTEMCTL).unwrap();
             std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let systemd_run = fake.join("bin/systemd-run");
+            std::fs::write(&systemd_run, SYSTEMD_RUN).unwrap();
+            std::fs::set_permissions(&systemd_run, std::fs::Permissions::from_mode(0o755))
+                .unwrap();
         }
         Host {
             root,
@@ -238,6 +257,59 @@ fn the_one_line_install_enrols_and_starts_the_agent_and_a_second_run_changes_not
     );
     assert!(ctl.connected("inst-1"));
     assert_eq!(ctl.hosts().len(), 1, "no ghost host");
+}
+
+#[test]
+fn the_upgrade_example_rolls_the_controllers_agent_out_and_restarts_it() {
+    let ctl = Controller::start();
+    let host = Host::new(true);
+    let (line, _) = install_line(&ctl, "1");
+    host.install(&line, "old-1").ok();
+    eventually!(20, ctl.connected("old-1"), "installed");
+    let old_pid = host.agent_pid().unwrap();
+    // The host has an older agent on disk (the running one is replaced
+    // by whatever is there at the restart).
+    let older = host.root.join("older");
+    std::fs::write(&older, "#!/bin/sh\necho modi-agent 0.0.1\n").unwrap();
+    std::fs::set_permissions(&older, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&older, host.binary()).unwrap();
+
+    let version = run(Command::new(bin("modi")).arg("--version"));
+    let version = version.ok().trim().trim_start_matches("modi ").to_string();
+    let pin = line.split('\'').nth(1).unwrap().to_string();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/upgrade-agents.yaml");
+    let vars = [
+        format!("version={version}"),
+        format!("controller=https://127.0.0.1:{}", ctl.port),
+        format!("pin={pin}"),
+        format!("bin={}", host.binary().display()),
+        "restart_after=1s".to_string(),
+    ];
+    let mut args = Vec::new();
+    for v in &vars {
+        args.extend(["--var", v.as_str()]);
+    }
+    let (code, status) = ctl.apply(&example, &args);
+    assert_eq!(code, 0, "{status:#}\n{}", host.calls());
+    // The new binary is the controller's, the agent was restarted on it.
+    assert_eq!(
+        std::fs::read(host.binary()).unwrap(),
+        std::fs::read(bin("modi-agent")).unwrap()
+    );
+    // The restart comes a moment after the step that scheduled it.
+    eventually!(
+        20,
+        host.agent_pid().is_some_and(|p| p != old_pid),
+        "restarted:\n{}",
+        host.calls()
+    );
+    let new_pid = host.agent_pid().unwrap();
+    assert!(host.calls().contains("restart modi-agent"), "{}", host.calls());
+    eventually!(20, ctl.connected("old-1"), "back on the new agent");
+    // Run again: every host has it already, nothing is restarted.
+    let (code, _) = ctl.apply(&example, &args);
+    assert_eq!(code, 0);
+    assert_eq!(host.agent_pid(), Some(new_pid));
 }
 
 #[test]

@@ -18,6 +18,7 @@ const ADD_USER: &str = include_str!("../../../../examples/add-user.yaml");
 const CONFIG_PUSH: &str = include_str!("../../../../examples/config-push.yaml");
 const TEMPLATE_FOREACH: &str = include_str!("../../../../examples/template-foreach.yaml");
 const NESTED: &str = include_str!("../../../../examples/nested.yaml");
+const UPGRADE_AGENTS: &str = include_str!("../../../../examples/upgrade-agents.yaml");
 const DB_MIGRATE: &str = include_str!("../../../../examples/db-migrate.yaml");
 const SERVICE_PASSWORD: &str = include_str!("../../../../examples/service-password.yaml");
 
@@ -84,6 +85,35 @@ fn web_upgrade_rolls_with_a_canary() {
     );
     assert_eq!(h.backout.len(), 2);
     assert!(h.backout[0].when.is_some() && h.backout[1].when.is_none());
+}
+
+#[test]
+fn upgrade_agents_checks_the_download_and_restarts_after_reporting() {
+    let spec = example(
+        "examples/upgrade-agents.yaml",
+        UPGRADE_AGENTS,
+        &[("version", "9.9.9"), ("pin", "sha256//AAAA=")],
+    );
+    assert_eq!(spec.changes.len(), 2);
+    let install = &spec.changes[0];
+    assert_eq!(install.hosts.len(), 9);
+    assert_eq!(
+        install.batches().iter().map(Vec::len).collect::<Vec<_>>()[0],
+        1,
+        "a canary first"
+    );
+    let h = &install.hosts[0];
+    let apply: Vec<&str> = h.apply.iter().map(command).collect();
+    assert!(apply[1].contains("--pinnedpubkey 'sha256//AAAA=' -k"), "{apply:?}");
+    assert!(apply[2].contains("/install/modi-agent.sha256"), "{apply:?}");
+    // The restart is scheduled, last, never run inside the step.
+    assert!(
+        apply.last().unwrap().starts_with("systemd-run --quiet --collect --on-active=3s"),
+        "{apply:?}"
+    );
+    assert!(apply.iter().all(|c| !c.starts_with("systemctl restart")));
+    let after = &spec.changes[1].hosts[0];
+    assert_eq!(command(&after.apply[0]), "/proc/$PPID/exe --version");
 }
 
 #[test]
