@@ -225,11 +225,9 @@ pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
         heartbeat_secs: config::DEFAULT_HEARTBEAT_SECS,
         data_dir: req.data_dir.clone(),
     };
-    config
-        .save()
-        .map_err(|source| JoinError::AfterEnrol {
-            path: config_path,
-            source,
-        })?;
+    config.save().map_err(|source| JoinError::AfterEnrol {
+        path: config_path,
+        source,
+    })?;
     Ok(config)
 }

@@ -35,6 +35,6 @@ pub mod probe;
 pub mod session;
 
 pub use config::AgentConfig;
-pub use modi_common::{error_chain, fsutil, shutdown_signal};
 pub use enroll::{JoinError, JoinRequest, join};
+pub use modi_common::{error_chain, fsutil, shutdown_signal};
 pub use session::{RunError, run};

@@ -39,7 +39,10 @@ async fn probe(url: &str, ca_pem: &str, identity: &ClientIdentity) -> bool {
         Some((h, _)) => h,
         None => authority,
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let addr = if authority.contains(':') {
         authority.to_string()
     } else {
@@ -70,7 +73,8 @@ async fn probe(url: &str, ca_pem: &str, identity: &ClientIdentity) -> bool {
 
 fn is_revoked(e: &std::io::Error) -> bool {
     matches!(
-        e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
         Some(rustls::Error::AlertReceived(
             rustls::AlertDescription::CertificateRevoked
         ))

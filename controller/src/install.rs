@@ -64,7 +64,9 @@ pub enum AgentBinaryError {
         detail: String,
     },
     /// It is another release.
-    #[error("{path} is {found:?}, but this controller is modi {VERSION}: it serves only its own version")]
+    #[error(
+        "{path} is {found:?}, but this controller is modi {VERSION}: it serves only its own version"
+    )]
     WrongVersion {
         /// The binary.
         path: PathBuf,
@@ -217,7 +219,9 @@ impl Install {
         // Tokens are `mt_` and hex; nothing else reaches the script.
         if token.is_empty()
             || token.len() > 128
-            || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
             return Err("this is not a join token".into());
         }
@@ -355,7 +359,10 @@ mod tests {
             agent_sha256: "beef",
         });
         let placeholder = regex::Regex::new("@[A-Z0-9_]+@").unwrap();
-        assert!(!placeholder.is_match(&script), "a placeholder is left:\n{script}");
+        assert!(
+            !placeholder.is_match(&script),
+            "a placeholder is left:\n{script}"
+        );
         assert!(script.contains("TOKEN=mt_abc\n"), "{script}");
         assert!(script.contains("PIN='sha256//AAA='\n"), "{script}");
         assert!(script.contains("ExecStart=$BIN run --config $DATA/agent.toml"));

@@ -298,12 +298,11 @@ pub fn spki_sha256(der: &[u8]) -> Result<[u8; 32], PkiError> {
 
 /// [`spki_sha256`] of the first certificate in `pem`, as hex.
 pub fn key_sha256(pem: &str) -> Result<String, PkiError> {
-    let der = modi_proto::tls::certs_from_pem("certificate", pem).map_err(|e| {
-        PkiError::BadInput {
+    let der =
+        modi_proto::tls::certs_from_pem("certificate", pem).map_err(|e| PkiError::BadInput {
             what: "certificate",
             detail: e.to_string(),
-        }
-    })?;
+        })?;
     Ok(hex::encode(spki_sha256(&der[0])?))
 }
 

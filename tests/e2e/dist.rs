@@ -16,10 +16,7 @@ const GLIBC_FLOOR: (u32, u32) = (2, 17);
 
 /// `target/dist`, beside the profile folder the tests run from.
 fn dist_dir() -> PathBuf {
-    let dir = bin_dir()
-        .parent()
-        .expect("the target dir")
-        .join("dist");
+    let dir = bin_dir().parent().expect("the target dir").join("dist");
     assert!(
         dir.join("SHA256SUMS").is_file(),
         "{} has no artefacts: run deploy/dist.sh first, as the README's test command does",
@@ -115,7 +112,10 @@ fn the_tarballs_hold_portable_binaries_and_the_checksums_hold() {
     let v = version();
     for name in ["modi", "modi-agent"] {
         let tarball = format!("{name}-{v}-x86_64-linux-gnu.tar.gz");
-        assert!(sums.contains(&tarball), "{tarball} not in SHA256SUMS:\n{sums}");
+        assert!(
+            sums.contains(&tarball),
+            "{tarball} not in SHA256SUMS:\n{sums}"
+        );
         let dir = untar(&artefact(&tarball));
         let top = dir.path().join(format!("{name}-{v}"));
         let binary = top.join(name);
@@ -189,7 +189,11 @@ fn the_controller_package_has_its_binary_agent_unit_user_data_dir_and_docs() {
     let deb = unpack(&artefact(&format!("modi_{v}-1_amd64.deb")));
     assert_eq!(deb.control["Package"], "modi");
     assert_eq!(deb.control["Architecture"], "amd64");
-    assert!(deb.control["Depends"].contains("libc6 (>= 2.17)"), "{:?}", deb.control);
+    assert!(
+        deb.control["Depends"].contains("libc6 (>= 2.17)"),
+        "{:?}",
+        deb.control
+    );
 
     let modi = deb.path("usr/bin/modi");
     assert_eq!(mode(&modi), 0o755);
@@ -212,7 +216,10 @@ fn the_controller_package_has_its_binary_agent_unit_user_data_dir_and_docs() {
         "StateDirectory=modi",
         "StateDirectoryMode=0700",
     ] {
-        assert!(unit.lines().any(|l| l == line), "{line:?} not in the unit:\n{unit}");
+        assert!(
+            unit.lines().any(|l| l == line),
+            "{line:?} not in the unit:\n{unit}"
+        );
     }
     let sysusers = read(&deb.path("usr/lib/sysusers.d/modi.conf"));
     assert!(
@@ -227,17 +234,34 @@ fn the_controller_package_has_its_binary_agent_unit_user_data_dir_and_docs() {
                 == ["d", "/var/lib/modi", "0700", "modi", "modi", "-"]),
         "{tmpfiles}"
     );
-    for doc in ["README.md", "operations.md", "copyright", "examples/controller.toml"] {
+    for doc in [
+        "README.md",
+        "operations.md",
+        "copyright",
+        "examples/controller.toml",
+    ] {
         let path = deb.path(&format!("usr/share/doc/modi/{doc}"));
         assert_eq!(mode(&path), 0o644, "{doc}");
     }
     // The scripts make the user and the data dir, and do not start the
     // service (it needs `modi init` first).
     assert!(deb.scripts.contains("postinst"), "{}", deb.scripts);
-    for needed in ["systemd-sysusers modi.conf", "systemd-tmpfiles --create modi.conf", "adduser --system"] {
-        assert!(deb.postinst.contains(needed), "{needed:?} not in postinst:\n{}", deb.postinst);
+    for needed in [
+        "systemd-sysusers modi.conf",
+        "systemd-tmpfiles --create modi.conf",
+        "adduser --system",
+    ] {
+        assert!(
+            deb.postinst.contains(needed),
+            "{needed:?} not in postinst:\n{}",
+            deb.postinst
+        );
     }
-    assert!(!deb.postinst.contains("systemctl start"), "{}", deb.postinst);
+    assert!(
+        !deb.postinst.contains("systemctl start"),
+        "{}",
+        deb.postinst
+    );
 }
 
 #[test]
@@ -257,7 +281,10 @@ fn the_agent_package_has_its_binary_unit_data_dir_and_docs() {
         "StateDirectoryMode=0700",
         "RestartPreventExitStatus=77 78",
     ] {
-        assert!(unit.lines().any(|l| l == line), "{line:?} not in the unit:\n{unit}");
+        assert!(
+            unit.lines().any(|l| l == line),
+            "{line:?} not in the unit:\n{unit}"
+        );
     }
     let tmpfiles = read(&deb.path("usr/lib/tmpfiles.d/modi-agent.conf"));
     assert!(
@@ -269,9 +296,14 @@ fn the_agent_package_has_its_binary_unit_data_dir_and_docs() {
     );
     assert_eq!(mode(&deb.path("usr/share/doc/modi-agent/README.md")), 0o644);
     assert!(
-        deb.postinst.contains("systemd-tmpfiles --create modi-agent.conf"),
+        deb.postinst
+            .contains("systemd-tmpfiles --create modi-agent.conf"),
         "{}",
         deb.postinst
     );
-    assert!(!deb.postinst.contains("systemctl start"), "{}", deb.postinst);
+    assert!(
+        !deb.postinst.contains("systemctl start"),
+        "{}",
+        deb.postinst
+    );
 }

@@ -82,8 +82,7 @@ impl Host {
             std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
             let systemd_run = fake.join("bin/systemd-run");
             std::fs::write(&systemd_run, SYSTEMD_RUN).unwrap();
-            std::fs::set_permissions(&systemd_run, std::fs::Permissions::from_mode(0o755))
-                .unwrap();
+            std::fs::set_permissions(&systemd_run, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         Host {
             root,
@@ -205,7 +204,11 @@ fn the_one_line_install_enrols_and_starts_the_agent_and_a_second_run_changes_not
         "started modi-agent with systemd",
         "done: modi-agent",
     ] {
-        assert!(first.stdout.contains(said), "{said:?} missing:\n{}", first.stdout);
+        assert!(
+            first.stdout.contains(said),
+            "{said:?} missing:\n{}",
+            first.stdout
+        );
     }
     // The binary is the controller's agent, byte for byte.
     assert_eq!(
@@ -304,7 +307,11 @@ fn the_upgrade_example_rolls_the_controllers_agent_out_and_restarts_it() {
         host.calls()
     );
     let new_pid = host.agent_pid().unwrap();
-    assert!(host.calls().contains("restart modi-agent"), "{}", host.calls());
+    assert!(
+        host.calls().contains("restart modi-agent"),
+        "{}",
+        host.calls()
+    );
     eventually!(20, ctl.connected("old-1"), "back on the new agent");
     // Run again: every host has it already, nothing is restarted.
     let (code, _) = ctl.apply(&example, &args);
@@ -359,15 +366,26 @@ fn without_systemd_the_agent_runs_under_a_supervisor_loop_and_says_so() {
     let (line, _) = install_line(&ctl, "1");
     let out = host.install(&line, "plain-1");
     assert_eq!(out.code, 0, "{out:#?}");
-    assert!(out.stdout.contains("no systemd on this host"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("no systemd on this host"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("supervisor loop"), "{}", out.stdout);
     assert!(!host.unit().exists(), "no unit without systemd");
-    eventually!(20, ctl.connected("plain-1"), "the supervised agent connects");
+    eventually!(
+        20,
+        ctl.connected("plain-1"),
+        "the supervised agent connects"
+    );
     let supervisor = host.supervisor_pid().expect("supervisor PID file");
     // The loop restarts an agent that dies.
     let agent_pid = || {
         let out = run(Command::new("pgrep").args(["-P", &supervisor.to_string()]));
-        out.stdout.lines().next().and_then(|l| l.trim().parse::<i32>().ok())
+        out.stdout
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
     };
     let first = agent_pid().expect("the agent runs under the loop");
     nix::sys::signal::kill(
@@ -443,7 +461,7 @@ fn the_controller_serves_its_own_agent_and_a_script_only_for_its_tokens() {
     assert_eq!(sum.ok().split_whitespace().next(), Some(expected.as_str()));
     // An unknown token gets a script that says so and fails.
     let script = curl("/install/mt_0000", pin);
-    let out = run(Command::new("sh").arg("-c").arg(&script.ok().to_string()));
+    let out = run(Command::new("sh").arg("-c").arg(script.ok()));
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("unknown join token"), "{out:#?}");
     // The pin refuses a server with another key.
@@ -461,7 +479,10 @@ fn join_checks_its_data_dir_before_it_spends_the_token_and_a_retry_finishes() {
     std::fs::write(&blocker, "a file").unwrap();
     let out = Agent::join_cmd(&token, "careful", &blocker.join("data"), &[]);
     assert_ne!(out.code, 0, "{out:#?}");
-    assert!(out.stderr.contains("the join token was not used"), "{out:#?}");
+    assert!(
+        out.stderr.contains("the join token was not used"),
+        "{out:#?}"
+    );
     assert!(ctl.hosts().is_empty());
 
     let dir = ctl.root.join("careful");
@@ -503,7 +524,11 @@ fn a_revoked_agent_stops_and_says_why() {
     ctl.modi(&["agents", "revoke", "gone"]).ok();
     eventually!(20, agent.exited().is_some(), "the revoked agent stops");
     assert_eq!(agent.exited(), Some(77), "{}", agent.log());
-    assert!(agent.log().contains("\"gone\" was revoked"), "{}", agent.log());
+    assert!(
+        agent.log().contains("\"gone\" was revoked"),
+        "{}",
+        agent.log()
+    );
     // Started again (by hand), it stops again at the handshake.
     agent.start();
     eventually!(20, agent.exited().is_some(), "refused at the handshake");

@@ -140,16 +140,14 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
     let outcome = async {
         wait_for(&client, &mut procs, 0).await?;
         say(&format!("controller listening on 127.0.0.1:{port}"));
-        let agent_bin = crate::install::locate_agent(None).map_err(|e| {
-            CliError::Failed(format!("{e}; the demo starts modi-agent processes"))
-        })?;
+        let agent_bin = crate::install::locate_agent(None)
+            .map_err(|e| CliError::Failed(format!("{e}; the demo starts modi-agent processes")))?;
         // One token for the whole demo fleet, as for a real one.
         let token = client
             .admin()
             .create_token(pb::CreateTokenRequest {
                 ttl_seconds: 300,
                 uses: AGENTS.len() as u32,
-                ..Default::default()
             })
             .await
             .map_err(|s| client.error(s))?

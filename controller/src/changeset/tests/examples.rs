@@ -104,11 +104,17 @@ fn upgrade_agents_checks_the_download_and_restarts_after_reporting() {
     );
     let h = &install.hosts[0];
     let apply: Vec<&str> = h.apply.iter().map(command).collect();
-    assert!(apply[1].contains("--pinnedpubkey 'sha256//AAAA=' -k"), "{apply:?}");
+    assert!(
+        apply[1].contains("--pinnedpubkey 'sha256//AAAA=' -k"),
+        "{apply:?}"
+    );
     assert!(apply[2].contains("/install/modi-agent.sha256"), "{apply:?}");
     // The restart is scheduled, last, never run inside the step.
     assert!(
-        apply.last().unwrap().starts_with("systemd-run --quiet --collect --on-active=3s"),
+        apply
+            .last()
+            .unwrap()
+            .starts_with("systemd-run --quiet --collect --on-active=3s"),
         "{apply:?}"
     );
     assert!(apply.iter().all(|c| !c.starts_with("systemctl restart")));
