@@ -32,6 +32,7 @@ pub mod pgroup;
 pub mod renew;
 pub mod secrets;
 pub mod probe;
+pub mod renew;
 pub mod session;
 
 pub use config::AgentConfig;

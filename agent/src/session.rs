@@ -213,8 +213,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             Ok(()) => backoff = config::BACKOFF_MIN,
             Err(Failed::Retry(e)) => {
                 tracing::warn!(error = %e, "session ended");
-                if crate::probe::certificate_revoked(&agent.config.controller, &ca, &identity).await
-                {
+                let revoked = match agent.identity() {
+                    Ok(identity) => {
+                        crate::probe::certificate_revoked(&agent.config.controller, &ca, &identity)
+                            .await
+                    }
+                    Err(_) => false,
+                };
+                if revoked {
                     let why = format!(
                         "agent {:?} was revoked: the controller refuses its certificate (certificate_revoked)",
                         agent.config.name
@@ -267,11 +273,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
 impl Agent {
     /// A client for the controller with the certificate now on disk.
-    fn client(&self, ca: &str) -> Result<AgentServiceClient<tonic::transport::Channel>, RunError> {
-        let identity = ClientIdentity {
+    /// The agent's certificate and key as they are on disk now.
+    fn identity(&self) -> Result<ClientIdentity, RunError> {
+        Ok(ClientIdentity {
             cert_pem: read_state(&self.config, config::CERT_FILE)?,
             key_pem: read_state(&self.config, config::KEY_FILE)?,
-        };
+        })
+    }
+
+    fn client(&self, ca: &str) -> Result<AgentServiceClient<tonic::transport::Channel>, RunError> {
+        let identity = self.identity()?;
         let channel = tls::channel(
             &self.config.controller,
             Trust::Ca(ca),

@@ -40,6 +40,7 @@ pub mod init;
 pub mod limits;
 pub mod metrics;
 pub mod install;
+pub mod limits;
 pub mod pki;
 pub mod rollout;
 pub mod run_ports;

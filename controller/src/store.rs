@@ -1099,26 +1099,45 @@ mod tests {
         let mut three = token(1000);
         three.uses = 3;
         s.put_token("t", three).await.unwrap();
-        s.enroll("t", "web-1", "k1", (vec![1], 0), BTreeMap::new(), 10).await.unwrap().unwrap();
+        s.enroll("t", "web-1", "k1", (vec![1], 0), BTreeMap::new(), 10)
+            .await
+            .unwrap()
+            .unwrap();
         // web-1 lost the answer and asks again with the same key: a retry,
         // even after the token expired.
-        let again = s.enroll("t", "web-1", "k1", (vec![2], 0), BTreeMap::new(), 2000).await.unwrap().unwrap();
+        let again = s
+            .enroll("t", "web-1", "k1", (vec![2], 0), BTreeMap::new(), 2000)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(again.serials, vec![vec![1], vec![2]]);
         // The same name with another key is someone else.
         assert_eq!(
-            s.enroll("t", "web-1", "evil", (vec![3], 0), BTreeMap::new(), 10).await.unwrap(),
+            s.enroll("t", "web-1", "evil", (vec![3], 0), BTreeMap::new(), 10)
+                .await
+                .unwrap(),
             Err(TokenRefused::NameTaken("web-1".into()))
         );
-        s.enroll("t", "web-2", "k2", (vec![4], 0), BTreeMap::new(), 10).await.unwrap().unwrap();
-        s.enroll("t", "web-3", "k3", (vec![5], 0), BTreeMap::new(), 10).await.unwrap().unwrap();
+        s.enroll("t", "web-2", "k2", (vec![4], 0), BTreeMap::new(), 10)
+            .await
+            .unwrap()
+            .unwrap();
+        s.enroll("t", "web-3", "k3", (vec![5], 0), BTreeMap::new(), 10)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            s.enroll("t", "web-4", "k4", (vec![6], 0), BTreeMap::new(), 10).await.unwrap(),
+            s.enroll("t", "web-4", "k4", (vec![6], 0), BTreeMap::new(), 10)
+                .await
+                .unwrap(),
             Err(TokenRefused::Used("web-1, web-2, web-3".into()))
         );
         // A revoked host cannot come back through a retry.
         s.revoke("web-2", "admin", 20).await.unwrap();
         assert_eq!(
-            s.enroll("t", "web-2", "k2", (vec![7], 0), BTreeMap::new(), 30).await.unwrap(),
+            s.enroll("t", "web-2", "k2", (vec![7], 0), BTreeMap::new(), 30)
+                .await
+                .unwrap(),
             Err(TokenRefused::Used("web-1, web-2, web-3".into()))
         );
     }

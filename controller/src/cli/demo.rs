@@ -148,6 +148,7 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
             .create_token(pb::CreateTokenRequest {
                 ttl_seconds: 300,
                 uses: AGENTS.len() as u32,
+                ..Default::default()
             })
             .await
             .map_err(|s| client.error(s))?

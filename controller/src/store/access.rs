@@ -388,7 +388,14 @@ mod tests {
         let asked = BTreeMap::from([("role".to_string(), "db".to_string())]);
         for name in ["a", "b"] {
             let host = s
-                .enroll("abcdef0123456789", name, name, (vec![1], 0), asked.clone(), 1)
+                .enroll(
+                    "abcdef0123456789",
+                    name,
+                    name,
+                    (vec![1], 0),
+                    asked.clone(),
+                    1,
+                )
                 .await
                 .unwrap()
                 .unwrap();
