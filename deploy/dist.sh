@@ -39,11 +39,11 @@ if ! python3 -c "import ziglang" 2>/dev/null; then
     say "installing zig (PyPI ziglang==$ZIGLANG_VERSION)"
     python3 -m pip install --quiet "ziglang==$ZIGLANG_VERSION"
 fi
-if ! cargo zigbuild --version 2>/dev/null | grep -q "$CARGO_ZIGBUILD_VERSION"; then
+if ! cargo-zigbuild --version 2>/dev/null | grep -q "$CARGO_ZIGBUILD_VERSION"; then
     say "installing cargo-zigbuild $CARGO_ZIGBUILD_VERSION"
     cargo install --locked --quiet cargo-zigbuild --version "$CARGO_ZIGBUILD_VERSION"
 fi
-if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+if ! cargo-deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
     say "installing cargo-deb $CARGO_DEB_VERSION"
     cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
 fi
