@@ -26,8 +26,6 @@ GLIBC=2.17
 PROFILE=dist
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 OUT=${1:-$TARGET_DIR/dist}
-# Reproducible archives: every file dated by the last commit.
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 
 say() { printf 'dist: %s\n' "$*"; }
 
@@ -69,6 +67,9 @@ for bin in modi modi-agent; do
 done
 
 # ---- tarballs ------------------------------------------------------------------
+# Reproducible archives: every file dated by the last commit. Set only now:
+# build scripts that watch SOURCE_DATE_EPOCH would rebuild at every commit.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 stage=$(mktemp -d)
