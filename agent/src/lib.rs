@@ -29,10 +29,9 @@ pub mod exec;
 pub mod facts;
 pub mod journal;
 pub mod pgroup;
-pub mod renew;
-pub mod secrets;
 pub mod probe;
 pub mod renew;
+pub mod secrets;
 pub mod session;
 
 pub use config::AgentConfig;
