@@ -1133,7 +1133,7 @@ mod tests {
             Err(TokenRefused::Used("web-1, web-2, web-3".into()))
         );
         // A revoked host cannot come back through a retry.
-        s.revoke("web-2", "admin", 20).await.unwrap();
+        s.revoke("web-2", "admin", 20, false).await.unwrap();
         assert_eq!(
             s.enroll("t", "web-2", "k2", (vec![7], 0), BTreeMap::new(), 30)
                 .await
