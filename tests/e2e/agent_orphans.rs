@@ -23,6 +23,18 @@ fn a_step_orphaned_by_an_agent_crash_is_killed_before_its_backout() {
     let run = ctl.detach(&file, &[]);
     let work = agent.work();
     eventually!(20, work.join("started").exists(), "the apply step starts");
+    // The agent records the step's process group right after it spawns it;
+    // the crash comes once that record is on disk (a crash inside that
+    // moment leaves a group the restarted agent cannot know of: its `lost`
+    // result says so).
+    let journal = agent.dir.join("journal");
+    eventually!(
+        10,
+        std::fs::read_dir(&journal).is_ok_and(|d| d
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".pgid"))),
+        "the step's process group is recorded"
+    );
     // The step's `sleep 3` is running in its own process group; SIGKILL
     // leaves it behind, no longer anyone's child.
     agent.crash();
