@@ -244,6 +244,9 @@ impl Executor {
         ctx: &Ctx<'_>,
     ) -> Result<pb::StepResult, String> {
         self.prepare(&mut cmd, step)?;
+        // Marks every process of the step, so a restarted agent finds it
+        // even if it died before recording the process group.
+        cmd.env(crate::pgroup::DISPATCH_ENV, ctx.id);
         cmd.process_group(0)
             .kill_on_drop(true)
             .stdin(if step.stdin.is_some() {

@@ -20,8 +20,10 @@
 //! while the step it undoes is still running. The `lost` result says what
 //! was found and done (killed, already ended, or could not be killed). A
 //! `.pgid` is ignored once the id has a `.result`. The record is written
-//! right after the spawn: an agent killed in that instant leaves a `.run`
-//! without `.pgid`, and its `lost` result says no group was recorded.
+//! right after the spawn; an agent killed in that instant leaves a `.run`
+//! without `.pgid`, so every step process also carries its dispatch id in
+//! its environment (`MODI_DISPATCH_ID`, inherited by all it starts), and
+//! the restarted agent finds and kills those processes' groups by it.
 //!
 //! Records are the protocol's own prost encodings (`.pgid` is a few text
 //! lines). A `.result` that does not decode is moved aside to
@@ -97,9 +99,31 @@ impl Journal {
         let mut fates = pgroup::kill_all(&groups, pgroup::KILL_WAIT).into_iter();
         for (id, record) in cut_off.iter().zip(records) {
             let why = match record {
-                Ok(None) => "no process group was recorded for it (it had not started, or the \
-                     agent died as it started it)"
-                    .to_string(),
+                // The agent died before it recorded the group (or before
+                // it spawned anything): the processes it may have started
+                // carry the dispatch id in their environment.
+                Ok(None) => match pgroup::kill_marked(id, pgroup::KILL_WAIT) {
+                    Ok(0) => "no process group was recorded for it and none of its processes \
+                              was found running (it had not started)"
+                        .to_string(),
+                    Ok(n) => {
+                        tracing::warn!(
+                            id,
+                            groups = n,
+                            "killed a step's process group left running (found by its mark)"
+                        );
+                        format!(
+                            "the agent died before recording its process group; {n} group(s) \
+                             of it were still running and were killed (SIGKILL) before this was \
+                             reported"
+                        )
+                    }
+                    Err(left) => format!(
+                        "the agent died before recording its process group; processes \
+                         {left:?} of it were still alive after {:?}",
+                        pgroup::KILL_WAIT
+                    ),
+                },
                 Err(e) => {
                     tracing::error!(id, error = %e, "a step's process group record is damaged; nothing killed");
                     format!(

@@ -165,6 +165,52 @@ impl Group {
     }
 }
 
+/// The environment variable every step's process (and all it starts)
+/// carries: its dispatch id. It finds a step whose process group the
+/// agent died before recording.
+pub const DISPATCH_ENV: &str = "MODI_DISPATCH_ID";
+
+/// The process groups of live processes whose environment carries
+/// `MODI_DISPATCH_ID=<id>`.
+pub fn marked(id: &str) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let needle = format!("{DISPATCH_ENV}={id}");
+    let mut pgids: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+        })
+        .filter_map(|pid| stat(pid).ok().filter(|s| s.state != 'Z').map(|s| s.pgrp))
+        .collect();
+    pgids.sort_unstable();
+    pgids.dedup();
+    pgids
+}
+
+/// Kills the groups of every process marked with dispatch `id` (see
+/// [`marked`]) and waits, at most `wait`, until none is left. Returns how
+/// many groups were killed, or the pids still alive.
+pub fn kill_marked(id: &str, wait: Duration) -> Result<usize, Vec<i32>> {
+    let first = marked(id);
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = marked(id);
+        if left.is_empty() {
+            return Ok(first.len());
+        }
+        if Instant::now() >= deadline {
+            return Err(left);
+        }
+        for pgid in left {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// What a restarting agent did about one recorded group.
 #[derive(Debug, PartialEq)]
 pub enum Fate {
@@ -233,6 +279,30 @@ mod tests {
     use std::os::unix::process::CommandExt;
 
     use super::*;
+
+    #[test]
+    fn a_step_whose_group_was_never_recorded_is_found_by_its_mark_and_killed() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30; wait"])
+            .env(DISPATCH_ENV, "r9-1.c0.h0.apply.0.a0")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while marked("r9-1.c0.h0.apply.0.a0").is_empty() {
+            assert!(Instant::now() < deadline, "the marked step is seen");
+            std::thread::sleep(POLL);
+        }
+        assert_eq!(
+            marked("r9-1.c0.h0.apply.0.a"),
+            Vec::<i32>::new(),
+            "exact id only"
+        );
+        assert_eq!(kill_marked("r9-1.c0.h0.apply.0.a0", KILL_WAIT), Ok(1));
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        assert!(marked("r9-1.c0.h0.apply.0.a0").is_empty());
+    }
 
     #[test]
     fn stat_fields_come_after_the_last_parenthesis() {

@@ -212,6 +212,7 @@ pub(super) async fn run(
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c").arg(&interact.command);
     exec.prepare(&mut cmd, step)?;
+    cmd.env(crate::pgroup::DISPATCH_ENV, ctx.id);
     let mut child = pty_process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn(pts)
