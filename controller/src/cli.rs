@@ -425,7 +425,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
                     uses,
                     install,
                 } => {
-                    let labels = access::parse_labels("--label", &labels)?;
+                    let labels = parse_pairs("--label", &labels)?;
                     hosts::token(&out, &client, ttl, labels, uses, install).await
                 }
                 TokenCommand::List => access::list_tokens(&out, &client).await,
@@ -561,14 +561,22 @@ fn man_pages(out: &Output, dir: &std::path::Path) -> Result<Outcome, CliError> {
 
 /// Parses `--var k=v` flags.
 pub fn parse_vars(vars: &Vars) -> Result<std::collections::BTreeMap<String, String>, CliError> {
-    vars.vars
+    parse_pairs("--var", &vars.vars)
+}
+
+/// Parses `KEY=VALUE` flags (`--var`, `--label`); errors name the flag.
+pub fn parse_pairs(
+    flag: &str,
+    pairs: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, CliError> {
+    pairs
         .iter()
         .map(|kv| {
             let (k, v) = kv
                 .split_once('=')
-                .ok_or_else(|| CliError::Input(format!("--var {kv:?}: expected KEY=VALUE")))?;
+                .ok_or_else(|| CliError::Input(format!("{flag} {kv:?}: expected KEY=VALUE")))?;
             if k.is_empty() {
-                return Err(CliError::Input(format!("--var {kv:?}: empty key")));
+                return Err(CliError::Input(format!("{flag} {kv:?}: empty key")));
             }
             Ok((k.to_string(), v.to_string()))
         })

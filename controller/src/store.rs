@@ -758,11 +758,6 @@ impl Store {
         .await
     }
 
-    /// Writes a run's summary. Durable on return.
-    pub async fn put_run(&self, run: &RunMeta) -> Result<(), StoreError> {
-        self.record(run.id, 0, Vec::new(), Some(run.clone())).await
-    }
-
     /// Appends `entries` to run `run`'s journal from sequence `first_seq`
     /// (the caller, the run's only writer, keeps the count; writing the
     /// same entries again is harmless) and, if given, its new summary, in

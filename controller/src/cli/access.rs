@@ -11,22 +11,6 @@ use super::output::{table, when};
 use super::{CliError, Client, Outcome, Output};
 use crate::config::CliConfig;
 
-/// `KEY=VALUE` pairs (`--label`) as a map.
-pub fn parse_labels(what: &str, pairs: &[String]) -> Result<BTreeMap<String, String>, CliError> {
-    pairs
-        .iter()
-        .map(|kv| {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| CliError::Input(format!("{what} {kv:?}: expected KEY=VALUE")))?;
-            if k.is_empty() {
-                return Err(CliError::Input(format!("{what} {kv:?}: empty key")));
-            }
-            Ok((k.to_string(), v.to_string()))
-        })
-        .collect()
-}
-
 /// `modi token list`.
 pub async fn list_tokens(out: &Output, client: &Client) -> Result<Outcome, CliError> {
     let tokens = client
@@ -140,7 +124,7 @@ pub async fn label_host(
         {
             remove.push(key.to_string());
         } else {
-            set.extend(parse_labels("label", std::slice::from_ref(change))?);
+            set.extend(super::parse_pairs("label", std::slice::from_ref(change))?);
         }
     }
     let host = client
