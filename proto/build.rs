@@ -2,7 +2,11 @@
 //! system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/modi/v1/agent.proto", "proto/modi/v1/admin.proto"];
+    let protos = [
+        "proto/modi/v1/agent.proto",
+        "proto/modi/v1/run.proto",
+        "proto/modi/v1/admin.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -383,6 +383,12 @@ pub enum CliError {
     Refused(String),
 }
 
+impl From<crate::typed::Malformed> for CliError {
+    fn from(e: crate::typed::Malformed) -> CliError {
+        CliError::Failed(e.to_string())
+    }
+}
+
 impl CliError {
     /// DESIGN.md's exit status.
     pub fn exit_code(&self) -> u8 {

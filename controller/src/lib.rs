@@ -50,3 +50,4 @@ pub mod spec;
 pub mod store;
 #[cfg(test)]
 mod testfs;
+pub mod typed;

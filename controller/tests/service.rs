@@ -21,8 +21,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn apply_request() -> pb::PlanRequest {
-    pb::PlanRequest {
+fn apply_request() -> pb::ApplyRequest {
+    pb::ApplyRequest {
         sources: Some(pb::Sources {
             root: "noop.yaml".into(),
             files: [("noop.yaml".to_string(), NOOP.to_string())].into(),
@@ -183,15 +183,18 @@ async fn two_hundred_concurrent_writes_of_every_kind_answer_within_their_deadlin
                 .await
                 .unwrap()
                 .into_inner();
-            let state = r.summary.unwrap_or_default().state;
-            if state == "success" {
+            let state = r.summary.unwrap_or_default().state();
+            if state == pb::RunState::Success {
                 break;
             }
             assert!(
-                !matches!(state.as_str(), "partial_failure" | "total_failure"),
-                "run {run}: {state}"
+                !matches!(
+                    state,
+                    pb::RunState::PartialFailure | pb::RunState::TotalFailure
+                ),
+                "run {run}: {state:?}"
             );
-            assert!(Instant::now() < deadline, "run {run} ends: {state}");
+            assert!(Instant::now() < deadline, "run {run} ends: {state:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -200,6 +203,27 @@ async fn two_hundred_concurrent_writes_of_every_kind_answer_within_their_deadlin
         5 + 40,
         "every enrolment is recorded"
     );
+
+    // The run reads as typed messages, with nothing of the controller's
+    // own types: what any gRPC client sees.
+    let r = client
+        .admin()
+        .get_run(pb::GetRunRequest {
+            run_id: runs[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = r.status.expect("a typed status");
+    assert_eq!(status.state(), pb::RunState::Success);
+    let change = &status.changes[0];
+    assert_eq!(change.hosts.len(), 5);
+    for h in &change.hosts {
+        assert_eq!(h.state(), pb::HostState::Success, "{}", h.name);
+        let step = &h.steps[0];
+        assert_eq!(step.passed, Some(true));
+        assert_eq!(step.id.as_ref().unwrap().phase(), pb::Phase::Apply);
+    }
 
     // The standard gRPC health service answers on the same port.
     let health = tonic_health::pb::health_client::HealthClient::new(client.channel())

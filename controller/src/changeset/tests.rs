@@ -13,7 +13,7 @@ use crate::changeset::{Diagnostics, Sources, render, validate, validate_with_inv
 use crate::spec::{HostInfo, RunSpec, Step, StepAction};
 
 /// A host with labels.
-pub(super) fn host(name: &str, labels: &[(&str, &str)]) -> HostInfo {
+pub(crate) fn host(name: &str, labels: &[(&str, &str)]) -> HostInfo {
     HostInfo {
         name: name.into(),
         labels: labels
@@ -25,7 +25,7 @@ pub(super) fn host(name: &str, labels: &[(&str, &str)]) -> HostInfo {
 }
 
 /// `k=v` pairs as `--var`s.
-pub(super) fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+pub(crate) fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -33,7 +33,7 @@ pub(super) fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// Validates and renders `files` (the first is the root).
-pub(super) fn plan_files(
+pub(crate) fn plan_files(
     files: &[(&str, &str)],
     inventory: &[HostInfo],
     inventory_vars: &serde_json::Value,

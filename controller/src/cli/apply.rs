@@ -12,6 +12,7 @@ use super::validate::plan_request;
 use super::{CliError, Client, Outcome, Output, Vars};
 use crate::rollout::{Progress, RunStatus};
 use crate::run_ports::WatchItem;
+use crate::typed;
 
 /// Submits the changeset; follows the run unless `detach`.
 pub async fn apply(
@@ -22,6 +23,11 @@ pub async fn apply(
     detach: bool,
 ) -> Result<Outcome, CliError> {
     let req = plan_request(file, vars, true)?;
+    let req = pb::ApplyRequest {
+        sources: req.sources,
+        vars: req.vars,
+        secrets: req.secrets,
+    };
     // Ctrl-C is ours from before the run exists, so it never kills the
     // CLI mid-run without the detach line.
     let interrupt = interrupt_handler()?;
@@ -89,7 +95,7 @@ pub async fn follow(
 ) -> Result<Outcome, CliError> {
     let mut stream = client
         .admin()
-        .watch(pb::GetRunRequest {
+        .watch(pb::WatchRequest {
             run_id: run.to_string(),
         })
         .await
@@ -117,9 +123,8 @@ pub async fn follow(
         let Some(event) = event else { break };
         let mut open = Vec::new();
         match event.event {
-            Some(pb::watch_event::Event::StatusJson(json)) => {
-                let status: RunStatus = serde_json::from_str(&json)
-                    .map_err(|e| CliError::Failed(format!("cannot read the run's status: {e}")))?;
+            Some(pb::watch_event::Event::Status(status)) => {
+                let status: RunStatus = typed::run_status_from(status)?;
                 open.extend(
                     status
                         .changes
@@ -129,10 +134,8 @@ pub async fn follow(
                 );
                 display = Some(Display::new(out, run, &status));
             }
-            Some(pb::watch_event::Event::ProgressJson(json)) => {
-                let Ok(item) = serde_json::from_str::<WatchItem>(&json) else {
-                    continue;
-                };
+            Some(pb::watch_event::Event::Progress(progress)) => {
+                let item = typed::progress_from(progress)?;
                 if let Some(d) = display.as_mut() {
                     d.item(&item);
                 }
@@ -143,7 +146,7 @@ pub async fn follow(
                     open.push((id, gate));
                 }
             }
-            _ => {}
+            None => return Err(typed::Malformed::missing_field("watch_event.event").into()),
         }
         if !interactive {
             continue;

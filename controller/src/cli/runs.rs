@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::output::{escape_controls, table, when};
 use super::{CliError, Client, Outcome, Output};
 use crate::rollout::RunStatus;
+use crate::typed;
 
 /// Lists runs, newest last.
 pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
@@ -29,12 +30,18 @@ pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
         created_at_ms: u64,
         finished_at_ms: u64,
     }
+    let states = runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| typed::run_state_from(r.state, &format!("runs[{i}].state")))
+        .collect::<Result<Vec<_>, _>>()?;
     let json: Vec<Run> = runs
         .iter()
-        .map(|r| Run {
+        .zip(&states)
+        .map(|(r, state)| Run {
             run: &r.run_id,
             name: &r.name,
-            state: &r.state,
+            state: state.as_str(),
             hosts: r.hosts,
             submitted_by: &r.submitted_by,
             created_at_ms: r.created_at_ms,
@@ -47,11 +54,12 @@ pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
         }
         let rows: Vec<Vec<String>> = runs
             .iter()
-            .map(|r| {
+            .zip(&states)
+            .map(|(r, state)| {
                 vec![
                     r.run_id.clone(),
                     r.name.clone(),
-                    r.state.clone(),
+                    state.as_str().to_string(),
                     r.hosts.to_string(),
                     r.submitted_by.clone(),
                     when(r.created_at_ms),
@@ -88,9 +96,13 @@ pub async fn fetch_status(
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    let status: RunStatus = serde_json::from_str(&r.status_json)
-        .map_err(|e| CliError::Failed(format!("cannot read the run's status: {e}")))?;
-    Ok((r.summary.unwrap_or_default(), status))
+    let status = r
+        .status
+        .ok_or_else(|| typed::Malformed::missing_field("status"))?;
+    Ok((
+        r.summary.unwrap_or_default(),
+        typed::run_status_from(status)?,
+    ))
 }
 
 /// Counts of hosts per state, over every change.
@@ -438,7 +450,9 @@ pub async fn send_control(
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    Ok(r.state)
+    Ok(typed::run_state_from(r.state, "state")?
+        .as_str()
+        .to_string())
 }
 
 /// `modi approve|deny|abort|pause|resume RUN`.

@@ -108,6 +108,7 @@ pub async fn resume(
         .map_err(|s| client.error(s))?
         .into_inner()
         .state;
+    let state = crate::typed::run_state_from(state, "state")?.as_str();
     out.data(&serde_json::json!({ "run": run, "state": state }), || {
         format!("run {run}: {state}")
     });

@@ -337,11 +337,10 @@ pub async fn plan(
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    let spec: RunSpec = serde_json::from_str(&r.spec_json).map_err(|e| {
-        CliError::Failed(format!(
-            "the controller sent a plan this CLI cannot read: {e}"
-        ))
-    })?;
+    let spec = r
+        .spec
+        .ok_or_else(|| crate::typed::Malformed::missing_field("spec"))?;
+    let spec: RunSpec = crate::typed::run_spec_from(spec)?;
     let plan = Plan {
         spec: &spec,
         warnings: &r.warnings,

@@ -18,6 +18,7 @@ use crate::driver;
 use crate::rollout::{Event, RunStatus};
 use crate::run_ports::{DriverMsg, WatchItem};
 use crate::server::Shared;
+use crate::typed;
 
 /// The admin service.
 pub struct AdminApi {
@@ -163,17 +164,23 @@ impl pb::admin_service_server::AdminService for AdminApi {
         );
         let spec = convert::render(&self.shared, req)?;
         Ok(Response::new(pb::PlanResponse {
-            spec_json: serde_json::to_string(&spec).map_err(|e| Status::internal(e.to_string()))?,
             warnings: convert::warnings(&files, &vars, &spec),
+            spec: Some(typed::run_spec(&spec)),
         }))
     }
 
     async fn apply(
         &self,
-        request: Request<pb::PlanRequest>,
+        request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let admin = authz::caller(&request)?;
         let req = request.into_inner();
+        // A plan with the secrets' values.
+        let req = pb::PlanRequest {
+            sources: req.sources,
+            vars: req.vars,
+            secrets: req.secrets,
+        };
         let (files, vars) = (
             req.sources
                 .as_ref()
@@ -229,7 +236,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let (meta, status) = self.status(run).await?;
         Ok(Response::new(pb::GetRunResponse {
             summary: Some(convert::run_summary(&meta)),
-            status_json: convert::json(&status)?,
+            status: Some(typed::run_status(&status)),
         }))
     }
 
@@ -237,7 +244,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn watch(
         &self,
-        request: Request<pb::GetRunRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         authz::caller(&request)?;
         let run = convert::run_id(&request.into_inner().run_id)?;
@@ -250,7 +257,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let (_, status) = self.status(run).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tx.send(Ok(pb::WatchEvent {
-            event: Some(pb::watch_event::Event::StatusJson(convert::json(&status)?)),
+            event: Some(pb::watch_event::Event::Status(typed::run_status(&status))),
         }))
         .await
         .ok();
@@ -276,11 +283,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     let end = matches!(&item, WatchItem::Progress {
                         progress: crate::rollout::Progress::Run { state }
                     } if state.is_final());
-                    let Ok(json) = serde_json::to_string(&item) else {
-                        continue;
-                    };
                     let event = pb::WatchEvent {
-                        event: Some(pb::watch_event::Event::ProgressJson(json)),
+                        event: Some(pb::watch_event::Event::Progress(typed::progress(&item))),
                     };
                     if tx.send(Ok(event)).await.is_err() || end {
                         break;
@@ -392,7 +396,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         tracing::info!(run, by = %admin.name, action = ?req.action, "control");
         Ok(access::audited(
             pb::ControlResponse {
-                state: state.as_str().to_string(),
+                state: typed::run_state(state),
             },
             format!("run {run}"),
         ))

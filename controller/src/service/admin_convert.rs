@@ -29,11 +29,6 @@ pub fn store_error(e: StoreError) -> Status {
     }
 }
 
-/// JSON for a `*_json` field.
-pub fn json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
-    serde_json::to_string(value).map_err(|e| Status::internal(e.to_string()))
-}
-
 /// A run id as the operator typed it (`12` or `r12`).
 pub fn run_id(text: &str) -> Result<u64, Status> {
     text.trim().trim_start_matches('r').parse().map_err(|_| {
@@ -73,7 +68,7 @@ pub fn run_summary(m: &RunMeta) -> pb::RunSummary {
     pb::RunSummary {
         run_id: m.id.to_string(),
         name: m.name.clone(),
-        state: m.state.as_str().to_string(),
+        state: crate::typed::run_state(m.state),
         created_at_ms: m.created_at,
         finished_at_ms: m.finished_at.unwrap_or(0),
         submitted_by: m.submitted_by.clone(),

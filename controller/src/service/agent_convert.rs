@@ -135,7 +135,10 @@ pub fn step_result(r: pb::StepResult) -> StepResult {
         Ok(pb::Termination::Lost) => Termination::Lost,
         Ok(pb::Termination::FailedToStart) => Termination::FailedToStart,
         // An agent that says nothing useful: its outcome is unknown.
-        Ok(pb::Termination::Unspecified) | Err(_) => Termination::Lost,
+        // Unreachable is the controller's word, never an agent's.
+        Ok(pb::Termination::Unspecified | pb::Termination::Unreachable) | Err(_) => {
+            Termination::Lost
+        }
     };
     // Each stream is kept to MAX_STREAM whatever the agent sent: the rest
     // is counted, not journaled.

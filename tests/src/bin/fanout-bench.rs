@@ -12,8 +12,6 @@ use std::time::Instant;
 use clap::Parser;
 use modi_controller::cli::Client;
 use modi_controller::config::CliConfig;
-use modi_controller::rollout::{Progress, RunStatus};
-use modi_controller::run_ports::WatchItem;
 use modi_proto::v1 as pb;
 use modi_tests::{Agent, Controller, bin_dir, rss_kib};
 
@@ -59,12 +57,12 @@ fn build_binaries() {
 
 /// Submits the changeset and waits until the run is final: every result
 /// journaled (the driver journals a result before the engine ends a run).
-async fn one_run(client: &Client, file: &Path) -> (f64, String) {
+async fn one_run(client: &Client, file: &Path) -> (f64, pb::RunState) {
     let sources = modi_controller::changeset::collect_sources(&file.to_string_lossy(), &mut |p| {
         std::fs::read_to_string(p)
     })
     .expect("sources");
-    let request = pb::PlanRequest {
+    let request = pb::ApplyRequest {
         sources: Some(pb::Sources {
             root: sources.root,
             files: sources.files,
@@ -82,33 +80,33 @@ async fn one_run(client: &Client, file: &Path) -> (f64, String) {
         .run_id;
     let mut stream = client
         .admin()
-        .watch(pb::GetRunRequest {
+        .watch(pb::WatchRequest {
             run_id: run.clone(),
         })
         .await
         .expect("watch")
         .into_inner();
-    let mut state = String::new();
+    // The run's state: from the first status, then from `run` progress
+    // events, until it is final.
+    let mut state = pb::RunState::Unspecified;
     while let Some(event) = stream.message().await.expect("watch stream") {
-        match event.event {
-            Some(pb::watch_event::Event::StatusJson(json)) => {
-                let status: RunStatus = serde_json::from_str(&json).expect("status");
-                if status.state.is_final() {
-                    state = status.state.as_str().into();
-                    break;
-                }
-            }
-            Some(pb::watch_event::Event::ProgressJson(json)) => {
-                if let Ok(WatchItem::Progress {
-                    progress: Progress::Run { state: s },
-                }) = serde_json::from_str(&json)
-                    && s.is_final()
-                {
-                    state = s.as_str().into();
-                    break;
-                }
-            }
-            _ => {}
+        let now = match event.event {
+            Some(pb::watch_event::Event::Status(s)) => s.state,
+            Some(pb::watch_event::Event::Progress(pb::Progress {
+                event: Some(pb::progress::Event::Run(s)),
+            })) => s,
+            _ => continue,
+        };
+        state = pb::RunState::try_from(now).unwrap_or(pb::RunState::Unspecified);
+        if !matches!(
+            state,
+            pb::RunState::Unspecified
+                | pb::RunState::Pending
+                | pb::RunState::Running
+                | pb::RunState::AwaitingApproval
+                | pb::RunState::Paused
+        ) {
+            break;
         }
     }
     (started.elapsed().as_secs_f64() * 1000.0, state)
@@ -141,10 +139,10 @@ fn main() {
         let client = Client::from_config(&cli).expect("client");
         // One untimed run warms connections and caches.
         let (_, state) = one_run(&client, &file).await;
-        assert_eq!(state, "success", "warm-up run");
+        assert_eq!(state, pb::RunState::Success, "warm-up run");
         for _ in 0..args.rounds {
             let (ms, state) = one_run(&client, &file).await;
-            assert_eq!(state, "success");
+            assert_eq!(state, pb::RunState::Success);
             times.push(ms);
         }
     });
