@@ -204,6 +204,18 @@ impl Executor {
         }
     }
 
+    /// The file at `path` (as a `file` step names it), read-only and at
+    /// most `max_bytes`, for `modi plan --diff`.
+    pub async fn read_file(&self, path: &str, max_bytes: u64) -> pb::FileContent {
+        let path = self.resolve(path);
+        tokio::task::spawn_blocking(move || file::read(&path, max_bytes))
+            .await
+            .unwrap_or_else(|e| pb::FileContent {
+                error: format!("the read failed: {e}"),
+                ..Default::default()
+            })
+    }
+
     fn resolve(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
         if p.is_absolute() {

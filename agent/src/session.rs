@@ -71,6 +71,7 @@ const OUTBOUND_QUEUE: usize = 1024;
 enum Internal {
     Output(pb::OutputChunk),
     Finished(pb::StepResult),
+    FileContent(pb::FileContent),
 }
 
 struct Agent {
@@ -89,6 +90,10 @@ struct Agent {
 
 /// How often the agent checks whether its certificate is due for renewal.
 const RENEW_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most of a file `modi plan --diff` may read (whatever the controller
+/// asks): 1 MiB, as the controller's own cap.
+const MAX_READ: u64 = 1 << 20;
 
 fn read_state(config: &AgentConfig, file: &str) -> Result<String, RunError> {
     let path = config.data_dir.join(file);
@@ -402,6 +407,9 @@ impl Agent {
                         let _ = out_tx.try_send(up(Up::Output(chunk)));
                     }
                     Internal::Finished(result) => results.push_back(result),
+                    Internal::FileContent(content) => {
+                        let _ = out_tx.try_send(up(Up::FileContent(content)));
+                    }
                 },
                 permit = out_tx.reserve(), if !results.is_empty() => match permit {
                     Ok(permit) => {
@@ -456,6 +464,16 @@ impl Agent {
                         .store(true, std::sync::atomic::Ordering::Relaxed),
                     Err(e) => tracing::error!(error = %e, "certificate renewal failed"),
                 }
+            }
+            Some(Down::ReadFile(read)) => {
+                let exec = self.exec.clone();
+                let internal = self.internal_tx.clone();
+                let max = read.max_bytes.min(MAX_READ);
+                self.tasks.spawn(async move {
+                    let mut content = exec.read_file(&read.path, max).await;
+                    content.request_id = read.request_id;
+                    let _ = internal.send(Internal::FileContent(content)).await;
+                });
             }
             None => {}
         }

@@ -168,6 +168,11 @@ pub enum Command {
         /// no host) is an error: exit 2. For CI.
         #[arg(long)]
         strict: bool,
+        /// Also show, for each `file` step, a unified diff against the file
+        /// now on the host (its agent reads it, read-only, at most 1 MiB).
+        /// Needs the operator role.
+        #[arg(long)]
+        diff: bool,
     },
     /// Apply a changeset.
     Apply {
@@ -481,8 +486,14 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             command: AgentsCommand::Remove { name },
         } => hosts::remove(&out, &Client::connect(config).await?, name).await,
         Command::Validate { file, vars } => validate::validate(&out, &file, &vars),
-        Command::Plan { file, vars, strict } => {
-            validate::plan(&out, &Client::connect(config).await?, &file, &vars, strict).await
+        Command::Plan {
+            file,
+            vars,
+            strict,
+            diff,
+        } => {
+            let client = Client::connect(config).await?;
+            validate::plan(&out, &client, &file, &vars, strict, diff).await
         }
         Command::Apply {
             file,

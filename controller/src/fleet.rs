@@ -111,6 +111,15 @@ pub enum ToAgent {
     Ack(String),
     /// The agent's renewed certificate (PEM).
     Renewed(String),
+    /// Read a file, read-only, for `modi plan --diff` (see [`peek`]).
+    ReadFile {
+        /// Echoed in the answer.
+        request_id: u64,
+        /// As a `file` step names it.
+        path: String,
+        /// At most this many bytes come back.
+        max_bytes: u64,
+    },
 }
 
 /// A connected agent.
@@ -224,6 +233,8 @@ struct State {
     seen: std::collections::HashSet<String>,
     /// Which run holds each host (one host, one run's change at a time).
     holders: HashMap<String, u64>,
+    /// File reads waiting for their agent's answer (see [`peek`]).
+    reads: peek::Reads,
 }
 
 impl State {
@@ -839,5 +850,6 @@ impl Fleet {
     }
 }
 
+pub mod peek;
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,12 @@ pub const MAX_VAR_VALUE: usize = 64 << 10;
 pub const MAX_SECRETS: usize = 64;
 /// Length of one `--secret` value.
 pub const MAX_SECRET_VALUE: usize = 64 << 10;
+/// `modi plan --diff`: files larger than this are not compared (the agent
+/// sends at most this much of one).
+pub const MAX_DIFF_FILE: u64 = 1 << 20;
+/// `modi plan --diff`: at most this many `file` steps are compared in one
+/// plan (the rest are listed as not compared).
+pub const MAX_DIFFS: usize = 2000;
 
 /// A limit that was passed, for people.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

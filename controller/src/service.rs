@@ -18,3 +18,4 @@ pub mod agent;
 pub mod agent_convert;
 pub mod auth;
 pub mod authz;
+pub mod plan_diff;

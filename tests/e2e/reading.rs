@@ -354,3 +354,75 @@ changes:
         "{text}"
     );
 }
+
+#[test]
+fn plan_diff_shows_each_file_step_against_the_file_on_its_host() {
+    let ctl = Controller::start();
+    let agents: Vec<Agent> = ["d1", "d2", "d3"]
+        .iter()
+        .map(|n| Agent::join(&ctl, n, &[]))
+        .collect();
+    let _never = Agent::enrol(&ctl, "ghost", &[]);
+    let before = "port=80\nname=app\nworkers=4\n";
+    for a in &agents[..2] {
+        std::fs::write(a.work().join("app.conf"), before).unwrap();
+    }
+    let file = ctl.changeset(
+        "conf.yaml",
+        r#"
+name: conf
+changes:
+  - name: app-config
+    hosts: all
+    apply:
+      - file:
+          path: app.conf
+          content: "port=8080\nname=app\nworkers=4\n"
+"#,
+    );
+    let path = file.to_str().unwrap();
+    let text = ctl.modi(&["plan", path, "--diff"]).stdout;
+    // d1 and d2 hold the same file: one diff for both.
+    assert!(
+        text.contains("app-config apply[0] app.conf on d1, d2\n"),
+        "{text}"
+    );
+    assert!(text.contains("\n-port=80\n+port=8080\n"), "{text}");
+    assert!(text.contains("--- /dev/null\n"), "{text}");
+    assert!(
+        text.contains("app-config apply[0] app.conf on d3: new file"),
+        "{text}"
+    );
+    assert!(
+        text.contains("on ghost: not compared: ghost is not connected"),
+        "{text}"
+    );
+    let json = ctl.json(&["plan", path, "--diff"]);
+    let diffs = json["diffs"].as_array().unwrap();
+    assert_eq!(diffs.len(), 4, "{json}");
+    let d1 = diffs.iter().find(|d| d["host"] == "d1").unwrap();
+    assert!(
+        d1["diff"]
+            .as_str()
+            .unwrap()
+            .starts_with("--- d1:app.conf (now)"),
+        "{d1}"
+    );
+    // Read-only: nothing changed on any host.
+    for a in &agents[..2] {
+        assert_eq!(
+            std::fs::read_to_string(a.work().join("app.conf")).unwrap(),
+            before
+        );
+    }
+    assert!(!agents[2].work().join("app.conf").exists());
+    // Without --diff nothing is read.
+    assert!(ctl.json(&["plan", path]).get("diffs").is_none());
+
+    // A viewer may plan, but not read files on hosts.
+    let viewer = crate::trust::add_operator(&ctl, "vic", "viewer");
+    crate::trust::modi_as(&ctl, &viewer, &["plan", path]).ok();
+    let refused = crate::trust::modi_as(&ctl, &viewer, &["plan", path, "--diff"]);
+    assert_eq!(refused.code, 4, "{refused:?}");
+    assert!(refused.stderr.contains("operator role"), "{refused:?}");
+}

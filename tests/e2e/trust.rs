@@ -122,7 +122,7 @@ fn tokens_have_uses_a_maximum_lifetime_a_list_and_can_be_revoked() {
 }
 
 /// `modi operator add` as the admin; the bundle's `cli.toml`.
-fn add_operator(ctl: &Controller, name: &str, role: &str) -> PathBuf {
+pub(crate) fn add_operator(ctl: &Controller, name: &str, role: &str) -> PathBuf {
     let dir = ctl.root.join(format!("op-{name}"));
     let out = ctl.modi(&[
         "operator",
@@ -143,7 +143,7 @@ fn add_operator(ctl: &Controller, name: &str, role: &str) -> PathBuf {
     dir.join("cli.toml")
 }
 
-fn modi_as(ctl: &Controller, config: &Path, args: &[&str]) -> modi_tests::Out {
+pub(crate) fn modi_as(ctl: &Controller, config: &Path, args: &[&str]) -> modi_tests::Out {
     modi_tests::run(
         std::process::Command::new(modi_tests::bin("modi"))
             .arg("--cli-config")

@@ -166,6 +166,40 @@ impl Executor {
     }
 }
 
+/// What is at `path` now, for `modi plan --diff`: read-only, at most
+/// `max_bytes`, a regular file only (the `file` step refuses anything
+/// else too).
+pub(super) fn read(path: &Path, max_bytes: u64) -> pb::FileContent {
+    use std::io::Read;
+    let mut out = pb::FileContent::default();
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            out.exists = true;
+            out.size = meta.len();
+        }
+        Ok(_) => {
+            out.exists = true;
+            out.error = format!("{} is not a regular file", path.display());
+            return out;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
+        Err(e) => {
+            out.error = format!("cannot inspect {}: {e}", path.display());
+            return out;
+        }
+    }
+    let read = fs::File::open(path).and_then(|f| {
+        let mut buf = Vec::new();
+        f.take(max_bytes).read_to_end(&mut buf)?;
+        Ok(buf)
+    });
+    match read {
+        Ok(buf) => out.content = buf,
+        Err(e) => out.error = format!("cannot read {}: {e}", path.display()),
+    }
+    out
+}
+
 pub(super) async fn write(
     exec: &Executor,
     id: &str,

@@ -708,3 +708,25 @@ async fn interact_sends_a_secret_and_its_echo_is_masked() {
         assert!(!String::from_utf8_lossy(&chunk.data).contains("hunter2"));
     }
 }
+
+#[tokio::test]
+async fn a_file_is_read_for_a_diff_capped_and_only_if_regular() {
+    let f = fixture();
+    std::fs::write(f.work.join("app.conf"), "0123456789").unwrap();
+    let r = f.exec.read_file("app.conf", 4).await;
+    assert!(r.exists && r.error.is_empty(), "{r:?}");
+    assert_eq!(r.content, b"0123");
+    assert_eq!(r.size, 10);
+    let missing = f.exec.read_file("nothing-here", 4).await;
+    assert!(!missing.exists && missing.error.is_empty(), "{missing:?}");
+    let dir = f.exec.read_file(f.work.to_str().unwrap(), 4).await;
+    assert!(dir.error.contains("not a regular file"), "{dir:?}");
+    std::os::unix::fs::symlink(f.work.join("app.conf"), f.work.join("link")).unwrap();
+    let link = f.exec.read_file("link", 4).await;
+    assert!(link.error.contains("not a regular file"), "{link:?}");
+    // Reading changes nothing.
+    assert_eq!(
+        std::fs::read(f.work.join("app.conf")).unwrap(),
+        b"0123456789"
+    );
+}

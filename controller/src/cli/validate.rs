@@ -65,6 +65,7 @@ pub fn plan_request(
         }),
         vars,
         secrets: secrets.into_iter().collect(),
+        diff: false,
     })
 }
 
@@ -74,6 +75,83 @@ struct Plan<'a> {
     warnings: &'a [String],
     /// Per change, its batches as host names.
     batches: Vec<Vec<Vec<&'a str>>>,
+    /// `--diff`: each file step against the file on its host.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    diffs: Vec<FileDiff<'a>>,
+}
+
+/// One `file` step against the file on its host, for `--output json`.
+#[derive(Serialize)]
+struct FileDiff<'a> {
+    change: &'a str,
+    host: &'a str,
+    step: &'a str,
+    path: &'a str,
+    diff: &'a str,
+    note: &'a str,
+}
+
+impl<'a> From<&'a pb::FileDiff> for FileDiff<'a> {
+    fn from(d: &'a pb::FileDiff) -> FileDiff<'a> {
+        FileDiff {
+            change: &d.change,
+            host: &d.host,
+            step: &d.step,
+            path: &d.path,
+            diff: &d.diff,
+            note: &d.note,
+        }
+    }
+}
+
+/// `--diff` for people: hosts whose diff is the same are shown once
+/// (`web-01..web-17`), in plan order.
+fn diffs_text(diffs: &[pb::FileDiff]) -> String {
+    if diffs.is_empty() {
+        return "\nno file steps to compare\n".to_string();
+    }
+    // (change, step, path, diff without its host-named header, note) →
+    // hosts, in first-seen order.
+    type Same<'a> = (&'a str, &'a str, &'a str, String, &'a str);
+    let mut groups: Vec<(Same, Vec<&str>)> = Vec::new();
+    for d in diffs {
+        let body: String = d
+            .diff
+            .lines()
+            .skip_while(|l| l.starts_with("--- ") || l.starts_with("+++ "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let key = (
+            d.change.as_str(),
+            d.step.as_str(),
+            d.path.as_str(),
+            body,
+            d.note.as_str(),
+        );
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, hosts)) => hosts.push(&d.host),
+            None => groups.push((key, vec![&d.host])),
+        }
+    }
+    let mut out = String::new();
+    for ((change, step, path, body, note), hosts) in groups {
+        let hosts = host_ranges(&hosts);
+        out.push_str(&format!("\n{change} {step} {path} on {hosts}"));
+        if !note.is_empty() {
+            out.push_str(&format!(": {note}"));
+        }
+        out.push('\n');
+        if !body.is_empty() {
+            let from = if note == "new file" {
+                "/dev/null".to_string()
+            } else {
+                format!("{path} (now)")
+            };
+            out.push_str(&format!("--- {from}\n+++ {path} ({step} of {change})\n"));
+            out.push_str(&body);
+        }
+    }
+    out
 }
 
 /// What a step does, as shown by plan.
@@ -329,8 +407,10 @@ pub async fn plan(
     file: &Path,
     vars: &Vars,
     strict: bool,
+    diff: bool,
 ) -> Result<Outcome, CliError> {
-    let req = plan_request(file, vars, false)?;
+    let mut req = plan_request(file, vars, false)?;
+    req.diff = diff;
     let r = client
         .admin()
         .plan(req)
@@ -354,8 +434,15 @@ pub async fn plan(
                     .collect()
             })
             .collect(),
+        diffs: r.diffs.iter().map(FileDiff::from).collect(),
     };
-    out.data(&plan, || plan_text(&spec));
+    out.data(&plan, || {
+        let mut text = plan_text(&spec);
+        if diff {
+            text.push_str(&diffs_text(&r.diffs));
+        }
+        text
+    });
     warn(out, &r.warnings);
     if strict && !r.warnings.is_empty() {
         return Err(CliError::Input(format!(

@@ -153,8 +153,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::PlanResponse>, Status> {
-        authz::caller(&request)?;
+        let caller = authz::caller(&request)?;
         let req = request.into_inner();
+        // Reading files on hosts is more than a viewer may do.
+        if req.diff && caller.role < crate::store::OperatorRole::Operator {
+            return Err(Status::permission_denied(format!(
+                "plan --diff reads files on hosts: operator {} is a {}, it needs the operator role",
+                caller.name, caller.role
+            )));
+        }
+        let diff = req.diff;
         let (files, vars) = (
             req.sources
                 .as_ref()
@@ -165,6 +173,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let spec = convert::render(&self.shared, req)?;
         Ok(Response::new(pb::PlanResponse {
             warnings: convert::warnings(&files, &vars, &spec),
+            diffs: if diff {
+                super::plan_diff::diffs(&self.shared.fleet, &spec).await
+            } else {
+                Vec::new()
+            },
             spec: Some(typed::run_spec(&spec)),
         }))
     }
@@ -180,6 +193,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             sources: req.sources,
             vars: req.vars,
             secrets: req.secrets,
+            diff: false,
         };
         let (files, vars) = (
             req.sources

@@ -215,6 +215,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         }
                         Up::Hello(_) => tracing::debug!(agent = %name, "extra Hello ignored"),
                         Up::Renew(req) => renew(&shared, &name, id, req).await,
+                        Up::FileContent(c) => {
+                            let (request_id, read) = convert::file_content(c);
+                            fleet.file_content(&name, request_id, read);
+                        }
                     },
                     Ok(Some(_)) => {}
                     Ok(None) => break,

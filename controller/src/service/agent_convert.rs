@@ -57,6 +57,15 @@ pub fn to_agent(msg: ToAgent) -> pb::ControllerMessage {
         ToAgent::Cancel(dispatch_id) => Down::Cancel(pb::CancelStep { dispatch_id }),
         ToAgent::Ack(dispatch_id) => Down::Ack(pb::Ack { dispatch_id }),
         ToAgent::Renewed(cert_pem) => Down::Renewed(pb::Renewed { cert_pem }),
+        ToAgent::ReadFile {
+            request_id,
+            path,
+            max_bytes,
+        } => Down::ReadFile(pb::ReadFile {
+            request_id,
+            path,
+            max_bytes,
+        }),
     };
     pb::ControllerMessage { msg: Some(msg) }
 }
@@ -165,6 +174,21 @@ pub fn output_chunk(mut c: pb::OutputChunk) -> OutputChunk {
         full_id: c.dispatch_id,
         data: c.data,
     }
+}
+
+/// An agent's answer to a file read, kept to what was asked at most.
+pub fn file_content(c: pb::FileContent) -> (u64, crate::fleet::peek::FileRead) {
+    let mut content = c.content;
+    content.truncate(crate::limits::MAX_DIFF_FILE as usize);
+    (
+        c.request_id,
+        crate::fleet::peek::FileRead {
+            exists: c.exists,
+            content,
+            size: c.size,
+            error: c.error,
+        },
+    )
 }
 
 #[cfg(test)]
