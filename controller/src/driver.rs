@@ -199,6 +199,8 @@ pub struct Replayed {
     pub dispatches: Vec<(DispatchId, String, Step)>,
     /// Every result journaled.
     pub results: BTreeMap<DispatchId, StepResult>,
+    /// When each step was dispatched and when its result was journaled.
+    pub times: BTreeMap<DispatchId, (Millis, Option<Millis>)>,
     /// Results that came back after their step was declared lost.
     pub late: Vec<LateResult>,
     /// Who submitted it.
@@ -244,6 +246,7 @@ pub fn replay(
     let mut in_flight: BTreeMap<DispatchId, InFlight> = BTreeMap::new();
     let mut dispatches = Vec::new();
     let mut results = BTreeMap::new();
+    let mut times: BTreeMap<DispatchId, (Millis, Option<Millis>)> = BTreeMap::new();
     let mut late = Vec::new();
     let mut count = 1;
     for entry in entries {
@@ -265,11 +268,15 @@ pub fn replay(
                 if let Event::StepFinished { id, result } = &event {
                     in_flight.remove(id);
                     results.entry(*id).or_insert_with(|| result.clone());
+                    if let Some(t) = times.get_mut(id) {
+                        t.1.get_or_insert(entry.at);
+                    }
                 }
                 for action in engine.handle(event, entry.at) {
                     match action {
                         Action::Dispatch { id, host, step } => {
                             dispatches.push((id, host.clone(), step.clone()));
+                            times.insert(id, (entry.at, None));
                             in_flight.insert(
                                 id,
                                 InFlight {
@@ -298,6 +305,7 @@ pub fn replay(
         in_flight,
         dispatches,
         results,
+        times,
         late,
         submitted_by,
         created_at: first.at,

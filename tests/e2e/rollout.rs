@@ -162,6 +162,29 @@ changes:
         std::fs::read_to_string(agent.work().join("attempts")).unwrap(),
         "try\ntry\n"
     );
+    // The logs say which try each was, out of how many, and when.
+    // The only run of a fresh controller.
+    let run = "1";
+    let logs = ctl.modi(&["logs", run]).stdout;
+    let headers: Vec<&str> = logs.lines().filter(|l| l.contains("== ")).collect();
+    assert_eq!(headers.len(), 2, "{logs}");
+    assert!(headers[0].ends_with("(attempt 1/3)"), "{logs}");
+    assert!(headers[1].ends_with("(attempt 2/3)"), "{logs}");
+    for line in logs
+        .lines()
+        .filter(|l| l.contains("== ") || l.contains("-> "))
+    {
+        // `[flaky] HH:MM:SS == ...`
+        let time = line.split(' ').nth(1).unwrap_or("");
+        assert!(
+            time.len() == 8 && time.as_bytes()[2] == b':' && time.as_bytes()[5] == b':',
+            "a timestamp on {line:?}"
+        );
+    }
+    let json = ctl.modi(&["--output", "json", "logs", run]).stdout;
+    let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert!(first["started_at_ms"].as_u64().unwrap() > 0, "{first}");
+    assert_eq!(first["attempts"], 3, "{first}");
 }
 
 #[test]

@@ -75,9 +75,29 @@ impl Output {
     }
 }
 
-/// A left-aligned text table.
+/// A left-aligned text table, fitted to the terminal's width when stdout
+/// is one (a pipe gets every character).
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    table_within(headers, rows, terminal_width())
+}
+
+/// The terminal's width in columns, when stdout is a terminal.
+pub fn terminal_width() -> Option<usize> {
+    let term = console::Term::stdout();
+    if !term.is_term() {
+        return None;
+    }
+    term.size_checked().map(|(_, cols)| usize::from(cols))
+}
+
+/// The narrowest a column is cut to when a table is too wide.
+const MIN_COLUMN: usize = 12;
+
+/// [`table`] within `width` columns (`None`: no limit). When the table is
+/// wider, the widest columns are cut first, down to their header or
+/// [`MIN_COLUMN`]; a cut cell ends with `…`.
+pub fn table_within(headers: &[&str], rows: &[Vec<String>], width: Option<usize>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             if i < widths.len() {
@@ -85,13 +105,33 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             }
         }
     }
+    if let Some(width) = width {
+        let floor: Vec<usize> = headers
+            .iter()
+            .map(|h| h.chars().count().max(MIN_COLUMN))
+            .collect();
+        let gaps = 2 * widths.len().saturating_sub(1);
+        while widths.iter().sum::<usize>() + gaps > width {
+            let over = widths.iter().sum::<usize>() + gaps - width;
+            // The widest column that may still shrink.
+            let Some(i) = (0..widths.len())
+                .filter(|&i| widths[i] > floor[i])
+                .max_by_key(|&i| (widths[i], i))
+            else {
+                break;
+            };
+            widths[i] -= over.min(widths[i] - floor[i]);
+        }
+    }
     let mut out = String::new();
     let line = |cells: Vec<&str>, out: &mut String| {
         let last = cells.len().saturating_sub(1);
         for (i, cell) in cells.iter().enumerate() {
-            out.push_str(cell);
+            let w = widths.get(i).copied().unwrap_or(usize::MAX);
+            let shown = fit(cell, w);
+            out.push_str(&shown);
             if i < last {
-                let pad = widths[i] - cell.chars().count() + 2;
+                let pad = w.saturating_sub(shown.chars().count()) + 2;
                 out.extend(std::iter::repeat_n(' ', pad));
             }
         }
@@ -102,6 +142,21 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         line(row.iter().map(String::as_str).collect(), &mut out);
     }
     out
+}
+
+/// `text` in at most `width` characters, ending with `…` when cut.
+fn fit(text: &str, width: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(width) {
+        Some(_) if width == 0 => "".into(),
+        Some(_) => {
+            let keep = text
+                .char_indices()
+                .nth(width - 1)
+                .map_or(text.len(), |(i, _)| i);
+            format!("{}…", &text[..keep]).into()
+        }
+        None => text.into(),
+    }
 }
 
 /// `at` (ms since the epoch) as a short UTC time, or `-`.
@@ -127,6 +182,27 @@ mod tests {
             ],
         );
         assert_eq!(t, "NAME   STATE\nweb-1  success\ndb     failed\n");
+    }
+
+    #[test]
+    fn a_table_wider_than_the_terminal_cuts_its_widest_column() {
+        let rows = vec![vec![
+            "web-1".to_string(),
+            "role=web,zone=eu-west-1a,rack=17,tier=frontend".to_string(),
+            "ok".to_string(),
+        ]];
+        let headers = ["NAME", "LABELS", "STATE"];
+        let wide = table_within(&headers, &rows, None);
+        assert!(wide.contains("tier=frontend"), "{wide}");
+        let narrow = table_within(&headers, &rows, Some(40));
+        for line in narrow.lines() {
+            assert!(line.chars().count() <= 40, "{line:?} in\n{narrow}");
+        }
+        assert!(narrow.contains("role=web,zone"), "{narrow}");
+        assert!(narrow.contains("…  ok"), "{narrow}");
+        // Too narrow for anything: columns stop at their floor.
+        let tiny = table_within(&headers, &rows, Some(5));
+        assert!(tiny.lines().nth(1).unwrap().starts_with("web-1"), "{tiny}");
     }
 }
 

@@ -318,11 +318,23 @@ fn last_lines(text: &str, n: Option<usize>) -> Vec<&str> {
 }
 
 /// The attempt of a dispatch id (`....a2` → 2), counted from 0.
-fn attempt_of(dispatch_id: &str) -> u32 {
-    dispatch_id
-        .rsplit_once(".a")
-        .and_then(|(_, n)| n.parse().ok())
-        .unwrap_or(0)
+/// ` (attempt 2/3)` for a change that retries; nothing for one that
+/// does not.
+fn attempt_text(attempt: u32, attempts: u32) -> String {
+    match attempts {
+        1 => String::new(),
+        0 => format!(" (attempt {attempt}, retried without limit)"),
+        n => format!(" (attempt {attempt}/{n})"),
+    }
+}
+
+/// `HH:MM:SS ` (UTC) of a time, or nothing when it is not known.
+fn time_of_day(at_ms: u64) -> String {
+    if at_ms == 0 {
+        return String::new();
+    }
+    let text = crate::clock::rfc3339(at_ms);
+    text.get(11..19).map_or(String::new(), |t| format!("{t} "))
 }
 
 /// `modi logs RUN [--host H] [--change C] [--tail N] [--follow]`.
@@ -359,6 +371,10 @@ pub async fn logs(
         exit_code: Option<i32>,
         outcome: &'a str,
         duration_ms: u64,
+        started_at_ms: u64,
+        finished_at_ms: u64,
+        attempt: u32,
+        attempts: u32,
     }
     while let Some(e) = stream.message().await.map_err(|s| client.error(s))? {
         if change.as_ref().is_some_and(|c| *c != e.change) {
@@ -375,6 +391,10 @@ pub async fn logs(
                 exit_code: e.exit_code,
                 outcome: &e.outcome,
                 duration_ms: e.duration_ms,
+                started_at_ms: e.started_at_ms,
+                finished_at_ms: e.finished_at_ms,
+                attempt: e.attempt,
+                attempts: e.attempts,
             });
             continue;
         }
@@ -384,13 +404,12 @@ pub async fn logs(
             format!("[{}] ", e.host)
         };
         if !e.step.is_empty() {
-            let attempt = attempt_of(&e.dispatch_id);
-            let attempt = if attempt > 0 {
-                format!(" (attempt {})", attempt + 1)
-            } else {
-                String::new()
-            };
-            out.line(format!("{who}== {}{attempt}", e.step));
+            let at = time_of_day(e.started_at_ms);
+            out.line(format!(
+                "{who}{at}== {}{}",
+                e.step,
+                attempt_text(e.attempt, e.attempts)
+            ));
         }
         for line in last_lines(&e.stdout, tail) {
             out.line(format!("{who}{}", escape_controls(line)));
@@ -399,7 +418,8 @@ pub async fn logs(
             out.line(format!("{who}stderr: {}", escape_controls(line)));
         }
         if e.finished {
-            out.line(format!("{who}-> {} ({} ms)", e.outcome, e.duration_ms));
+            let at = time_of_day(e.finished_at_ms);
+            out.line(format!("{who}{at}-> {} ({} ms)", e.outcome, e.duration_ms));
         }
     }
     Ok(Outcome::Ok)

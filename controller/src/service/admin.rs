@@ -332,6 +332,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let shutdown = self.shared.shutdown.clone();
         let spec = convert::spec_of(&self.shared, run)?;
         let host = req.host;
+        let clock = self.shared.drivers.clock.clone();
         tokio::spawn(async move {
             for e in entries {
                 if tx.send(Ok(e)).await.is_err() {
@@ -347,7 +348,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 };
                 match item {
                     Ok(item) => {
-                        if let Some(entry) = convert::live_log(&spec, &host, item)
+                        if let Some(entry) = convert::live_log(&spec, &host, item, clock.now())
                             && tx.send(Ok(entry)).await.is_err()
                         {
                             break;

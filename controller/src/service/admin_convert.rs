@@ -198,6 +198,15 @@ pub fn spec_of(shared: &Shared, run: u64) -> Result<Arc<RunSpec>, Status> {
         .ok_or_else(|| Status::not_found(format!("no run {run}")))
 }
 
+/// Which try `id` is (1-based) and how many the change allows (0 =
+/// unlimited).
+fn attempts(spec: &RunSpec, id: &DispatchId) -> (u32, u32) {
+    let allowed = spec.changes.get(id.change).map_or(1, |c| {
+        u32::try_from(c.retry.max_retries).map_or(0, |r| r.saturating_add(1))
+    });
+    (id.attempt + 1, allowed)
+}
+
 fn label(spec: &RunSpec, id: &DispatchId, step: &str) -> String {
     let change = spec.changes.get(id.change).map_or("?", |c| c.name.as_str());
     format!("{change} {}[{}]: {step}", id.phase, id.step)
@@ -259,6 +268,9 @@ fn finished_entry(
         exit_code: r.exit_code,
         outcome: outcome(r),
         duration_ms: r.duration_ms,
+        attempt: attempts(spec, id).0,
+        attempts: attempts(spec, id).1,
+        ..Default::default()
     }
 }
 
@@ -288,7 +300,8 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
         .filter(|(_, h, _)| host.is_empty() || h == host)
         .map(|(id, h, step)| {
             let step = driver::describe(step);
-            match replayed.results.get(id) {
+            let (started, finished) = replayed.times.get(id).copied().unwrap_or((0, None));
+            let mut entry = match replayed.results.get(id) {
                 Some(r) => finished_entry(spec, run, id, h, &step, r),
                 None => {
                     // Running: what it printed so far, kept by the fleet.
@@ -302,10 +315,15 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
                         outcome: "running".into(),
                         stdout,
                         stderr,
+                        attempt: attempts(spec, id).0,
+                        attempts: attempts(spec, id).1,
                         ..Default::default()
                     }
                 }
-            }
+            };
+            entry.started_at_ms = started;
+            entry.finished_at_ms = finished.unwrap_or(0);
+            entry
         })
         .collect();
     // Results that came back after their step was declared lost: shown,
@@ -333,7 +351,7 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
 
 /// A live watch item as a log entry, if it concerns `host` (or any host
 /// when empty).
-pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem) -> Option<pb::LogEntry> {
+pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem, now: u64) -> Option<pb::LogEntry> {
     let keep = |h: &str| host.is_empty() || h == host;
     match item {
         WatchItem::Dispatched { id, host: h, step } if keep(&h) => Some(pb::LogEntry {
@@ -341,6 +359,9 @@ pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem) -> Option<pb::LogEn
             step: label(spec, &id, &step),
             host: h,
             outcome: "running".into(),
+            started_at_ms: now,
+            attempt: attempts(spec, &id).0,
+            attempts: attempts(spec, &id).1,
             ..Default::default()
         }),
         WatchItem::Output { id, stderr, data } => {
@@ -361,6 +382,7 @@ pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem) -> Option<pb::LogEn
                 e.stdout.clear();
                 e.stderr.clear();
                 e.dispatch_id.clear();
+                e.finished_at_ms = now;
                 e
             })
         }
