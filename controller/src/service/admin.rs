@@ -332,7 +332,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let shutdown = self.shared.shutdown.clone();
         let spec = convert::spec_of(&self.shared, run)?;
         let host = req.host;
-        let clock = self.shared.drivers.clock.clone();
+        let clock = self.shared.drivers.clock;
         tokio::spawn(async move {
             for e in entries {
                 if tx.send(Ok(e)).await.is_err() {
