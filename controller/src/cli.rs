@@ -17,7 +17,7 @@ mod progress;
 mod runs;
 mod secrets;
 mod serve;
-mod validate;
+pub(crate) mod validate;
 
 use std::path::PathBuf;
 
@@ -131,6 +131,9 @@ pub enum Command {
     },
     /// This CLI's version and the controller's.
     Version,
+    /// A one-time link (2 minutes) that signs you in to the controller's
+    /// web view (`web_listen` in controller.toml).
+    Ui,
     /// A shell completion script on stdout (e.g. `modi completions bash >
     /// /etc/bash_completion.d/modi`).
     Completions {
@@ -470,6 +473,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             }
         }
         Command::Version => access::version(&out, config).await,
+        Command::Ui => access::web_login(&out, &Client::connect(config).await?).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "modi", &mut std::io::stdout());

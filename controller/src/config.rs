@@ -135,6 +135,15 @@ pub struct ControllerFile {
     /// off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// Address of the web view (HTTPS with the controller's certificate);
+    /// off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_listen: Option<String>,
+    /// The web view's URL as browsers reach it, for `modi ui` (default:
+    /// `https://` + the first `--address` the certificate names + the
+    /// web_listen port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
     /// The `modi-agent` binary `modi serve` hands out to new hosts at
     /// `/install/...` (default: found beside `modi`; it must be the
     /// controller's own version).
@@ -189,6 +198,10 @@ pub struct ControllerConfig {
     pub operator_cert_lifetime: Duration,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<String>,
+    /// Where the web view is served, if anywhere.
+    pub web_listen: Option<String>,
+    /// The web view's URL for `modi ui`, if set.
+    pub web_url: Option<String>,
     /// The agent binary to serve (see [`ControllerFile::agent_binary`]);
     /// relative to the config file's folder.
     pub agent_binary: Option<PathBuf>,
@@ -286,6 +299,20 @@ impl ControllerConfig {
                 "expected IP:PORT, e.g. 127.0.0.1:9464",
             ));
         }
+        if let Some(m) = &file.web_listen
+            && m.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "web_listen",
+                m,
+                "expected IP:PORT, e.g. 127.0.0.1:8443",
+            ));
+        }
+        if let Some(u) = &file.web_url
+            && !u.starts_with("https://")
+        {
+            return Err(invalid("web_url", u, "expected an https:// URL"));
+        }
         if let Some(w) = &file.alerts.webhook
             && !(w.starts_with("http://") || w.starts_with("https://"))
         {
@@ -314,6 +341,8 @@ impl ControllerConfig {
             agent_cert_lifetime,
             operator_cert_lifetime,
             metrics_listen: file.metrics_listen,
+            web_listen: file.web_listen,
+            web_url: file.web_url,
             agent_binary: file.agent_binary.map(|p| match path.parent() {
                 Some(dir) if p.is_relative() => dir.join(p),
                 _ => p,

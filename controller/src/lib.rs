@@ -51,3 +51,4 @@ pub mod store;
 #[cfg(test)]
 mod testfs;
 pub mod typed;
+pub mod web;

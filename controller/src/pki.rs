@@ -413,6 +413,44 @@ pub fn server_config(
     key_pem: &str,
     revoked: RevokedSerials,
 ) -> Result<rustls::ServerConfig, PkiError> {
+    let (chain, key) = server_chain(ca, cert_pem, key_pem)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(modi_proto::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(ClientVerifier::new(ca.cert_der().clone(), revoked)?)
+        .with_single_cert(chain, key)?;
+    // gRPC speaks HTTP/2; the install script and the agent binary are
+    // fetched by curl, which may speak HTTP/1.1 only.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No resumption: a resumed session skips the client certificate check,
+    // and with it the revocation check. Every connection shows its
+    // certificate again.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(config)
+}
+
+/// The web view's TLS: the controller's certificate, no client
+/// certificate (browsers sign in with a session cookie instead).
+pub fn web_server_config(
+    ca: &Ca,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::ServerConfig, PkiError> {
+    let (chain, key) = server_chain(ca, cert_pem, key_pem)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(modi_proto::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The controller's certificate with the CA behind it, and its key.
+fn server_chain(
+    ca: &Ca,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
     let mut chain =
         modi_proto::tls::certs_from_pem("controller certificate", cert_pem).map_err(|e| {
             PkiError::BadInput {
@@ -427,19 +465,7 @@ pub fn server_config(
             what: "controller key",
             detail: e.to_string(),
         })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(modi_proto::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(ClientVerifier::new(ca.cert_der().clone(), revoked)?)
-        .with_single_cert(chain, key)?;
-    // gRPC speaks HTTP/2; the install script and the agent binary are
-    // fetched by curl, which may speak HTTP/1.1 only.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // No resumption: a resumed session skips the client certificate check,
-    // and with it the revocation check. Every connection shows its
-    // certificate again.
-    config.send_tls13_tickets = 0;
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    Ok(config)
+    Ok((chain, key))
 }
 
 #[cfg(test)]

@@ -81,6 +81,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every background task.
     pub tasks: TaskTracker,
+    /// Who is signed in to the web view.
+    pub web: crate::web::Sessions,
 }
 
 /// A bound, not yet serving, controller.
@@ -89,6 +91,8 @@ pub struct Server {
     listener: TcpListener,
     /// `/metrics`, when `metrics_listen` is set.
     metrics_listener: Option<TcpListener>,
+    /// The web view, when `web_listen` is set, with its TLS.
+    web_listener: Option<(TcpListener, TlsAcceptor)>,
     tls: TlsAcceptor,
 }
 
@@ -162,7 +166,22 @@ impl Server {
             }
             None => None,
         };
+        let web_listener = match &config.web_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+                let tls = pki::web_server_config(&ca, &cert, &key)?;
+                Some((l, TlsAcceptor::from(Arc::new(tls))))
+            }
+            None => None,
+        };
+        let web = crate::web::Sessions::new(store.clone(), clock);
         let shared = Arc::new(Shared {
+            web,
             config,
             store,
             fleet,
@@ -177,6 +196,7 @@ impl Server {
             shared,
             listener,
             metrics_listener,
+            web_listener,
             tls: TlsAcceptor::from(Arc::new(tls)),
         })
     }
@@ -193,9 +213,18 @@ impl Server {
             shared,
             listener,
             metrics_listener,
+            web_listener,
             tls,
         } = self;
         resume_runs(&shared)?;
+        if let Some((l, tls)) = web_listener {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving the web view");
+            }
+            shared
+                .tasks
+                .spawn(crate::web::serve(l, tls, shared.clone()));
+        }
         if let Some(l) = metrics_listener {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "serving /metrics");

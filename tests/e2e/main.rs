@@ -14,3 +14,4 @@ mod refusals;
 mod rollout;
 mod secrets;
 mod trust;
+mod web;

@@ -410,3 +410,23 @@ pub async fn version(out: &Output, config: Option<PathBuf>) -> Result<Outcome, C
     );
     Ok(Outcome::Ok)
 }
+
+/// `modi ui`: a one-time sign-in link for the web view.
+pub async fn web_login(out: &Output, client: &Client) -> Result<Outcome, CliError> {
+    let r = client
+        .admin()
+        .web_login(pb::WebLoginRequest {})
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    out.data(
+        &serde_json::json!({ "url": r.url, "expires_at_ms": r.expires_at_ms }),
+        || {
+            format!(
+                "Open this link within 2 minutes to sign in to the web view (it works once):\n\n  {}\n\nThe browser must trust the controller's CA (ca.pem in its data folder) or be told to accept its certificate.\n",
+                r.url
+            )
+        },
+    );
+    Ok(Outcome::Ok)
+}

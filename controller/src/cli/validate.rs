@@ -106,7 +106,7 @@ impl<'a> From<&'a pb::FileDiff> for FileDiff<'a> {
 
 /// `--diff` for people: hosts whose diff is the same are shown once
 /// (`web-01..web-17`), in plan order.
-fn diffs_text(diffs: &[pb::FileDiff]) -> String {
+pub fn diffs_text(diffs: &[pb::FileDiff]) -> String {
     if diffs.is_empty() {
         return "\nno file steps to compare\n".to_string();
     }

@@ -473,6 +473,26 @@ impl pb::admin_service_server::AdminService for AdminApi {
         access::revoke_operator(&self.shared, &by, request.into_inner()).await
     }
 
+    async fn web_login(
+        &self,
+        request: Request<pb::WebLoginRequest>,
+    ) -> Result<Response<pb::WebLoginResponse>, Status> {
+        let caller = authz::caller(&request)?;
+        let Some(base) = crate::web::base_url(&self.shared.config) else {
+            return Err(Status::failed_precondition(
+                "the web view is off: set web_listen (e.g. \"127.0.0.1:8443\") in controller.toml and restart modi serve",
+            ));
+        };
+        let token = self.shared.web.login_token(&caller.name);
+        Ok(access::audited(
+            pb::WebLoginResponse {
+                url: format!("{base}/login?token={token}"),
+                expires_at_ms: self.shared.drivers.clock.now() + crate::web::session::LOGIN_TTL_MS,
+            },
+            format!("web login for {}", caller.name),
+        ))
+    }
+
     async fn version(
         &self,
         request: Request<pb::VersionRequest>,

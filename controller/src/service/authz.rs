@@ -34,6 +34,8 @@ pub fn rule(method: &str) -> Option<Rule> {
         "ListHosts" | "ListRuns" | "GetRun" | "Watch" | "Logs" | "Plan" | "Version" => {
             (Viewer, false)
         }
+        // Any operator may sign themselves in to the web view.
+        "WebLogin" => (Viewer, true),
         "Apply" | "Control" => (Operator, true),
         "ListTokens" | "ListOperators" | "ListAudit" => (Admin, false),
         "CreateToken" | "RevokeToken" | "RevokeAgent" | "RemoveAgent" | "LabelHost"
@@ -41,6 +43,30 @@ pub fn rule(method: &str) -> Option<Rule> {
         _ => return None,
     };
     Some(Rule { role, changes })
+}
+
+/// Writes one audit entry (a failure to write is logged: the call has
+/// happened already).
+pub async fn audit(store: &Store, entry: AuditEntry) {
+    if let Err(e) = store.audit(entry).await {
+        tracing::error!(error = %e, "could not write the audit journal");
+    }
+}
+
+/// Refuses `caller` for `method` unless the method's rule allows its role.
+pub fn allow(caller: &Caller, method: &str) -> Result<Rule, Status> {
+    let Some(rule) = rule(method) else {
+        return Err(Status::permission_denied(format!(
+            "{method} has no authorisation rule on this controller; refused"
+        )));
+    };
+    if caller.role < rule.role {
+        return Err(Status::permission_denied(format!(
+            "operator {:?} ({}) may not call {method}: it needs the {} role",
+            caller.name, caller.role, rule.role
+        )));
+    }
+    Ok(rule)
 }
 
 /// The operator behind a call, for the handlers (a request extension).
@@ -124,22 +150,10 @@ fn decide<B>(
         name: id.name,
         role: op.role,
     };
-    let Some(rule) = rule(method) else {
-        return Err((
-            Some(caller),
-            Status::permission_denied(format!(
-                "{method} has no authorisation rule on this controller; refused"
-            )),
-        ));
-    };
-    if caller.role < rule.role {
-        let msg = format!(
-            "operator {:?} ({}) may not call {method}: it needs the {} role",
-            caller.name, caller.role, rule.role
-        );
-        return Err((Some(caller), Status::permission_denied(msg)));
+    match allow(&caller, method) {
+        Ok(_) => Ok(caller),
+        Err(status) => Err((Some(caller), status)),
     }
-    Ok(caller)
 }
 
 /// The layer in front of the admin service.
@@ -268,9 +282,7 @@ where
                     target,
                     outcome: outcome(&resp),
                 };
-                if let Err(e) = store.audit(entry).await {
-                    tracing::error!(error = %e, "could not write the audit journal");
-                }
+                audit(&store, entry).await;
             }
             Ok(resp)
         })
