@@ -195,6 +195,8 @@ async fn demo(
                 .args(["--name", name, "--label", &role, "--label", &env])
                 .args(["--data", &dir_arg])
                 .stdin(Stdio::null())
+                // A signal mid-join drops this future: the join goes too.
+                .kill_on_drop(true)
                 .output()
                 .await
                 .map_err(|e| {
