@@ -591,3 +591,167 @@ fn demo_stay_leaves_a_fleet_for_the_cli_and_ctrl_c_cleans_it_up() {
         demo.output()
     );
 }
+
+/// The changeset of one case of the restore rule: a `file` step, then
+/// maybe a `run` step (`fail_apply`: one that fails), a verify that
+/// fails, and `backout` as given.
+fn restore_case(with_run: bool, fail_apply: bool, backout: &str) -> String {
+    let run = match (with_run, fail_apply) {
+        (false, _) => "",
+        (true, false) => "\n      - run: touch reloaded-by-apply",
+        (true, true) => "\n      - run: touch reloaded-by-apply; exit 3",
+    };
+    format!(
+        r#"
+name: motd
+changes:
+  - name: motd
+    hosts: all
+    apply:
+      - file: {{ path: motd, content: "maintenance tonight\n" }}{run}
+    verify:
+      - run: grep -q never motd
+{backout}
+"#
+    )
+}
+
+#[test]
+fn file_steps_are_restored_as_the_format_reference_says() {
+    let sink = tempfile::NamedTempFile::new().unwrap();
+    let ctl = modi_tests::Controller::start_with(&format!(
+        "[alerts]\ncommand = \"cat >> {0}; echo >> {0}\"\n",
+        sink.path().display()
+    ));
+    let agent = modi_tests::Agent::join(&ctl, "r1", &[]);
+    let motd = agent.work().join("motd");
+    let no_backout_alerts = || {
+        std::fs::read_to_string(sink.path())
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"failed_no_backout\""))
+            .count()
+    };
+    // (case, with a run step, the run step fails, backout, restored?,
+    // host state)
+    let cases = [
+        (
+            "only a file step, no backout",
+            false,
+            false,
+            "",
+            true,
+            "backout_ok",
+        ),
+        (
+            "a file and a run step, no backout",
+            true,
+            false,
+            "",
+            false,
+            "failed",
+        ),
+        (
+            "a file and a run step, a procedure",
+            true,
+            false,
+            "    backout:\n      steps: [ { run: touch reloaded-by-backout } ]",
+            true,
+            "backout_ok",
+        ),
+        (
+            "a procedure with only `when`, which matches",
+            true,
+            false,
+            "    backout:\n      - when: failure.phase == \"verify\"",
+            true,
+            "backout_ok",
+        ),
+        (
+            "a procedure with only `when`, which does not match",
+            true,
+            true,
+            "    backout:\n      - when: failure.phase == \"verify\"",
+            false,
+            "failed",
+        ),
+    ];
+    let mut alerts = 0;
+    for (i, (case, with_run, fail_apply, backout, restored, state)) in cases.into_iter().enumerate()
+    {
+        std::fs::write(&motd, "welcome\n").unwrap();
+        let file = ctl.changeset(
+            &format!("case-{i}.yaml"),
+            &restore_case(with_run, fail_apply, backout),
+        );
+        let (code, status) = ctl.apply(&file, &[]);
+        assert_eq!(code, 1, "{case}: {status}");
+        assert_eq!(
+            host_states(&status, "motd")["r1"],
+            state,
+            "{case}: {status}"
+        );
+        let now = std::fs::read_to_string(&motd).unwrap();
+        let expected = if restored {
+            "welcome\n"
+        } else {
+            "maintenance tonight\n"
+        };
+        assert_eq!(now, expected, "{case}");
+        if !restored {
+            alerts += 1;
+        }
+        eventually!(
+            10,
+            no_backout_alerts() == alerts,
+            "{case}: {alerts} failed_no_backout alerts:\n{}",
+            std::fs::read_to_string(sink.path()).unwrap()
+        );
+    }
+    assert!(agent.work().join("reloaded-by-backout").exists());
+}
+
+/// Processes whose command line mentions `dir` (read from /proc).
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let dir = dir.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !gone(*pid, Path::new(&*dir)))
+        .collect()
+}
+
+#[test]
+fn sigterm_while_the_demo_starts_stops_its_fleet_and_removes_its_dir() {
+    let mut demo = Demo::start(&["demo"]);
+    eventually!(
+        120,
+        demo.output().contains("demo: controller listening on") || demo.proc.exited().is_some(),
+        "the controller is up:\n{}",
+        demo.output()
+    );
+    let output = demo.output();
+    let dir = output
+        .lines()
+        .find_map(|l| l.split_once(" and controller in ").map(|(_, d)| d.trim()))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("no temp dir named:\n{output}"));
+    assert!(dir.is_dir(), "{output}");
+    assert!(!processes_in(&dir).is_empty(), "the controller runs");
+    let pid = nix::unistd::Pid::from_raw(demo.proc.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let code = demo.wait(60);
+    let output = demo.output();
+    assert_eq!(code, 1, "interrupted before its end:\n{output}");
+    assert!(
+        output.contains("interrupted before the demo finished"),
+        "{output}"
+    );
+    eventually!(
+        20,
+        processes_in(&dir).is_empty(),
+        "no process of the demo is left: {:?}",
+        processes_in(&dir)
+    );
+    assert!(!dir.exists(), "{} removed:\n{output}", dir.display());
+}
