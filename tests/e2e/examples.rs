@@ -517,6 +517,50 @@ fn demo_stay_leaves_a_fleet_for_the_cli_and_ctrl_c_cleans_it_up() {
     let conf = std::fs::read_to_string(work("demo-1").join("lab/nginx/nginx.conf")).unwrap();
     assert!(conf.contains("worker_processes 8;\n"), "{conf}");
 
+    // Every other lab example runs to success on this fleet, and a second
+    // run of one skips every host.
+    let mut applied = vec!["nested.yaml", "config-push.yaml", "web-upgrade.yaml"];
+    for (name, extra) in [
+        ("add-user.yaml", &["--var", "user=ops"][..]),
+        ("db-migrate.yaml", &["--var", "target=4.0"]),
+        ("template-foreach.yaml", &[]),
+        ("upgrade-agents.yaml", &["--var", "version=0.3.0"]),
+        (
+            "service-password.yaml",
+            &["--secret", "password=lab-secret"],
+        ),
+    ] {
+        let status = apply_lab(&config, name, extra);
+        assert_eq!(status["state"], "success", "{name}: {status}");
+        applied.push(name);
+    }
+    let lab: Vec<String> = yaml_files(&repo().join("examples/lab"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for name in &lab {
+        assert!(
+            applied.contains(&name.as_str()),
+            "{name} is run on the fleet too"
+        );
+    }
+    let passwd = std::fs::read_to_string(work("demo-5").join("lab/passwd")).unwrap();
+    assert_eq!(passwd, "ops:x:ops service account:/home/ops\n");
+    let again = apply_lab(&config, "add-user.yaml", &["--var", "user=ops"]);
+    assert!(
+        host_states(&again, "add-user")
+            .values()
+            .all(|s| s == "skipped"),
+        "{again}"
+    );
+    let agent = std::fs::read_to_string(work("demo-3").join("lab/bin/modi-agent")).unwrap();
+    assert!(agent.contains("modi-agent 0.3.0"), "{agent}");
+    let shadow = std::fs::read_to_string(work("demo-1").join("lab/shadow")).unwrap();
+    assert!(
+        shadow.starts_with("app:") && !shadow.contains("lab-secret"),
+        "{shadow}"
+    );
+
     // A gated rolling upgrade, decided from here as from another shell:
     // demo-2's install leaves it unhealthy; after its retries it is put
     // back on its previous release, and the others carry on.

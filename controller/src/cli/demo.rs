@@ -253,7 +253,25 @@ async fn demo(
 
     if stay && !interrupted && outcome.is_ok() {
         stay_up(out, root, &report.cli_config, &procs, keep);
-        let _ = signalled.wait_for(|s| *s).await;
+        // Until a signal; a process that exits meanwhile (an agent
+        // stopped on purpose, to see the host go away) is only reported.
+        let mut reported = vec![false; procs.len()];
+        loop {
+            tokio::select! {
+                _ = signalled.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            for (p, reported) in procs.iter_mut().zip(reported.iter_mut()) {
+                if let (false, Ok(Some(status))) = (*reported, p.child.try_wait()) {
+                    *reported = true;
+                    out.note(format!(
+                        "demo: {} exited ({status}); its log is {}",
+                        p.name,
+                        p.log.display()
+                    ));
+                }
+            }
+        }
         out.note("demo: stopping");
     }
 
