@@ -240,16 +240,19 @@ async fn demo(
         ));
         apply::apply(out, &client, &changeset, &Vars::default(), false).await
     };
-    let mut interrupted = false;
-    let outcome = tokio::select! {
+    let mut outcome = tokio::select! {
         outcome = work => outcome,
-        _ = signalled.wait_for(|s| *s) => {
-            interrupted = true;
-            Err(CliError::Failed("interrupted before the demo finished".into()))
-        }
+        _ = signalled.wait_for(|s| *s) => Ok(Outcome::Ok),
     };
-    // A Ctrl-C during the run also detaches `apply`, which then returns.
-    interrupted |= *signalled.borrow();
+    // A Ctrl-C during the run also detaches `apply`, which then returns
+    // as if all was well: the signal decides.
+    let interrupted = *signalled.borrow();
+    if interrupted {
+        say("interrupted: stopping the controller and agents");
+        outcome = Err(CliError::Failed(
+            "interrupted before the demo finished".into(),
+        ));
+    }
 
     if stay && !interrupted && outcome.is_ok() {
         stay_up(out, root, &report.cli_config, &procs, keep);
