@@ -474,6 +474,14 @@ fn demo_stay_leaves_a_fleet_for_the_cli_and_ctrl_c_cleans_it_up() {
         })
         .collect();
     assert_eq!(roles, expected, "{hosts:?}");
+    // --cli-config wins over MODI_CLI_CONFIG.
+    let missing = dir.join("no-such-cli.toml");
+    let flag = modi_env(
+        &config,
+        &["--cli-config", missing.to_str().unwrap(), "hosts"],
+    );
+    assert_ne!(flag.code, 0, "{flag:#?}");
+    assert!(flag.stderr.contains("no-such-cli.toml"), "{flag:#?}");
     let runs = modi_env(&config, &["--output", "json", "runs"]).json();
     let runs = runs.as_array().expect("a list of runs");
     assert_eq!(runs.len(), 1, "the demo's run: {runs:?}");
