@@ -309,24 +309,30 @@ fn assert_demo_outcome(status: &Value) {
     for h in ["demo-1", "demo-2", "demo-3"] {
         assert_eq!(deploy[h], "backout_ok", "{h}: {status}");
     }
-    assert_ne!(deploy["demo-4"], "success", "{status}");
-    assert_ne!(deploy["demo-4"], "backout_ok", "{status}");
-    let demo3 = status["changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "deploy-web")
-        .and_then(|c| {
-            c["hosts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|h| h["name"] == "demo-3")
-                .cloned()
-        })
-        .expect("demo-3 in deploy-web");
-    assert_eq!(demo3["failure"]["phase"], "verify", "{demo3}");
-    assert_ne!(status["state"], "success", "{status}");
+    assert_eq!(deploy["demo-4"], "cancelled", "{status}");
+    let change = |name: &str| -> Value {
+        status["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no change {name}: {status}"))
+    };
+    let host = |change_name: &str, name: &str| -> Value {
+        change(change_name)["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no host {name} in {change_name}: {status}"))
+    };
+    assert_eq!(host("deploy-web", "demo-3")["failure"]["phase"], "verify");
+    assert_eq!(host("rotate-logs", "demo-5")["failure"]["phase"], "check");
+    assert_eq!(change("rotate-logs")["state"], "partial_failure");
+    assert_eq!(change("deploy-web")["state"], "backout_ok");
+    assert_eq!(status["state"], "partial_failure", "{status}");
 }
 
 /// The agents' work dirs after the demo: every web host back on 1.0,
