@@ -395,20 +395,27 @@ fn apply_lab(config: &Path, name: &str, extra: &[&str]) -> Value {
     end_status(&out.stdout)
 }
 
+/// Is process `pid` one of the demo's: running (not a zombie), with
+/// `dir` in its command line or its working directory (a step's)?
+fn of_demo(pid: u32, dir: &Path) -> bool {
+    let dir = dir.to_string_lossy();
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    });
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+    !zombie
+        && (String::from_utf8_lossy(&cmdline).contains(&*dir)
+            || cwd.to_string_lossy().contains(&*dir))
+}
+
 /// Is process `pid` gone (or now something else than the demo's)?
 fn gone(pid: u32, dir: &Path) -> bool {
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Err(_) => true,
-        Ok(cmdline) => {
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            });
-            zombie || !cmdline.contains(&*dir.to_string_lossy())
-        }
-    }
+    !of_demo(pid, dir)
 }
 
 #[test]
@@ -637,6 +644,21 @@ fn demo_stay_leaves_a_fleet_for_the_cli_and_ctrl_c_cleans_it_up() {
     assert_eq!(std::fs::read_to_string(app.join("health")).unwrap(), "ok\n");
     assert!(!app.join("version").exists(), "the file step is undone");
 
+    // A step still running at Ctrl-C goes too.
+    let long = dir.join("long.yaml");
+    std::fs::write(
+        &long,
+        "name: long\nchanges:\n  - name: long\n    hosts: all\n    rollout: { mode: parallel }\n    apply:\n      - run: sleep 300; echo done\n",
+    )
+    .unwrap();
+    modi_env(&config, &["apply", long.to_str().unwrap(), "--detach"]).ok();
+    eventually!(
+        60,
+        processes_in(&dir).len() >= pids.len() + 5,
+        "a step runs on every host: {:?}",
+        processes_in(&dir)
+    );
+
     // Ctrl-C: everything stops, the temp dir goes.
     let demo_pid = nix::unistd::Pid::from_raw(demo.proc.pid() as i32);
     nix::sys::signal::kill(demo_pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
@@ -645,6 +667,12 @@ fn demo_stay_leaves_a_fleet_for_the_cli_and_ctrl_c_cleans_it_up() {
     for (name, pid) in &pids {
         eventually!(20, gone(*pid, &dir), "{name} (pid {pid}) is gone");
     }
+    eventually!(
+        20,
+        processes_in(&dir).is_empty(),
+        "no step is left: {:?}",
+        processes_in(&dir)
+    );
     assert!(
         !dir.exists(),
         "{} removed:\n{}",
@@ -778,13 +806,12 @@ fn file_steps_are_restored_as_the_format_reference_says() {
     assert!(agent.work().join("reloaded-by-backout").exists());
 }
 
-/// Processes whose command line mentions `dir` (read from /proc).
+/// The demo's processes (see [`of_demo`]), read from /proc.
 fn processes_in(dir: &Path) -> Vec<u32> {
-    let dir = dir.to_string_lossy();
     std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| !gone(*pid, Path::new(&*dir)))
+        .filter(|pid| of_demo(*pid, dir))
         .collect()
 }
 
