@@ -34,8 +34,8 @@ pub use output::Output;
     about = "modi: safe, reversible changes across a fleet"
 )]
 pub struct Cli {
-    /// The CLI config (default: $XDG_CONFIG_HOME/modi/cli.toml, written by
-    /// `modi init`).
+    /// The CLI config (default: $MODI_CLI_CONFIG, else
+    /// $XDG_CONFIG_HOME/modi/cli.toml, written by `modi init`).
     #[arg(long = "cli-config", global = true, env = "MODI_CLI_CONFIG")]
     pub cli_config: Option<PathBuf>,
     /// How to print data.
@@ -281,6 +281,12 @@ pub enum Command {
         /// Keep the demo's data dir instead of deleting it.
         #[arg(long)]
         keep: bool,
+        /// Leave the controller and agents running after the demo's run
+        /// and print the `export MODI_CLI_CONFIG=...` line that points
+        /// `modi` at them from another shell; Ctrl-C (or SIGTERM) stops
+        /// them and cleans up.
+        #[arg(long)]
+        stay: bool,
     },
 }
 
@@ -546,7 +552,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
         }
         Command::Pause { run } => runs::control(&out, config, &run, runs::Control::Pause).await,
         Command::Resume { run, secrets } => secrets::resume(&out, config, &run, &secrets).await,
-        Command::Demo { file, keep } => demo::run(&out, file, keep).await,
+        Command::Demo { file, keep, stay } => demo::run(&out, file, keep, stay).await,
     }
 }
 

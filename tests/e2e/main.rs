@@ -4,6 +4,7 @@
 mod agent_orphans;
 mod dist;
 mod durability;
+mod examples;
 mod faults;
 mod foundation;
 mod gates;

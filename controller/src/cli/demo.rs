@@ -1,7 +1,11 @@
 //! `modi demo`: the embedded default. A throwaway CA and data dir, a
 //! controller and five `modi-agent` processes (found beside `modi` or on
-//! PATH; each joins with its own work dir and labels), `examples/demo.yaml` applied with live progress,
-//! then everything stopped and cleaned up.
+//! PATH; each joins with its own work dir and labels), `examples/demo.yaml`
+//! applied with live progress, then everything stopped and cleaned up.
+//! With `--stay` the fleet keeps running after the demo's run, for `modi`
+//! commands from another shell (the export line it prints points them at
+//! it), until SIGINT (Ctrl-C) or SIGTERM. Either signal, at any point,
+//! stops the processes and removes the temp dir (unless `--keep`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -48,6 +52,9 @@ impl Proc {
             .map_err(|e| CliError::Failed(e.to_string()))?;
         let child = Command::new(program)
             .args(args)
+            // Its own process group: a Ctrl-C at the terminal reaches the
+            // demo only, which then stops its fleet in order.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)
@@ -93,21 +100,46 @@ fn free_port() -> Result<u16, CliError> {
 
 /// Runs the demo. Exit 0 when the demo ran to its end (its run includes a
 /// deliberate failure and backout, so the run itself does not succeed).
-pub async fn run(out: &Output, file: Option<PathBuf>, keep: bool) -> Result<Outcome, CliError> {
+/// With `stay`, the fleet stays up after that until SIGINT or SIGTERM.
+pub async fn run(
+    out: &Output,
+    file: Option<PathBuf>,
+    keep: bool,
+    stay: bool,
+) -> Result<Outcome, CliError> {
+    // SIGINT and SIGTERM are ours from the start: whenever one comes, the
+    // fleet is stopped and the temp dir removed, never left behind.
+    let (tx, signalled) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        modi_common::shutdown_signal().await;
+        let _ = tx.send(true);
+    });
     let tmp = tempfile::Builder::new()
         .prefix("modi-demo-")
         .tempdir()
         .map_err(|e| CliError::Failed(format!("cannot make a temp dir: {e}")))?;
     let root = tmp.path().to_path_buf();
-    let result = demo(out, &root, file).await;
+    let result = demo(out, &root, file, stay, keep, signalled).await;
     if keep {
         let kept = tmp.keep();
         out.note(format!("demo files kept in {}", kept.display()));
+    } else {
+        match tmp.close() {
+            Ok(()) => out.note(format!("demo: removed {}", root.display())),
+            Err(e) => out.note(format!("demo: cannot remove {}: {e}", root.display())),
+        }
     }
     result
 }
 
-async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcome, CliError> {
+async fn demo(
+    out: &Output,
+    root: &Path,
+    file: Option<PathBuf>,
+    stay: bool,
+    keep: bool,
+    mut signalled: tokio::sync::watch::Receiver<bool>,
+) -> Result<Outcome, CliError> {
     let say = |s: &str| out.note(format!("demo: {s}"));
     let port = free_port()?;
     let data = root.join("controller");
@@ -137,7 +169,7 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
     let cli = CliConfig::load(&report.cli_config).map_err(|e| CliError::Failed(e.to_string()))?;
     let client = Client::from_config(&cli)?;
 
-    let outcome = async {
+    let work = async {
         wait_for(&client, &mut procs, 0).await?;
         say(&format!("controller listening on 127.0.0.1:{port}"));
         let agent_bin = crate::install::locate_agent(None)
@@ -163,6 +195,8 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
                 .args(["--name", name, "--label", &role, "--label", &env])
                 .args(["--data", &dir_arg])
                 .stdin(Stdio::null())
+                // A signal mid-join drops this future: the join goes too.
+                .kill_on_drop(true)
                 .output()
                 .await
                 .map_err(|e| {
@@ -205,10 +239,46 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
                 .display()
         ));
         apply::apply(out, &client, &changeset, &Vars::default(), false).await
+    };
+    let mut outcome = tokio::select! {
+        outcome = work => outcome,
+        _ = signalled.wait_for(|s| *s) => Ok(Outcome::Ok),
+    };
+    // A Ctrl-C during the run also detaches `apply`, which then returns
+    // as if all was well: the signal decides.
+    let interrupted = *signalled.borrow();
+    if interrupted {
+        say("interrupted: stopping the controller and agents");
+        outcome = Err(CliError::Failed(
+            "interrupted before the demo finished".into(),
+        ));
     }
-    .await;
 
-    if outcome.is_err() {
+    if stay && !interrupted && outcome.is_ok() {
+        stay_up(out, root, &report.cli_config, &procs, keep);
+        // Until a signal; a process that exits meanwhile (an agent
+        // stopped on purpose, to see the host go away) is only reported.
+        let mut reported = vec![false; procs.len()];
+        loop {
+            tokio::select! {
+                _ = signalled.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            for (p, reported) in procs.iter_mut().zip(reported.iter_mut()) {
+                if let (false, Ok(Some(status))) = (*reported, p.child.try_wait()) {
+                    *reported = true;
+                    out.note(format!(
+                        "demo: {} exited ({status}); its log is {}",
+                        p.name,
+                        p.log.display()
+                    ));
+                }
+            }
+        }
+        out.note("demo: stopping");
+    }
+
+    if outcome.is_err() && !interrupted {
         for p in &procs {
             out.note(format!(
                 "--- last lines of {} ({}):\n{}",
@@ -221,10 +291,56 @@ async fn demo(out: &Output, root: &Path, file: Option<PathBuf>) -> Result<Outcom
     for p in procs.into_iter().rev() {
         p.stop().await;
     }
-    say("stopped the controller and agents; cleaned up");
+    say("stopped the controller and agents");
     // The demo's run fails on purpose (and backs out): that is the demo
     // working. Anything else is an error.
     outcome.map(|_| Outcome::Ok)
+}
+
+/// Tells how to reach the fleet that stays up: the export line (on a line
+/// of its own), the processes and the folder that SIGINT or SIGTERM ends.
+fn stay_up(out: &Output, root: &Path, cli_config: &Path, procs: &[Proc], keep: bool) {
+    let config = shell_word(&cli_config.to_string_lossy());
+    let pids: Vec<(String, u32)> = procs
+        .iter()
+        .filter_map(|p| Some((p.name.clone(), p.child.id()?)))
+        .collect();
+    let json = serde_json::json!({
+        "cli_config": cli_config,
+        "export": format!("export MODI_CLI_CONFIG={config}"),
+        "dir": root,
+        "pids": pids.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    out.data(&json, || {
+        let then = if keep { "keeps" } else { "removes" };
+        format!(
+            "\nThe demo fleet stays up. In another shell:\n\n\
+             export MODI_CLI_CONFIG={config}\n\n\
+             then e.g. `modi hosts`, `modi runs`, `modi logs 1`, or a lab example:\n\
+             `modi apply examples/lab/web-upgrade.yaml` (it waits for `modi approve RUN`\n\
+             at each batch; try `modi pause RUN` too). Every example in examples/lab/\n\
+             runs on this fleet.\n\n\
+             processes: {}\n\
+             files: {}\n\
+             Ctrl-C here (or SIGTERM) stops them and {then} {}.\n",
+            pids.iter()
+                .map(|(n, p)| format!("{n}={p}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            root.display(),
+            root.display(),
+        )
+    });
+}
+
+/// `text` as one word for a POSIX shell (quoted only when it must be).
+fn shell_word(text: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:,=@%".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// Waits until the controller answers and `agents` agents are connected.

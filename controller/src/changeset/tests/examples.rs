@@ -1,5 +1,7 @@
 //! The changesets in `examples/`: each validates and renders against a
-//! small synthetic fleet; the demo is also run, step by step, through
+//! small synthetic fleet (every `yaml` block of the docs, and the lab
+//! examples, are validated by the e2e suite `examples`, with the real
+//! `modi validate`); the demo is also run, step by step, through
 //! `/bin/sh` in one temporary work directory per host, to show it does what
 //! its comments promise.
 
@@ -21,24 +23,6 @@ const NESTED: &str = include_str!("../../../../examples/nested.yaml");
 const UPGRADE_AGENTS: &str = include_str!("../../../../examples/upgrade-agents.yaml");
 const DB_MIGRATE: &str = include_str!("../../../../examples/db-migrate.yaml");
 const SERVICE_PASSWORD: &str = include_str!("../../../../examples/service-password.yaml");
-
-const FORMAT_DOC: &str = include_str!("../../../../docs/changeset-format.md");
-
-#[test]
-fn the_reference_opening_example_validates_and_renders() {
-    let block = FORMAT_DOC
-        .split("```yaml\n")
-        .nth(1)
-        .and_then(|b| b.split("```").next())
-        .expect("a yaml block");
-    let files = [
-        ("docs/web.yaml", block),
-        ("docs/db-migrate.yaml", DB_MIGRATE),
-    ];
-    let spec = plan_files(&files, &fleet(), &serde_json::Value::Null, &vars(&[]));
-    let spec = spec.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(spec.changes.len(), 5);
-}
 
 fn fleet() -> Vec<HostInfo> {
     let mut out: Vec<HostInfo> = (1..=8)
