@@ -2,6 +2,7 @@
 //! loopback. One test binary; the suites are listed here.
 
 mod agent_orphans;
+mod browser;
 mod dist;
 mod durability;
 mod examples;

@@ -7,7 +7,7 @@
 const ICONS = {
   success: "✔", backout_ok: "✔", skipped: "↷", failed: "✖", total_failure: "✖",
   partial_failure: "✖", backout_failed: "✖", lost: "✖", running: "▶",
-  backing_out: "▶", awaiting_approval: "⏸", paused: "⏸", cancelled: "⊘",
+  backing_out: "▶", awaiting_approval: "‖", paused: "‖", cancelled: "⊘",
   bailed_out: "⊘", queued: "⧗", retry_pending: "⧗", backout_pending: "⧗",
 };
 
@@ -59,9 +59,13 @@ function followRun(run) {
       const holder = document.getElementById("cs-" + e.c);
       if (holder) { holder.replaceChildren(badge(e.s)); }
       refreshPanel(run);
+    } else if (e.end) {
+      // The run ended: one reload brings the failure reasons and the
+      // final grid (once per run, never per event).
+      events.close();
+      location.reload();
     } else {
       refreshPanel(run);
-      if (e.end) { events.close(); }
     }
   };
 }
