@@ -643,7 +643,12 @@ pub async fn hosts(
                         td { (h.name) }
                         td { (state_badge(match presence(h) { "connected" => "success", "never" => "pending", "revoked" => "cancelled", _ => "lost" })) " " (presence(h)) }
                         td { @for (k, v) in &h.labels { code { (k) "=" (v) } " " } }
-                        td.facts { @for (k, v) in h.facts.iter().filter(|(k, _)| ["os", "arch", "kernel", "agent_version"].contains(&k.as_str())) { code { (k) "=" (v) } " " } }
+                        td.facts {
+                            @for (k, v) in h.facts.iter().filter(|(k, _)| ["os", "arch"].contains(&k.as_str())) { code { (k) "=" (v) } " " }
+                            @if !h.facts.is_empty() {
+                                details { summary { "all " (h.facts.len()) } @for (k, v) in &h.facts { div { code { (k) "=" (v) } } } }
+                            }
+                        }
                         td { (when(h.last_seen_ms)) }
                     }
                 }
@@ -665,6 +670,8 @@ fn plan_body(
         p { "Paste a changeset (one file; includes are not read here): the plan shows what it would do on today's fleet, and touches nothing." }
         form.plan method="post" action="/plan" {
             input type="hidden" name="csrf" value=(session.csrf);
+            label for="upload" { "Upload a changeset file (fills the box below)" }
+            input type="file" id="upload" accept=".yaml,.yml,text/yaml";
             label for="changeset" { "Changeset (YAML)" }
             textarea id="changeset" name="changeset" rows="16" spellcheck="false" { (text) }
             label for="vars" { "Variables (one NAME=value per line)" }

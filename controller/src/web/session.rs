@@ -181,3 +181,62 @@ impl Sessions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{OperatorRecord, OperatorRole};
+
+    async fn with_operator(role: OperatorRole) -> (tempfile::TempDir, Store, Sessions) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .add_operator(OperatorRecord {
+                name: "ann".into(),
+                role,
+                created_at: 0,
+                created_by: "test".into(),
+                serials: vec![],
+                cert_expires_at: 0,
+                revoked: false,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let sessions = Sessions::new(store.clone(), Clock::tokio());
+        (dir, store, sessions)
+    }
+
+    #[tokio::test]
+    async fn a_login_token_works_once_and_only_in_time() {
+        let (_dir, _store, sessions) = with_operator(OperatorRole::Operator).await;
+        // Time moves only when told from here on (no store write follows).
+        tokio::time::pause();
+        let token = sessions.login_token("ann");
+        let (id, session) = sessions.sign_in(&token).unwrap();
+        assert_eq!(session.caller.name, "ann");
+        assert_eq!(session.caller.role, OperatorRole::Operator);
+        assert!(sessions.sign_in(&token).unwrap_err().contains("works once"));
+        assert!(sessions.session(&id).is_ok());
+        assert!(sessions.session("ms_forged").is_err());
+
+        let late = sessions.login_token("ann");
+        tokio::time::advance(std::time::Duration::from_millis(LOGIN_TTL_MS + 1)).await;
+        assert!(sessions.sign_in(&late).unwrap_err().contains("expired"));
+        tokio::time::advance(std::time::Duration::from_millis(SESSION_TTL_MS)).await;
+        assert!(sessions.session(&id).is_err(), "a session ends");
+    }
+
+    #[tokio::test]
+    async fn sign_out_and_revocation_end_a_session() {
+        let (_dir, store, sessions) = with_operator(OperatorRole::Viewer).await;
+        let (id, _) = sessions.sign_in(&sessions.login_token("ann")).unwrap();
+        let (other, _) = sessions.sign_in(&sessions.login_token("ann")).unwrap();
+        sessions.sign_out(&id);
+        assert!(sessions.session(&id).is_err());
+        assert!(sessions.session(&other).is_ok(), "only that session ends");
+        store.revoke_operator("ann", "test", 1).await.unwrap();
+        let err = sessions.session(&other).unwrap_err();
+        assert!(err.contains("no longer an operator"), "{err}");
+    }
+}

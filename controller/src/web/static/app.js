@@ -86,7 +86,20 @@ function followHost(run, host) {
   };
 }
 
+// Plan: a chosen file fills the changeset box (read in the browser; the
+// server sees only the text, as when pasted).
+function uploadInto(input, textarea) {
+  input.addEventListener("change", () => {
+    const file = input.files && input.files[0];
+    if (!file) { return; }
+    file.text().then((text) => { textarea.value = text; });
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  const upload = document.getElementById("upload");
+  const box = document.getElementById("changeset");
+  if (upload && box) { uploadInto(upload, box); }
   const body = document.body.dataset;
   if (!body.run || body.live !== "1") { return; }
   if (body.host) { followHost(body.run, body.host); } else { followRun(body.run); }
