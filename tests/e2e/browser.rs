@@ -181,11 +181,13 @@ changes:
         "the runs page",
     )
     .await;
-    let runs = b.client.source().await.unwrap();
-    assert!(
-        runs.contains("warmup") && runs.contains("✔ success"),
-        "{runs}"
-    );
+    until(
+        &b,
+        10,
+        "return document.body.innerText.includes('warmup') && document.body.innerText.includes('✔ success')",
+        "the finished run listed",
+    )
+    .await;
 
     // The run waits at its first gate; approving it lets batch 1 through,
     // and its hosts change colour without the page being reloaded.
@@ -276,6 +278,31 @@ changes:
         .count();
     assert_eq!(approvals, 2, "{audit}");
 
+    // Plan: an uploaded file fills the box; the plan shows its steps.
+    b.client.goto(&format!("{base}/plan")).await.unwrap();
+    b.client
+        .find(Locator::Id("upload"))
+        .await
+        .unwrap()
+        .send_keys(warmup.to_str().unwrap())
+        .await
+        .unwrap();
+    until(
+        &b,
+        10,
+        "return document.getElementById('changeset').value.includes('name: warmup')",
+        "the file in the box",
+    )
+    .await;
+    b.client
+        .find(Locator::Css("form.plan button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(&b, 10, "const p = document.querySelector('pre.planout'); return !!p && p.innerText.includes('echo hi')", "the plan").await;
+
     // The used link is refused; signing out ends the session.
     b.client.goto(&url).await.unwrap();
     until(
@@ -301,7 +328,13 @@ changes:
     )
     .await;
     b.client.goto(&format!("{base}/runs")).await.unwrap();
-    assert!(b.client.source().await.unwrap().contains("Not signed in"));
+    until(
+        &b,
+        10,
+        "return document.body.innerText.includes('Not signed in')",
+        "signed out for good",
+    )
+    .await;
 
     // A viewer sees the gate but no Approve button, and a POST forged from
     // its page is refused.
@@ -316,8 +349,13 @@ changes:
         .goto(&format!("{base}/runs/{gated}"))
         .await
         .unwrap();
-    let page = b.client.source().await.unwrap();
-    assert!(page.contains("Waiting for approval"), "{page}");
+    until(
+        &b,
+        10,
+        "return document.body.innerText.includes('Waiting for approval')",
+        "the viewer's run page",
+    )
+    .await;
     assert!(
         b.client
             .find(Locator::Css("button[data-action=approve]"))
