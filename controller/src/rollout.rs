@@ -118,3 +118,4 @@ mod tests;
 
 pub use engine::Engine;
 pub use model::*;
+pub use verdict::judge_result;

@@ -426,3 +426,33 @@ changes:
     assert_eq!(refused.code, 4, "{refused:?}");
     assert!(refused.stderr.contains("operator role"), "{refused:?}");
 }
+
+#[test]
+fn logs_say_whether_each_step_passed_and_what_a_failed_expect_saw() {
+    let ctl = Controller::start();
+    let _agent = Agent::join(&ctl, "v1", &[]);
+    let file = ctl.changeset(
+        "expect.yaml",
+        r#"
+name: expect
+changes:
+  - name: release
+    hosts: all
+    apply:
+      - run: echo 1.0 > version
+    verify:
+      - run: cat version
+        expect: stdout.trim() == "2.0"
+"#,
+    );
+    let run = ctl.detach(&file, &[]);
+    ctl.wait_final(&run);
+    let logs = ctl.modi(&["logs", &run]).stdout;
+    assert!(logs.contains("-> passed (exit 0)"), "{logs}");
+    assert!(
+        logs.contains(
+            "-> failed: verify[0]: expect `stdout.trim() == \"2.0\"` was false; it saw exit 0, stdout \"1.0\""
+        ),
+        "{logs}"
+    );
+}

@@ -333,6 +333,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let spec = convert::spec_of(&self.shared, run)?;
         let host = req.host;
         let clock = self.shared.drivers.clock;
+        let judge = self.shared.judge.clone();
         tokio::spawn(async move {
             for e in entries {
                 if tx.send(Ok(e)).await.is_err() {
@@ -348,7 +349,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 };
                 match item {
                     Ok(item) => {
-                        if let Some(entry) = convert::live_log(&spec, &host, item, clock.now())
+                        if let Some(entry) =
+                            convert::live_log(judge.as_ref(), &spec, &host, item, clock.now())
                             && tx.send(Ok(entry)).await.is_err()
                         {
                             break;

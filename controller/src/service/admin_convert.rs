@@ -12,11 +12,13 @@ use crate::changeset;
 use crate::driver;
 use crate::fleet::{Presence, RunRef, full_id};
 use crate::limits;
-use crate::rollout::{DispatchId, Event, RunState, StepResult, Termination};
+use crate::rollout::{
+    DispatchId, Event, FailureReason, Judge, Phase, RunState, StepResult, Termination,
+};
 use crate::run_ports::{DriverMsg, WatchItem};
 use crate::secret::{self, Secrets};
 use crate::server::Shared;
-use crate::spec::{HostInfo, RunSpec};
+use crate::spec::{HostInfo, RunSpec, Step};
 use crate::store::{HostRecord, RunMeta, StoreError};
 
 /// Store failures are the controller's problem, not the caller's.
@@ -241,6 +243,63 @@ fn outcome(result: &StepResult) -> String {
     }
 }
 
+/// A finished step's outcome for people: `passed (exit 0)`, or `failed:`
+/// and why, with what a failed `expect` saw. The raw outcome when the step
+/// is not known (a backout step seen live).
+fn verdict(
+    judge: &dyn Judge,
+    spec: &RunSpec,
+    id: &DispatchId,
+    step: Option<&Step>,
+    r: &StepResult,
+) -> String {
+    let raw = outcome(r);
+    let plan = spec
+        .changes
+        .get(id.change)
+        .and_then(|c| c.hosts.get(id.host));
+    let (Some(step), Some(plan)) = (step, plan) else {
+        return raw;
+    };
+    match crate::rollout::judge_result(judge, *id, step, plan, r) {
+        Ok(()) => format!("passed ({raw})"),
+        Err(f) if f.reason == FailureReason::ConditionFailed => {
+            let last = |text: &str| {
+                let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+                let mut line = line.trim().to_string();
+                if let Some((cut, _)) = line.char_indices().nth(120) {
+                    line.truncate(cut);
+                    line.push('…');
+                }
+                Some(line)
+            };
+            let mut saw = raw;
+            if let Some(l) = last(&r.stdout) {
+                saw.push_str(&format!(", stdout {l:?}"));
+            }
+            if let Some(l) = last(&r.stderr) {
+                saw.push_str(&format!(", stderr {l:?}"));
+            }
+            format!("failed: {}; it saw {saw}", f.message)
+        }
+        Err(f) => format!("failed: {}", f.message),
+    }
+}
+
+/// A step of the forward sequence by its id (a backout's steps depend on
+/// the procedure chosen, which only the journal knows).
+fn forward_step<'a>(spec: &'a RunSpec, id: &DispatchId) -> Option<&'a Step> {
+    let plan = spec.changes.get(id.change)?.hosts.get(id.host)?;
+    let phase = match id.phase {
+        Phase::SkipIf => &plan.skip_if,
+        Phase::Check => &plan.check,
+        Phase::Apply => &plan.apply,
+        Phase::Verify => &plan.verify,
+        _ => return None,
+    };
+    phase.get(id.step)
+}
+
 fn with_dropped(text: &str, dropped: u64) -> String {
     if dropped == 0 {
         text.to_string()
@@ -298,11 +357,15 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
         .dispatches
         .iter()
         .filter(|(_, h, _)| host.is_empty() || h == host)
-        .map(|(id, h, step)| {
-            let step = driver::describe(step);
+        .map(|(id, h, dispatched)| {
+            let step = driver::describe(dispatched);
             let (started, finished) = replayed.times.get(id).copied().unwrap_or((0, None));
             let mut entry = match replayed.results.get(id) {
-                Some(r) => finished_entry(spec, run, id, h, &step, r),
+                Some(r) => {
+                    let mut e = finished_entry(spec, run, id, h, &step, r);
+                    e.outcome = verdict(shared.judge.as_ref(), spec, id, Some(dispatched), r);
+                    e
+                }
                 None => {
                     // Running: what it printed so far, kept by the fleet.
                     let full = full_id(run, id);
@@ -351,7 +414,13 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
 
 /// A live watch item as a log entry, if it concerns `host` (or any host
 /// when empty).
-pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem, now: u64) -> Option<pb::LogEntry> {
+pub fn live_log(
+    judge: &dyn Judge,
+    spec: &RunSpec,
+    host: &str,
+    item: WatchItem,
+    now: u64,
+) -> Option<pb::LogEntry> {
     let keep = |h: &str| host.is_empty() || h == host;
     match item {
         WatchItem::Dispatched { id, host: h, step } if keep(&h) => Some(pb::LogEntry {
@@ -378,6 +447,7 @@ pub fn live_log(spec: &RunSpec, host: &str, item: WatchItem, now: u64) -> Option
             let h = host_of(spec, &id);
             keep(&h).then(|| {
                 let mut e = finished_entry(spec, RunRef { id: 0, stamp: 0 }, &id, &h, "", &result);
+                e.outcome = verdict(judge, spec, &id, forward_step(spec, &id), &result);
                 // The output was streamed already.
                 e.stdout.clear();
                 e.stderr.clear();

@@ -559,7 +559,7 @@ pub async fn host(
                 li.step {
                     h2 { (e.step) }
                     p.outcome {
-                        (state_badge(if e.finished { if e.outcome == "passed" { "success" } else { "failed" } } else { "running" }))
+                        (state_badge(if e.finished { if e.outcome.starts_with("passed") { "success" } else { "failed" } } else { "running" }))
                         " " (e.outcome)
                         @if let Some(code) = e.exit_code { ", exit " (code) }
                         @if e.finished { ", " (e.duration_ms) " ms" }
