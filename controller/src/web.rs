@@ -181,6 +181,22 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// The signed-in operator of a request (its cookie value and session); a
+/// request without one is answered with the page that says how to sign
+/// in.
+pub struct SignedIn(pub String, pub session::Session);
+
+impl axum::extract::FromRequestParts<Arc<Shared>> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        shared: &Arc<Shared>,
+    ) -> Result<SignedIn, Response> {
+        signed_in(shared, &parts.headers).map(|(id, s)| SignedIn(id, s))
+    }
+}
+
 /// The signed-in session, or the page that says how to sign in.
 fn signed_in(shared: &Shared, headers: &HeaderMap) -> Result<(String, session::Session), Response> {
     let refused = |why: String| pages::problem(StatusCode::UNAUTHORIZED, "Not signed in", &why);

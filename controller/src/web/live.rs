@@ -8,7 +8,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use modi_proto::v1 as pb;
@@ -16,7 +15,7 @@ use modi_proto::v1::admin_service_server::AdminService;
 use serde_json::json;
 use tokio_stream::{Stream, StreamExt};
 
-use super::{call, signed_in};
+use super::{SignedIn, call};
 use crate::rollout::Progress;
 use crate::run_ports::WatchItem;
 use crate::server::Shared;
@@ -55,13 +54,9 @@ fn grid_event(item: WatchItem) -> Option<serde_json::Value> {
 /// `GET /runs/{run}/events`.
 pub async fn run_events(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    SignedIn(_, session): SignedIn,
     Path(run): Path<String>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let req = pb::WatchRequest { run_id: run };
     let stream = match call(
         &shared,
@@ -95,13 +90,9 @@ pub async fn run_events(
 /// comes.
 pub async fn host_output(
     State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
+    SignedIn(_, session): SignedIn,
     Path((run, host)): Path<(String, String)>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let req = pb::LogsRequest {
         run_id: run,
         host,

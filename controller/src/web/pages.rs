@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tokio_stream::StreamExt;
 
 use super::session::{COOKIE, SESSION_TTL_MS, Session};
-use super::{call, redirect, same_origin_form, signed_in};
+use super::{SignedIn, call, redirect, same_origin_form};
 use crate::rollout::{HostState, RunState, RunStatus};
 use crate::server::Shared;
 use crate::spec::RunSpec;
@@ -160,13 +160,10 @@ pub struct CsrfForm {
 /// `POST /logout`.
 pub async fn logout(
     State(shared): Shared_,
+    SignedIn(id, session): SignedIn,
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let (id, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     if let Err(r) = same_origin_form(&headers, &session, &form.csrf) {
         return r;
     }
@@ -195,13 +192,9 @@ pub struct RunsQuery {
 /// `GET /runs[?state=S&page=N]`: newest first, paged.
 pub async fn runs(
     State(shared): Shared_,
-    headers: HeaderMap,
+    SignedIn(_, session): SignedIn,
     Query(q): Query<RunsQuery>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let listed = call(
         &shared,
         &session.caller,
@@ -374,11 +367,11 @@ fn control_button(run: &str, session: &Session, action: &str, text: &str, class:
 }
 
 /// `GET /runs/{run}`: each change as a grid of its hosts by batch, live.
-pub async fn run(State(shared): Shared_, headers: HeaderMap, Path(run): Path<String>) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+pub async fn run(
+    State(shared): Shared_,
+    SignedIn(_, session): SignedIn,
+    Path(run): Path<String>,
+) -> Response {
     let (summary, status) = match fetch_run(&shared, &session, &run).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -435,13 +428,9 @@ pub async fn run(State(shared): Shared_, headers: HeaderMap, Path(run): Path<Str
 /// `GET /runs/{run}/panel`: the panel alone, for the live page.
 pub async fn panel(
     State(shared): Shared_,
-    headers: HeaderMap,
+    SignedIn(_, session): SignedIn,
     Path(run): Path<String>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     match fetch_run(&shared, &session, &run).await {
         Ok((summary, status)) => panel_markup(&summary.run_id, &status, &session).into_response(),
         Err(r) => r,
@@ -458,14 +447,11 @@ pub struct ControlForm {
 /// `POST /runs/{run}/control`: approve, deny, pause, resume, abort.
 pub async fn control(
     State(shared): Shared_,
+    SignedIn(_, session): SignedIn,
     headers: HeaderMap,
     Path(run): Path<String>,
     Form(form): Form<ControlForm>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     if let Err(r) = same_origin_form(&headers, &session, &form.csrf) {
         return r;
     }
@@ -507,13 +493,9 @@ pub async fn control(
 /// live while a step runs.
 pub async fn host(
     State(shared): Shared_,
-    headers: HeaderMap,
+    SignedIn(_, session): SignedIn,
     Path((run, host)): Path<(String, String)>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let (summary, status) = match fetch_run(&shared, &session, &run).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -589,13 +571,9 @@ pub struct HostsQuery {
 /// `GET /hosts[?selector=...]`: the selector grammar of the CLI.
 pub async fn hosts(
     State(shared): Shared_,
-    headers: HeaderMap,
+    SignedIn(_, session): SignedIn,
     Query(q): Query<HostsQuery>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let req = pb::ListHostsRequest {
         selector: q.selector.clone(),
     };
@@ -684,17 +662,14 @@ fn plan_body(
 }
 
 /// `GET /plan`.
-pub async fn plan_form(State(shared): Shared_, headers: HeaderMap) -> Response {
-    match signed_in(&shared, &headers) {
-        Ok((_, session)) => page(
-            "plan",
-            &session,
-            &[],
-            plan_body(&session, "", "", false, None),
-        )
-        .into_response(),
-        Err(r) => r,
-    }
+pub async fn plan_form(SignedIn(_, session): SignedIn) -> Response {
+    page(
+        "plan",
+        &session,
+        &[],
+        plan_body(&session, "", "", false, None),
+    )
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -712,13 +687,10 @@ pub struct PlanForm {
 /// `POST /plan`: the plan (and `--diff`) of a pasted changeset.
 pub async fn plan(
     State(shared): Shared_,
+    SignedIn(_, session): SignedIn,
     headers: HeaderMap,
     Form(form): Form<PlanForm>,
 ) -> Response {
-    let (_, session) = match signed_in(&shared, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     if let Err(r) = same_origin_form(&headers, &session, &form.csrf) {
         return r;
     }
