@@ -79,7 +79,7 @@ pub async fn diffs(fleet: &Fleet, spec: &RunSpec) -> Vec<pb::FileDiff> {
             reads.insert(key, read);
         }
     }
-    let mut out: Vec<pb::FileDiff> = wanted
+    let out: Vec<pb::FileDiff> = wanted
         .into_iter()
         .enumerate()
         .map(|(i, w)| {
@@ -110,7 +110,6 @@ pub async fn diffs(fleet: &Fleet, spec: &RunSpec) -> Vec<pb::FileDiff> {
     if skipped > 0 {
         tracing::info!(skipped, "plan --diff: file steps past the cap not compared");
     }
-    out.shrink_to_fit();
     out
 }
 
