@@ -487,6 +487,19 @@ fn demo_stay_leaves_a_fleet_for_the_cli_and_ctrl_c_cleans_it_up() {
         })
         .collect();
     assert_eq!(roles, expected, "{hosts:?}");
+    // The web view is on: `modi ui` gives a sign-in link that works.
+    let ui = modi_env(&config, &["--output", "json", "ui"]);
+    let url = ui.json()["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let signed_in = std::process::Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&signed_in.stdout),
+        "303",
+        "{signed_in:?}"
+    );
     // --cli-config wins over MODI_CLI_CONFIG.
     let missing = dir.join("no-such-cli.toml");
     let flag = modi_env(

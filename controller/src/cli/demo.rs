@@ -157,6 +157,15 @@ async fn demo(
         root.display()
     ));
 
+    if stay {
+        // The fleet that stays up has the web view on too: `modi ui`.
+        let web = free_port()?;
+        add_top_level_key(
+            &report.controller_config,
+            &format!("web_listen = \"127.0.0.1:{web}\""),
+        )?;
+    }
+
     let me = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
     let mut procs = Vec::new();
     let config = report.controller_config.to_string_lossy().into_owned();
@@ -316,7 +325,8 @@ fn stay_up(out: &Output, root: &Path, cli_config: &Path, procs: &[Proc], keep: b
         format!(
             "\nThe demo fleet stays up. In another shell:\n\n\
              export MODI_CLI_CONFIG={config}\n\n\
-             then e.g. `modi hosts`, `modi runs`, `modi logs 1`, or a lab example:\n\
+             then e.g. `modi hosts`, `modi runs`, `modi logs 1`, `modi ui` (a link to\n\
+             the web view), or a lab example:\n\
              `modi apply examples/lab/web-upgrade.yaml` (it waits for `modi approve RUN`\n\
              at each batch; try `modi pause RUN` too). Every example in examples/lab/\n\
              runs on this fleet.\n\n\
@@ -331,6 +341,19 @@ fn stay_up(out: &Output, root: &Path, cli_config: &Path, procs: &[Proc], keep: b
             root.display(),
         )
     });
+}
+
+/// Adds a top-level `key = value` line to a TOML file, before its first
+/// table.
+fn add_top_level_key(path: &Path, line: &str) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Failed(format!("cannot read {}: {e}", path.display())))?;
+    let (head, tables) = match text.find("\n[") {
+        Some(i) => text.split_at(i + 1),
+        None => (text.as_str(), ""),
+    };
+    std::fs::write(path, format!("{head}{line}\n{tables}"))
+        .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))
 }
 
 /// `text` as one word for a POSIX shell (quoted only when it must be).
