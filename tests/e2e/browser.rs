@@ -116,16 +116,18 @@ async fn screenshot(b: &Browser, name: &str) {
 /// page: the old one's mark is gone).
 async fn approve(b: &Browser) {
     js(b, "window.modiOldPage = true; return true").await;
-    b.client
-        .find(Locator::Css("button[data-action=approve]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    // Found and clicked in one step: the live page may swap its panel (and
+    // the button with it) between a find and a click.
     until(
         b,
-        10,
+        30,
+        "const a = document.querySelector('button[data-action=approve]'); if (!a) return false; a.click(); return true",
+        "an Approve button to click",
+    )
+    .await;
+    until(
+        b,
+        30,
         "return window.modiOldPage === undefined && document.readyState === 'complete' && !!document.getElementById('panel')",
         "the run page after approving",
     )
@@ -176,14 +178,14 @@ changes:
     b.client.goto(&url).await.unwrap();
     until(
         &b,
-        10,
+        30,
         "return location.pathname === '/runs'",
         "the runs page",
     )
     .await;
     until(
         &b,
-        10,
+        30,
         "return document.body.innerText.includes('warmup') && document.body.innerText.includes('✔ success')",
         "the finished run listed",
     )
@@ -202,7 +204,7 @@ changes:
     approve(&b).await;
     js(&b, "window.modiMarker = 42; return true").await;
     let mut seen = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let states = js(&b, CELL_STATES).await;
         let states = states.as_str().unwrap_or_default().to_string();
@@ -228,7 +230,7 @@ changes:
     // The next gate shows up in the panel by itself.
     b.client
         .wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(Duration::from_secs(30))
         .for_element(Locator::Css("button[data-action=approve]"))
         .await
         .unwrap();
@@ -250,7 +252,7 @@ changes:
     .await;
     until(
         &b,
-        10,
+        30,
         "return !!document.querySelector('details.failures') && document.body.innerText.includes('w4: verify[0]')",
         "why w4 failed",
     )
@@ -289,7 +291,7 @@ changes:
         .unwrap();
     until(
         &b,
-        10,
+        30,
         "return document.getElementById('changeset').value.includes('name: warmup')",
         "the file in the box",
     )
@@ -301,13 +303,13 @@ changes:
         .click()
         .await
         .unwrap();
-    until(&b, 10, "const p = document.querySelector('pre.planout'); return !!p && p.innerText.includes('echo hi')", "the plan").await;
+    until(&b, 30, "const p = document.querySelector('pre.planout'); return !!p && p.innerText.includes('echo hi')", "the plan").await;
 
     // The used link is refused; signing out ends the session.
     b.client.goto(&url).await.unwrap();
     until(
         &b,
-        10,
+        30,
         "return document.body.innerText.includes('Cannot sign in')",
         "a used link refused",
     )
@@ -322,7 +324,7 @@ changes:
         .unwrap();
     until(
         &b,
-        10,
+        30,
         "return document.body.innerText.includes('Signed out')",
         "signed out",
     )
@@ -330,7 +332,7 @@ changes:
     b.client.goto(&format!("{base}/runs")).await.unwrap();
     until(
         &b,
-        10,
+        30,
         "return document.body.innerText.includes('Not signed in')",
         "signed out for good",
     )
@@ -351,7 +353,7 @@ changes:
         .unwrap();
     until(
         &b,
-        10,
+        30,
         "return document.body.innerText.includes('Waiting for approval')",
         "the viewer's run page",
     )
@@ -374,7 +376,7 @@ changes:
     .await;
     until(
         &b,
-        10,
+        30,
         "return document.body.innerText.includes('needs the operator role')",
         "the refusal",
     )
