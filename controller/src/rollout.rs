@@ -118,4 +118,3 @@ mod tests;
 
 pub use engine::Engine;
 pub use model::*;
-pub use verdict::judge_result;

@@ -134,6 +134,11 @@ changes:
         early.is_some() && later.is_some() && early < later,
         "replayed, then followed: {lines:?}"
     );
+    // The step's ending, seen live, carries the engine's verdict.
+    assert!(
+        lines.iter().any(|l| l.contains("-> passed (exit 0)")),
+        "{lines:?}"
+    );
     assert!(
         !lines.iter().any(|l| l.contains("prep-1")),
         "--change shows one change: {lines:?}"
@@ -451,7 +456,7 @@ changes:
     assert!(logs.contains("-> passed (exit 0)"), "{logs}");
     assert!(
         logs.contains(
-            "-> failed: verify[0]: expect `stdout.trim() == \"2.0\"` was false; it saw exit 0, stdout \"1.0\""
+            "-> failed: expect `stdout.trim() == \"2.0\"` was false; it saw exit 0, stdout \"1.0\""
         ),
         "{logs}"
     );

@@ -10,7 +10,7 @@ use super::model::{DispatchId, Failure, FailureReason, Judge, StepResult, Termin
 /// Termination decides first (timed out, cancelled, lost, unreachable,
 /// failed to start); only a step that exited is handed to the [`Judge`]. A
 /// result without a termination is taken as `Exited`.
-pub fn judge_result(
+pub(super) fn judge_result(
     judge: &dyn Judge,
     id: DispatchId,
     step: &Step,

@@ -327,13 +327,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     .map(|p| p.watch.subscribe())
             })
             .flatten();
-        let entries = convert::logs(&self.shared, run, &req.host)?;
+        let (entries, spec) = convert::logs(&self.shared, run, &req.host)?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let shutdown = self.shared.shutdown.clone();
-        let spec = convert::spec_of(&self.shared, run)?;
-        let host = req.host;
+        let mut follow = convert::LiveLog::new(spec, req.host);
         let clock = self.shared.drivers.clock;
-        let judge = self.shared.judge.clone();
         tokio::spawn(async move {
             for e in entries {
                 if tx.send(Ok(e)).await.is_err() {
@@ -349,8 +347,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 };
                 match item {
                     Ok(item) => {
-                        if let Some(entry) =
-                            convert::live_log(judge.as_ref(), &spec, &host, item, clock.now())
+                        if let Some(entry) = follow.entry(item, clock.now())
                             && tx.send(Ok(entry)).await.is_err()
                         {
                             break;

@@ -1,7 +1,7 @@
 //! Conversions between `pb::` admin types and ours, and our errors as gRPC
 //! statuses.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use modi_proto::v1 as pb;
@@ -12,9 +12,7 @@ use crate::changeset;
 use crate::driver;
 use crate::fleet::{Presence, RunRef, full_id};
 use crate::limits;
-use crate::rollout::{
-    DispatchId, Event, FailureReason, Judge, Phase, RunState, StepResult, Termination,
-};
+use crate::rollout::{DispatchId, Event, FailureReason, Phase, RunState, StepResult, Termination};
 use crate::run_ports::{DriverMsg, WatchItem};
 use crate::secret::{self, Secrets};
 use crate::server::Shared;
@@ -243,27 +241,18 @@ fn outcome(result: &StepResult) -> String {
     }
 }
 
-/// A finished step's outcome for people: `passed (exit 0)`, or `failed:`
-/// and why, with what a failed `expect` saw. The raw outcome when the step
-/// is not known (a backout step seen live).
-fn verdict(
-    judge: &dyn Judge,
-    spec: &RunSpec,
-    id: &DispatchId,
-    step: Option<&Step>,
-    r: &StepResult,
-) -> String {
+/// How the engine judged a step: passed, or why not.
+type Judged = (bool, Option<FailureReason>);
+
+/// A finished step's outcome for people, from the engine's verdict:
+/// `passed (exit 0)`, or `failed:` and why, with what a failed `expect`
+/// saw. The raw outcome when there is no verdict (yet).
+fn verdict(step: Option<&Step>, r: &StepResult, judged: Option<Judged>) -> String {
     let raw = outcome(r);
-    let plan = spec
-        .changes
-        .get(id.change)
-        .and_then(|c| c.hosts.get(id.host));
-    let (Some(step), Some(plan)) = (step, plan) else {
-        return raw;
-    };
-    match crate::rollout::judge_result(judge, *id, step, plan, r) {
-        Ok(()) => format!("passed ({raw})"),
-        Err(f) if f.reason == FailureReason::ConditionFailed => {
+    match judged {
+        None => raw,
+        Some((true, _)) => format!("passed ({raw})"),
+        Some((false, Some(FailureReason::ConditionFailed))) => {
             let last = |text: &str| {
                 let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
                 let mut line = line.trim().to_string();
@@ -280,9 +269,15 @@ fn verdict(
             if let Some(l) = last(&r.stderr) {
                 saw.push_str(&format!(", stderr {l:?}"));
             }
-            format!("failed: {}; it saw {saw}", f.message)
+            match step.and_then(|s| s.expect.as_ref()) {
+                Some(cond) => format!("failed: expect `{}` was false; it saw {saw}", cond.expr),
+                None => format!("failed: its condition was false; it saw {saw}"),
+            }
         }
-        Err(f) => format!("failed: {}", f.message),
+        Some((false, reason)) => format!(
+            "failed: {} ({raw})",
+            reason.map_or("failed", FailureReason::as_str)
+        ),
     }
 }
 
@@ -334,8 +329,12 @@ fn finished_entry(
 }
 
 /// Every step of run `run` (of `host`, or all hosts if empty) with its
-/// output, from the journal.
-pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, Status> {
+/// output, from the journal; and the run's spec.
+pub fn logs(
+    shared: &Shared,
+    run: u64,
+    host: &str,
+) -> Result<(Vec<pb::LogEntry>, Arc<RunSpec>), Status> {
     let replayed = driver::replay(&shared.store, shared.judge.clone(), run)
         .map_err(store_error)?
         .ok_or_else(|| Status::not_found(format!("no run {run}")))?;
@@ -353,6 +352,16 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
         id: run,
         stamp: replayed.created_at,
     };
+    // The engine's verdict on every step it judged.
+    let judged: HashMap<DispatchId, Judged> = replayed
+        .engine
+        .status()
+        .changes
+        .into_iter()
+        .flat_map(|c| c.hosts)
+        .flat_map(|h| h.steps)
+        .filter_map(|s| Some((s.id, (s.passed?, s.reason))))
+        .collect();
     let mut entries: Vec<pb::LogEntry> = replayed
         .dispatches
         .iter()
@@ -363,7 +372,7 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
             let mut entry = match replayed.results.get(id) {
                 Some(r) => {
                     let mut e = finished_entry(spec, run, id, h, &step, r);
-                    e.outcome = verdict(shared.judge.as_ref(), spec, id, Some(dispatched), r);
+                    e.outcome = verdict(Some(dispatched), r, judged.get(id).copied());
                     e
                 }
                 None => {
@@ -409,53 +418,74 @@ pub fn logs(shared: &Shared, run: u64, host: &str) -> Result<Vec<pb::LogEntry>, 
         );
         entries.push(e);
     }
-    Ok(entries)
+    Ok((entries, replayed.spec))
 }
 
-/// A live watch item as a log entry, if it concerns `host` (or any host
-/// when empty).
-pub fn live_log(
-    judge: &dyn Judge,
-    spec: &RunSpec,
-    host: &str,
-    item: WatchItem,
-    now: u64,
-) -> Option<pb::LogEntry> {
-    let keep = |h: &str| host.is_empty() || h == host;
-    match item {
-        WatchItem::Dispatched { id, host: h, step } if keep(&h) => Some(pb::LogEntry {
-            change: change_of(spec, &id),
-            step: label(spec, &id, &step),
-            host: h,
-            outcome: "running".into(),
-            started_at_ms: now,
-            attempt: attempts(spec, &id).0,
-            attempts: attempts(spec, &id).1,
-            ..Default::default()
-        }),
-        WatchItem::Output { id, stderr, data } => {
-            let h = host_of(spec, &id);
-            keep(&h).then(|| pb::LogEntry {
-                change: change_of(spec, &id),
-                host: h,
-                stdout: if stderr { String::new() } else { data.clone() },
-                stderr: if stderr { data } else { String::new() },
-                ..Default::default()
-            })
+/// `logs --follow`: live watch items as log entries, for one host (or
+/// every host when empty). A step's result is held until the engine's
+/// verdict on it, which follows at once, so its ending says how it went.
+pub struct LiveLog {
+    spec: Arc<RunSpec>,
+    host: String,
+    waiting: HashMap<DispatchId, (String, StepResult)>,
+}
+
+impl LiveLog {
+    /// Follows `spec`'s run for `host` ("" = every host).
+    pub fn new(spec: Arc<RunSpec>, host: String) -> LiveLog {
+        LiveLog {
+            spec,
+            host,
+            waiting: HashMap::new(),
         }
-        WatchItem::Result { id, result } => {
-            let h = host_of(spec, &id);
-            keep(&h).then(|| {
+    }
+
+    /// The entry `item` makes, if any.
+    pub fn entry(&mut self, item: WatchItem, now: u64) -> Option<pb::LogEntry> {
+        let spec = &self.spec;
+        let keep = |h: &str| self.host.is_empty() || h == self.host;
+        match item {
+            WatchItem::Dispatched { id, host: h, step } if keep(&h) => Some(pb::LogEntry {
+                change: change_of(spec, &id),
+                step: label(spec, &id, &step),
+                host: h,
+                outcome: "running".into(),
+                started_at_ms: now,
+                attempt: attempts(spec, &id).0,
+                attempts: attempts(spec, &id).1,
+                ..Default::default()
+            }),
+            WatchItem::Output { id, stderr, data } => {
+                let h = host_of(spec, &id);
+                keep(&h).then(|| pb::LogEntry {
+                    change: change_of(spec, &id),
+                    host: h,
+                    stdout: if stderr { String::new() } else { data.clone() },
+                    stderr: if stderr { data } else { String::new() },
+                    ..Default::default()
+                })
+            }
+            WatchItem::Result { id, result } => {
+                let h = host_of(spec, &id);
+                if keep(&h) {
+                    self.waiting.insert(id, (h, result));
+                }
+                None
+            }
+            WatchItem::Progress {
+                progress: crate::rollout::Progress::Step { id, passed, reason },
+            } => {
+                let (h, result) = self.waiting.remove(&id)?;
                 let mut e = finished_entry(spec, RunRef { id: 0, stamp: 0 }, &id, &h, "", &result);
-                e.outcome = verdict(judge, spec, &id, forward_step(spec, &id), &result);
+                e.outcome = verdict(forward_step(spec, &id), &result, Some((passed, reason)));
                 // The output was streamed already.
                 e.stdout.clear();
                 e.stderr.clear();
                 e.dispatch_id.clear();
                 e.finished_at_ms = now;
-                e
-            })
+                Some(e)
+            }
+            _ => None,
         }
-        _ => None,
     }
 }
