@@ -12,5 +12,6 @@ mod language;
 mod reading;
 mod refusals;
 mod rollout;
+mod scale;
 mod secrets;
 mod trust;
