@@ -28,7 +28,7 @@
 //! [`RunPorts`], never by calling its driver, and reads the time from the
 //! [`Clock`] it was given.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -227,9 +227,23 @@ struct State {
     seen: std::collections::HashSet<String>,
     /// Which run holds each host (one host, one run's change at a time).
     holders: HashMap<String, u64>,
+    /// Runs holding dispatches for each host until it is free (connects,
+    /// or another run lets it go): woken through their [`RunPorts`].
+    waiters: HashMap<String, HashSet<u64>>,
 }
 
 impl State {
+    /// Tells the runs waiting for `host` that it may be free now.
+    fn wake_waiters(&mut self, host: &str) {
+        if let Some(runs) = self.waiters.remove(host) {
+            for run in runs {
+                if let Some(p) = self.runs.get(&run) {
+                    p.ready.wake(host);
+                }
+            }
+        }
+    }
+
     /// Puts a step in flight under its full dispatch id.
     fn add_inflight(&mut self, full: String, f: Inflight) {
         let agent = f.agent.clone();
@@ -441,6 +455,7 @@ impl Fleet {
         if let Some(old) = state.sessions.insert(name.to_string(), session) {
             old.token.cancel();
         }
+        state.wake_waiters(name);
         Ok(SessionHandle {
             id,
             outbound,
@@ -842,10 +857,39 @@ impl Fleet {
     }
 
     /// Lets run `run` hold `host` (it may already): false while another
-    /// run holds it.
+    /// run holds it, and then `run` is woken (see [`RunPorts::ready`]) when
+    /// the host is let go.
     pub fn hold(&self, host: &str, run: u64) -> bool {
         let mut state = self.lock();
-        *state.holders.entry(host.to_string()).or_insert(run) == run
+        if *state.holders.entry(host.to_string()).or_insert(run) == run {
+            return true;
+        }
+        state
+            .waiters
+            .entry(host.to_string())
+            .or_default()
+            .insert(run);
+        false
+    }
+
+    /// Is `host` connected? If not, run `run` is woken (see
+    /// [`RunPorts::ready`]) when it connects.
+    pub fn connected_or_wake(&self, host: &str, run: u64) -> bool {
+        let mut state = self.lock();
+        if state.sessions.contains_key(host) {
+            return true;
+        }
+        state
+            .waiters
+            .entry(host.to_string())
+            .or_default()
+            .insert(run);
+        false
+    }
+
+    /// When the startup grace (see [`Fleet::expected_back`]) ends.
+    pub fn grace_end(&self) -> Millis {
+        self.started + STARTUP_GRACE.as_millis() as Millis
     }
 
     /// Run `run` is done with `host` for now.
@@ -853,6 +897,7 @@ impl Fleet {
         let mut state = self.lock();
         if state.holders.get(host) == Some(&run) {
             state.holders.remove(host);
+            state.wake_waiters(host);
         }
     }
 
@@ -874,7 +919,20 @@ impl Fleet {
         for k in gone {
             state.remove_inflight(&k);
         }
-        state.holders.retain(|_, r| *r != run);
+        let held: Vec<String> = state
+            .holders
+            .iter()
+            .filter(|(_, r)| **r == run)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for host in held {
+            state.holders.remove(&host);
+            state.wake_waiters(&host);
+        }
+        state.waiters.retain(|_, runs| {
+            runs.remove(&run);
+            !runs.is_empty()
+        });
     }
 
     /// A running run's ports.

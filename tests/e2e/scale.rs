@@ -80,3 +80,89 @@ fn two_hundred_simulated_agents_run_a_parallel_change_exactly_once() {
     assert!(stats.acks.load(Ordering::Relaxed) >= N as u64);
     rt.block_on(fleet.stop());
 }
+
+/// The controller's work for one small run, counted (never timed).
+#[derive(Debug)]
+struct Cost {
+    /// Store write jobs.
+    writes: f64,
+    /// Store flushes.
+    flushes: f64,
+    /// The controller's CPU time, in clock ticks.
+    cpu_ticks: u64,
+}
+
+/// Starts `agents` simulated agents (heartbeats every 60 s, so idle ones
+/// cost next to nothing), runs the same small changeset on the first 20
+/// of them, and counts what the run cost the controller.
+fn small_run_cost(rt: &tokio::runtime::Runtime, agents: usize) -> Cost {
+    let opts = Options {
+        heartbeat: Duration::from_secs(60),
+        ..Options::default()
+    };
+    let mut fleet = rt
+        .block_on(SimFleet::start(agents, opts, 32, "info"))
+        .expect("the fleet starts");
+    let names: Vec<String> = (0..20).map(|i| format!("sim-{i:05}")).collect();
+    let yaml = format!(
+        r#"
+name: small
+changes:
+  - name: two-steps
+    hosts: [{}]
+    rollout: {{ mode: rolling, batches: [5] }}
+    apply:
+      - run: "true"
+      - run: "true"
+"#,
+        names.join(", ")
+    );
+    // Everything the connections wrote is written.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = fleet.pid().expect("running");
+    let (w0, f0) = (
+        fleet.metric("modi_store_writes_total").unwrap(),
+        fleet.metric("modi_store_flushes_total").unwrap(),
+    );
+    let c0 = sim::cpu_ticks(pid).unwrap();
+    let out = rt.block_on(fleet.apply(&yaml)).expect("the run");
+    assert_eq!(out.state, "success");
+    let c1 = sim::cpu_ticks(pid).unwrap();
+    let (w1, f1) = (
+        fleet.metric("modi_store_writes_total").unwrap(),
+        fleet.metric("modi_store_flushes_total").unwrap(),
+    );
+    assert_eq!(
+        fleet.sim.stats.executed.load(Ordering::Relaxed),
+        40,
+        "20 hosts, two steps each"
+    );
+    rt.block_on(fleet.stop());
+    Cost {
+        writes: w1 - w0,
+        flushes: f1 - f0,
+        cpu_ticks: c1 - c0,
+    }
+}
+
+#[test]
+fn a_run_costs_the_controller_the_same_with_100_or_2000_idle_agents() {
+    let rt = runtime();
+    let small = small_run_cost(&rt, 100);
+    let large = small_run_cost(&rt, 2000);
+    eprintln!("100 agents: {small:?}; 2000 agents: {large:?}");
+    // 20 hosts, two steps: a few dozen writes whatever the fleet's size
+    // (group commit may merge some; one more per idle agent would be
+    // thousands).
+    assert!(small.writes > 0.0 && small.flushes > 0.0, "{small:?}");
+    assert!(
+        large.writes <= small.writes * 1.5 + 20.0,
+        "store writes grew with the fleet: {small:?} vs {large:?}"
+    );
+    // CPU is counted in ticks of 10 ms: a small constant factor, with a
+    // floor for the tick's coarseness.
+    assert!(
+        large.cpu_ticks <= small.cpu_ticks * 3 + 30,
+        "controller CPU for the same run grew with the fleet: {small:?} vs {large:?}"
+    );
+}

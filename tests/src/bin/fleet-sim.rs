@@ -66,6 +66,10 @@ fn build_binaries() {
         "modi-controller",
         "-p",
         "modi-agent",
+        // The same packages as `cargo run -p modi-tests` builds with, so
+        // both resolve the same features and neither rebuilds the other.
+        "-p",
+        "modi-tests",
     ]);
     if release {
         cmd.arg("--release");
