@@ -42,6 +42,21 @@ fn build_binaries() {
     let release = bin_dir().ends_with("release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `cargo run` gives us its package's CARGO_PKG_*, CARGO_MANIFEST_* and
+    // such; build scripts (ring's) rerun when those differ, and would
+    // rebuild half the tree on every alternation with `cargo run`.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k.as_ref(),
+                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd.args([
         "build",
         "--locked",

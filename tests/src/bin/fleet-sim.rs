@@ -52,6 +52,38 @@ struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
+    /// Profile the controller with `perf record` (Debian's linux-perf)
+    /// from the first parallel run to the last CLI timing, into this file.
+    #[arg(long)]
+    perf_record: Option<std::path::PathBuf>,
+}
+
+/// `perf record` attached to `pid` until stopped (SIGINT) or dropped.
+struct Perf(std::process::Child);
+
+impl Perf {
+    fn attach(pid: u32, out: &std::path::Path) -> anyhow::Result<Perf> {
+        let child = Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-p", &pid.to_string(), "-o"])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start perf (apt-get install linux-perf): {e}"))?;
+        // Let it attach before the work starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Perf(child))
+    }
+
+    /// Stops it; it writes its file and exits.
+    fn stop(self) {}
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.0.wait();
+    }
 }
 
 /// Builds the binaries this benchmark starts, in its own profile.
@@ -59,6 +91,21 @@ fn build_binaries() {
     let release = bin_dir().ends_with("release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `cargo run` gives us its package's CARGO_PKG_*, CARGO_MANIFEST_* and
+    // such; build scripts (ring's) rerun when those differ, and would
+    // rebuild half the tree on every alternation with `cargo run`.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k.as_ref(),
+                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd.args([
         "build",
         "--locked",
@@ -148,6 +195,10 @@ fn main() -> anyhow::Result<()> {
         idle_rss / 1024
     );
 
+    let perf = match &args.perf_record {
+        Some(out) => Some(Perf::attach(pid, out)?),
+        None => None,
+    };
     // Parallel no-op to all.
     let all = sim::parallel_noop("all");
     let mut parallel = Vec::new();
@@ -220,6 +271,9 @@ fn main() -> anyhow::Result<()> {
         3,
     );
     let (runs_ms, _) = time_cli(&fleet, &["runs"], 3);
+    if let Some(perf) = perf {
+        perf.stop();
+    }
     eprintln!(
         "fleet-sim: modi hosts {hosts_ms:.0} ms, status {status_ms:.0} ms (--all json {status_json_ms:.0} ms), runs {runs_ms:.0} ms"
     );
