@@ -831,6 +831,23 @@ impl Store {
             .collect()
     }
 
+    /// The newest `limit` runs, oldest first (only runs whose creation is
+    /// durable): read from the end, so a long history costs nothing.
+    pub fn newest_runs(&self, limit: usize) -> Result<Vec<RunMeta>, StoreError> {
+        let upto = self.durable_run();
+        let mut runs = self
+            .trees()?
+            .runs
+            .range(..=upto.to_be_bytes())
+            .values()
+            .rev()
+            .take(limit)
+            .map(|v| decode("runs", &v?))
+            .collect::<Result<Vec<RunMeta>, _>>()?;
+        runs.reverse();
+        Ok(runs)
+    }
+
     /// A run's journal, in order.
     pub fn journal(&self, run: u64) -> Result<Vec<JournalEntry>, StoreError> {
         self.trees()?

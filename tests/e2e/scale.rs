@@ -68,6 +68,18 @@ fn two_hundred_simulated_agents_run_a_parallel_change_exactly_once() {
         "a host with other than one result: {per_host:?}"
     );
 
+    // Listings are paged: the newest runs only.
+    let second = rt
+        .block_on(fleet.apply(&sim::parallel_noop("[sim-00000]")))
+        .expect("a second run");
+    assert_eq!(second.state, "success");
+    let newest = fleet.ctl.json(&["runs", "--limit", "1"]);
+    let newest = newest.as_array().expect("a list");
+    assert_eq!(newest.len(), 1, "{newest:?}");
+    assert_eq!(newest[0]["run"], second.run.as_str());
+    let every = fleet.ctl.json(&["runs", "--limit", "0"]);
+    assert_eq!(every.as_array().map(Vec::len), Some(2), "{every}");
+
     // The agents' side: each step ran once, every result was acked.
     assert!(
         rt.block_on(fleet.wait_all_acked(Duration::from_secs(20))),
@@ -75,7 +87,7 @@ fn two_hundred_simulated_agents_run_a_parallel_change_exactly_once() {
         fleet.sim.unacked()
     );
     let stats = &fleet.sim.stats;
-    assert_eq!(stats.executed.load(Ordering::Relaxed), N as u64);
+    assert_eq!(stats.executed.load(Ordering::Relaxed), N as u64 + 1);
     assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0);
     assert!(stats.acks.load(Ordering::Relaxed) >= N as u64);
     rt.block_on(fleet.stop());

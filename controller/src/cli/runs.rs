@@ -11,10 +11,10 @@ use super::{CliError, Client, Outcome, Output};
 use crate::rollout::RunStatus;
 
 /// Lists runs, newest last.
-pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
+pub async fn list(out: &Output, client: &Client, limit: u32) -> Result<Outcome, CliError> {
     let runs = client
         .admin()
-        .list_runs(pb::ListRunsRequest {})
+        .list_runs(pb::ListRunsRequest { limit })
         .await
         .map_err(|s| client.error(s))?
         .into_inner()
