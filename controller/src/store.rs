@@ -170,6 +170,51 @@ pub struct TokenRecord {
     /// controller answered) is a retry, not a new use.
     #[serde(default)]
     pub joined: Vec<Joined>,
+    /// Enrolments recorded in the `token_uses` tree (one entry per name,
+    /// so a token for 10,000 hosts is not rewritten whole at each join;
+    /// `used_by` and `joined` hold those made before). Reads
+    /// ([`Store::tokens`]) list them in `used_by` again.
+    #[serde(default)]
+    pub used: u32,
+}
+
+/// One enrolment with a token, in the `token_uses` tree under the token's
+/// hash and the agent's name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TokenUse {
+    /// Its place among the token's uses.
+    seq: u32,
+    /// SHA-256 (hex) of the public key it enrolled.
+    key_sha256: String,
+}
+
+/// The `token_uses` key of `name`'s enrolment with token `hash`.
+fn token_use_key(hash: &str, name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(hash.len() + 1 + name.len());
+    key.extend_from_slice(hash.as_bytes());
+    key.push(0);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// Every name that enrolled with token `hash`, in order (the record's own
+/// list first, then the `token_uses` tree's).
+fn token_users(trees: &Trees, hash: &str, token: &TokenRecord) -> Result<Vec<String>, StoreError> {
+    let mut prefix = hash.as_bytes().to_vec();
+    prefix.push(0);
+    let mut uses = Vec::new();
+    for kv in trees.token_uses.scan_prefix(&prefix) {
+        let (k, v) = kv?;
+        let u: TokenUse = decode("token_uses", &v)?;
+        uses.push((
+            u.seq,
+            String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+        ));
+    }
+    uses.sort();
+    let mut names = token.used_by.clone();
+    names.extend(uses.into_iter().map(|(_, n)| n));
+    Ok(names)
 }
 
 /// One enrolment made with a token.
@@ -285,6 +330,7 @@ struct Trees {
     meta: sled::Tree,
     operators: sled::Tree,
     audit: sled::Tree,
+    token_uses: sled::Tree,
 }
 
 impl Trees {
@@ -312,6 +358,7 @@ impl Trees {
             meta: db.open_tree("meta")?,
             operators: db.open_tree("operators")?,
             audit: db.open_tree("audit")?,
+            token_uses: db.open_tree("token_uses")?,
             db,
         })
     }
@@ -650,14 +697,23 @@ impl Store {
                 return Ok(Err(TokenRefused::Revoked));
             }
             let existing = get::<HostRecord>(&t.trees.hosts, "hosts", &name)?;
-            let retry = token
+            let use_key = token_use_key(&hash, &name);
+            let recorded = get::<TokenUse>(&t.trees.token_uses, "token_uses", &use_key)?;
+            let retry = (token
                 .joined
                 .iter()
                 .any(|j| j.name == name && j.key_sha256 == key)
+                || recorded.is_some_and(|u| u.key_sha256 == key))
                 && existing.as_ref().is_some_and(|h| !h.revoked);
             if !retry {
-                if token.used_by.len() >= token.uses.max(1) as usize {
-                    return Ok(Err(TokenRefused::Used(token.used_by.join(", "))));
+                let used = token.used_by.len() + token.used as usize;
+                if used >= token.uses.max(1) as usize {
+                    let names = token_users(t.trees, &hash, &token)?;
+                    let shown = match names.len() {
+                        n if n > 10 => format!("{}, and {} more", names[..10].join(", "), n - 10),
+                        _ => names.join(", "),
+                    };
+                    return Ok(Err(TokenRefused::Used(shown)));
                 }
                 if now >= token.expires_at {
                     return Ok(Err(TokenRefused::Expired));
@@ -667,11 +723,14 @@ impl Store {
                 }
                 // The one writer decides between agents racing with one
                 // token: the last one past its uses finds it used.
-                token.used_by.push(name.clone());
-                token.joined.push(Joined {
-                    name: name.clone(),
-                    key_sha256: key,
-                });
+                t.trees.token_uses.insert(
+                    use_key,
+                    encode(&TokenUse {
+                        seq: used as u32,
+                        key_sha256: key,
+                    }),
+                )?;
+                token.used += 1;
             }
             let mut host = existing.unwrap_or_else(|| HostRecord {
                 name: name.clone(),
@@ -1045,6 +1104,7 @@ mod tests {
             labels: BTreeMap::new(),
             revoked: false,
             joined: Vec::new(),
+            used: 0,
         }
     }
 
