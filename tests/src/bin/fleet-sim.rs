@@ -288,6 +288,11 @@ fn main() -> anyhow::Result<()> {
         .load(std::sync::atomic::Ordering::Relaxed);
     anyhow::ensure!(duplicates == 0, "{duplicates} steps ran twice");
 
+    // What the store's writer did for all of the above.
+    let writer = serde_json::json!({
+        "jobs": fleet.metric("modi_store_writes_total").ok(),
+        "flushes": fleet.metric("modi_store_flushes_total").ok(),
+    });
     // Restart: kill -9, start again, every agent back.
     let mut restart = serde_json::Value::Null;
     if !args.no_restart {
@@ -317,10 +322,6 @@ fn main() -> anyhow::Result<()> {
         });
     }
     let stats = fleet.sim.stats.json();
-    let writer = serde_json::json!({
-        "jobs": fleet.metric("modi_store_writes_total").ok(),
-        "flushes": fleet.metric("modi_store_flushes_total").ok(),
-    });
     rt.block_on(fleet.stop());
 
     let report = serde_json::json!({
