@@ -178,3 +178,51 @@ fn a_run_costs_the_controller_the_same_with_100_or_2000_idle_agents() {
         "controller CPU for the same run grew with the fleet: {small:?} vs {large:?}"
     );
 }
+
+#[test]
+fn a_controller_killed_mid_rollout_finishes_it_exactly_once_when_the_fleet_comes_back() {
+    const N: usize = 200;
+    let rt = runtime();
+    // Steps long enough for the kill to land mid-batch.
+    let opts = Options {
+        step_latency: Duration::from_millis(300),
+        ..Options::default()
+    };
+    let mut fleet = rt
+        .block_on(SimFleet::start(N, opts, 32, "info"))
+        .expect("the fleet starts");
+    let file = fleet
+        .ctl
+        .changeset("rolling.yaml", &sim::rolling_noop("all"));
+    let run = fleet.ctl.detach(&file, &[]);
+    // Some batches done, one in flight.
+    modi_tests::eventually!(
+        30,
+        fleet.sim.stats.executed.load(Ordering::Relaxed) >= 50,
+        "the rollout gets going"
+    );
+    fleet.ctl.crash();
+    fleet.ctl.serve_within(Duration::from_secs(60));
+    // Every agent comes back; the steps of hosts not back yet waited for
+    // them (the startup grace) instead of failing as unreachable.
+    rt.block_on(fleet.wait_all_connected(Duration::from_secs(60)))
+        .expect("the fleet reconnects");
+    let status = fleet.ctl.wait_final(&run);
+    assert_eq!(status["state"], "success", "{status}");
+    let states = modi_tests::host_states(&status, "noop");
+    assert_eq!(states.len(), N);
+    assert!(states.values().all(|s| s == "success"), "{states:?}");
+    assert!(
+        rt.block_on(fleet.wait_all_acked(Duration::from_secs(20))),
+        "{} results never acked",
+        fleet.sim.unacked()
+    );
+    let stats = &fleet.sim.stats;
+    assert_eq!(
+        stats.duplicates.load(Ordering::Relaxed),
+        0,
+        "a step ran twice"
+    );
+    assert_eq!(stats.executed.load(Ordering::Relaxed), N as u64);
+    rt.block_on(fleet.stop());
+}
