@@ -581,6 +581,11 @@ impl Fleet {
         self.lock().sessions.contains_key(name)
     }
 
+    /// How many agents are connected.
+    pub fn connected_count(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
     /// Live presence of every connected agent.
     pub fn presence(&self) -> HashMap<String, Presence> {
         self.lock()

@@ -154,7 +154,7 @@ impl Metrics {
 
     /// The metrics as Prometheus text, gauges read now.
     pub fn render(&self, fleet: &Fleet, store: &Store) -> String {
-        self.agents.set(fleet.presence().len() as i64);
+        self.agents.set(fleet.connected_count() as i64);
         if let Ok(runs) = store.runs() {
             self.runs.clear();
             for r in runs {
