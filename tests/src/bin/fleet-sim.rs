@@ -42,6 +42,11 @@ struct Args {
     /// Skip the kill -9 restart.
     #[arg(long)]
     no_restart: bool,
+    /// Also kill -9 the controller in the middle of a rolling run (10%
+    /// batches, 2 s pauses) and time it to its end once every agent is
+    /// back (the steps of hosts not back yet wait for them).
+    #[arg(long)]
+    restart_mid_run: bool,
     /// Also time parallel runs to these many hosts out of the N (e.g.
     /// `1,10,100,1000`), by host name lists.
     #[arg(long, value_delimiter = ',')]
@@ -321,6 +326,64 @@ fn main() -> anyhow::Result<()> {
             "controller_rss_kib": fleet.pid().and_then(rss_kib),
         });
     }
+    let mut mid_run = serde_json::Value::Null;
+    if args.restart_mid_run {
+        let yaml = r#"
+name: sim-rolling-paused
+changes:
+  - name: noop
+    hosts: all
+    rollout: { mode: rolling, batches: ["10%"], pause: 2s }
+    apply:
+      - run: "true"
+"#;
+        let file = fleet.ctl.changeset("mid-run.yaml", yaml);
+        let executed = || {
+            fleet
+                .sim
+                .stats
+                .executed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = executed();
+        let run = fleet.ctl.detach(&file, &[]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while executed() < before + (n as u64).div_ceil(10) * 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let killed = Instant::now();
+        fleet.ctl.crash();
+        fleet.ctl.serve_within(Duration::from_secs(120));
+        rt.block_on(fleet.wait_all_connected(Duration::from_secs(300)))?;
+        let back = killed.elapsed();
+        let status = fleet.ctl.wait_final(&run);
+        let done = killed.elapsed();
+        let state = status["state"].as_str().unwrap_or_default().to_string();
+        anyhow::ensure!(
+            state == "success",
+            "run {run} ended {state} after the restart"
+        );
+        let acked = rt.block_on(fleet.wait_all_acked(Duration::from_secs(60)));
+        anyhow::ensure!(acked, "{} results still not acked", fleet.sim.unacked());
+        let duplicates = fleet
+            .sim
+            .stats
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed);
+        anyhow::ensure!(duplicates == 0, "{duplicates} steps ran twice");
+        eprintln!(
+            "fleet-sim: kill -9 mid-rollout: all {n} back after {:.2} s, the run ended {state} {:.2} s after the kill; {} steps run for it, none twice",
+            back.as_secs_f64(),
+            done.as_secs_f64(),
+            executed() - before
+        );
+        mid_run = serde_json::json!({
+            "all_reconnected_s": back.as_secs_f64(),
+            "run_final_after_kill_s": done.as_secs_f64(),
+            "state": state,
+            "steps": executed() - before,
+        });
+    }
     let stats = fleet.sim.stats.json();
     rt.block_on(fleet.stop());
 
@@ -351,6 +414,7 @@ fn main() -> anyhow::Result<()> {
             "runs": runs_ms,
         },
         "restart": restart,
+        "restart_mid_rollout": mid_run,
         "store_writer": writer,
         "simulator": stats,
     });
