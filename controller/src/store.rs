@@ -49,6 +49,12 @@ pub use access::{AuditEntry, OperatorRecord, OperatorRole};
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// The longest a write may wait to be durable before its caller is told.
 pub const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// sled's page cache. Its default, 1 GiB, fills with journals as runs
+/// accumulate, on top of what a large fleet's sessions take (about 470
+/// MiB for 10,000 agents); old journals are read rarely (`modi status` of
+/// an ended run, a restart's replay of unfinished ones), so the cache only
+/// has to hold what runs now.
+const CACHE_BYTES: u64 = 128 << 20;
 /// Most jobs the writer applies under one flush.
 pub const GROUP_COMMIT: usize = 4096;
 /// First wait between probes of an unwritable store; doubles up to
@@ -338,7 +344,12 @@ impl Trees {
         let db = loop {
             // sled's own lock is released a moment after its previous
             // holder in this process closed it.
-            match sled::Config::new().path(path).flush_every_ms(None).open() {
+            match sled::Config::new()
+                .path(path)
+                .flush_every_ms(None)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e))
                     if std::time::Instant::now() < deadline
