@@ -13,7 +13,7 @@ import math
 import sys
 
 W, H = 640, 400
-LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 60
+LEFT, RIGHT, TOP, BOTTOM = 70, 40, 40, 60
 
 
 def log_scale(lo, hi, size, start):
