@@ -191,8 +191,12 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
     },
-    /// List runs.
-    Runs,
+    /// List runs (the newest, oldest first).
+    Runs {
+        /// How many of the newest runs to list; 0 lists every run.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Show a run's state, per change and host.
     Status {
         /// The run id.
@@ -517,7 +521,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             }
             apply::apply(&out, &client, &file, &vars, detach).await
         }
-        Command::Runs => runs::list(&out, &Client::connect(config).await?).await,
+        Command::Runs { limit } => runs::list(&out, &Client::connect(config).await?, limit).await,
         Command::Status {
             run,
             all,

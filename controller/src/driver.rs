@@ -47,8 +47,6 @@ const BATCH: usize = 1024;
 /// How often a run held by an unwritable store tries its write again, even
 /// if the store has not said it can write.
 const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
-/// How often dispatches held for a host that is not back yet are retried.
-const DEFERRED_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Everything a driver needs from the controller.
 #[derive(Clone)]
@@ -84,9 +82,19 @@ struct Driver {
     watch: broadcast::Sender<WatchItem>,
     /// Results synthesized locally (unreachable hosts), handled next.
     local: Vec<(DispatchId, StepResult, Option<String>)>,
-    /// Dispatches for hosts not (yet) back after a controller restart,
-    /// held during the startup grace.
-    deferred: Vec<Action>,
+    /// Dispatches held until their host is free: not (yet) back after a
+    /// controller restart (during the startup grace), a backout whose host
+    /// is away (up to `backout_wait`), a host another run holds. Tried
+    /// again only when the fleet says their host may be free (`ready`) or
+    /// at `deferred_due`, never on every event.
+    deferred: BTreeMap<DispatchId, Action>,
+    /// The held dispatches of each host.
+    deferred_hosts: HashMap<String, BTreeSet<DispatchId>>,
+    /// The earliest time a held dispatch stops waiting whatever happens
+    /// (the grace ends, a `backout_wait` runs out): all are tried then.
+    deferred_due: Option<Millis>,
+    /// Hosts the fleet says may be free now.
+    ready: Arc<crate::run_ports::Ready>,
     /// Why the run is held by the driver (the store cannot write).
     held: Option<String>,
     /// Dispatches waiting (in `deferred`) for a reason people see: a
@@ -384,11 +392,13 @@ impl Driver {
     fn new(ctx: Context, run: u64, spec: Arc<RunSpec>, meta: RunMeta, seq: u64) -> Driver {
         let (tx, inbox) = mpsc::channel(INBOX);
         let (watch, _) = broadcast::channel(4096);
+        let ready = Arc::new(crate::run_ports::Ready::default());
         ctx.fleet.register_run(
             run,
             RunPorts {
                 inbox: tx,
                 watch: watch.clone(),
+                ready: ready.clone(),
             },
         );
         let engine = Engine::new(spec.clone(), ctx.judge.clone());
@@ -402,7 +412,10 @@ impl Driver {
             inbox,
             watch,
             local: Vec::new(),
-            deferred: Vec::new(),
+            deferred: BTreeMap::new(),
+            deferred_hosts: HashMap::new(),
+            deferred_due: None,
+            ready,
             held: None,
             waiting: BTreeMap::new(),
             active: HashMap::new(),
@@ -629,8 +642,8 @@ impl Driver {
         self.act(first).await?;
         while !self.engine.is_finished() {
             self.take_late().await?;
-            if !self.deferred.is_empty() {
-                let again = std::mem::take(&mut self.deferred);
+            let again = self.take_deferred_due();
+            if !again.is_empty() {
                 self.act(again).await?;
             }
             let mut results = std::mem::take(&mut self.local);
@@ -639,10 +652,10 @@ impl Driver {
             if results.is_empty() {
                 let clock = self.ctx.clock;
                 let mut wake = self.engine.next_deadline();
-                if !self.deferred.is_empty() {
-                    let soon = clock.now() + DEFERRED_POLL.as_millis() as Millis;
-                    wake = Some(wake.map_or(soon, |w| w.min(soon)));
+                if let Some(due) = self.deferred_due {
+                    wake = Some(wake.map_or(due, |w| w.min(due)));
                 }
+                let ready = self.ready.clone();
                 let sleep = async {
                     match wake {
                         Some(at) => {
@@ -658,6 +671,7 @@ impl Driver {
                         None => return Ok(()),
                     },
                     _ = sleep => {}
+                    _ = ready.notified() => {}
                     _ = self.ctx.shutdown.cancelled() => return Ok(()),
                 }
                 while results.len() + controls.len() + supplies.len() < BATCH {
@@ -834,7 +848,7 @@ impl Driver {
                         self.waiting.remove(&id);
                         dispatch.push((id, host, step));
                     }
-                    Route::Wait => self.deferred.push(Action::Dispatch { id, host, step }),
+                    Route::Wait(due) => self.defer(Action::Dispatch { id, host, step }, due),
                     Route::Fail(why) => {
                         self.waiting.remove(&id);
                         self.local
@@ -853,8 +867,7 @@ impl Driver {
                             not_sent(Termination::Cancelled, "cancelled before it was sent"),
                             None,
                         ));
-                    } else if let Some(i) = held(&self.deferred) {
-                        self.deferred.remove(i);
+                    } else if self.undefer(&id).is_some() {
                         self.waiting.remove(&id);
                         self.local.push((
                             id,
@@ -961,8 +974,9 @@ impl Driver {
 enum Route {
     /// To its agent.
     Send,
-    /// Nowhere yet: held in `deferred`, tried again shortly.
-    Wait,
+    /// Nowhere yet: held in `deferred` until the fleet says its host may
+    /// be free, or until this time if any.
+    Wait(Option<Millis>),
     /// Nowhere: it fails as `unreachable`, with this reason.
     Fail(String),
 }
@@ -980,13 +994,15 @@ impl Driver {
                 since: now,
                 shows: HostState::Queued,
             });
-            return Route::Wait;
+            // Woken when the run holding it lets it go.
+            return Route::Wait(None);
         }
         self.active
             .entry(host.to_string())
             .or_default()
             .insert(id.change);
-        if self.ctx.fleet.is_connected(host) {
+        // Not connected: woken when it connects.
+        if self.ctx.fleet.connected_or_wake(host, self.run) {
             return Route::Send;
         }
         if id.phase.is_backout() {
@@ -1001,9 +1017,9 @@ impl Driver {
                     shows: HostState::BackoutPending,
                 };
             }
-            let waited = now.saturating_sub(w.since);
-            if waited < self.ctx.backout_wait.as_millis() as Millis {
-                return Route::Wait;
+            let until = w.since + self.ctx.backout_wait.as_millis() as Millis;
+            if now < until {
+                return Route::Wait(Some(until));
             }
             return Route::Fail(format!(
                 "agent {host} did not come back within backout_wait ({}); the backout was never sent",
@@ -1013,9 +1029,64 @@ impl Driver {
         // No longer queued behind another run.
         self.waiting.remove(id);
         if self.ctx.fleet.expected_back(host) {
-            return Route::Wait;
+            return Route::Wait(Some(self.ctx.fleet.grace_end()));
         }
         Route::Fail(format!("agent {host} is not connected; nothing was sent"))
+    }
+
+    /// Holds a dispatch until its host may be free (or until `due`).
+    fn defer(&mut self, action: Action, due: Option<Millis>) {
+        let Action::Dispatch { id, host, .. } = &action else {
+            return;
+        };
+        self.deferred_hosts
+            .entry(host.clone())
+            .or_default()
+            .insert(*id);
+        if let Some(due) = due {
+            self.deferred_due = Some(self.deferred_due.map_or(due, |d| d.min(due)));
+        }
+        self.deferred.insert(*id, action);
+    }
+
+    /// Takes a held dispatch out of `deferred`.
+    fn undefer(&mut self, id: &DispatchId) -> Option<Action> {
+        let action = self.deferred.remove(id)?;
+        if let Action::Dispatch { host, .. } = &action
+            && let Some(ids) = self.deferred_hosts.get_mut(host)
+        {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.deferred_hosts.remove(host);
+            }
+        }
+        Some(action)
+    }
+
+    /// The held dispatches to try again now: every one once a deadline
+    /// has come (they are few: the end of the grace, a `backout_wait`),
+    /// else those of the hosts the fleet said may be free.
+    fn take_deferred_due(&mut self) -> Vec<Action> {
+        let ready = self.ready.take();
+        if self.deferred.is_empty() {
+            self.deferred_due = None;
+            return Vec::new();
+        }
+        if self
+            .deferred_due
+            .is_some_and(|due| due <= self.ctx.clock.now())
+        {
+            self.deferred_due = None;
+            self.deferred_hosts.clear();
+            return std::mem::take(&mut self.deferred).into_values().collect();
+        }
+        let mut again = Vec::new();
+        for host in ready {
+            for id in self.deferred_hosts.remove(&host).unwrap_or_default() {
+                again.extend(self.deferred.remove(&id));
+            }
+        }
+        again
     }
 
     /// Follows a host's state in a change: this run holds the host while

@@ -28,7 +28,7 @@
 //! [`RunPorts`], never by calling its driver, and reads the time from the
 //! [`Clock`] it was given.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -226,6 +226,9 @@ pub struct SessionHandle {
 struct State {
     sessions: HashMap<String, Session>,
     inflight: BTreeMap<String, Inflight>,
+    /// The keys of `inflight` by agent: what a (re)connecting, leaving or
+    /// lost agent has in flight, without walking every step in flight.
+    by_agent: HashMap<String, BTreeSet<String>>,
     runs: HashMap<u64, RunPorts>,
     /// Agents away with steps in flight: name → generation of the absence.
     away: HashMap<String, u64>,
@@ -235,9 +238,58 @@ struct State {
     holders: HashMap<String, u64>,
     /// File reads waiting for their agent's answer (see [`peek`]).
     reads: peek::Reads,
+    /// Runs holding dispatches for each host until it is free (connects,
+    /// or another run lets it go): woken through their [`RunPorts`].
+    waiters: HashMap<String, HashSet<u64>>,
 }
 
 impl State {
+    /// Tells the runs waiting for `host` that it may be free now.
+    fn wake_waiters(&mut self, host: &str) {
+        if let Some(runs) = self.waiters.remove(host) {
+            for run in runs {
+                if let Some(p) = self.runs.get(&run) {
+                    p.ready.wake(host);
+                }
+            }
+        }
+    }
+
+    /// Puts a step in flight under its full dispatch id.
+    fn add_inflight(&mut self, full: String, f: Inflight) {
+        let agent = f.agent.clone();
+        if let Some(old) = self.inflight.insert(full.clone(), f)
+            && old.agent != agent
+            && let Some(ids) = self.by_agent.get_mut(&old.agent)
+        {
+            ids.remove(&full);
+            if ids.is_empty() {
+                self.by_agent.remove(&old.agent);
+            }
+        }
+        self.by_agent.entry(agent).or_default().insert(full);
+    }
+
+    /// Takes a step out of flight.
+    fn remove_inflight(&mut self, full: &str) -> Option<Inflight> {
+        let f = self.inflight.remove(full)?;
+        if let Some(ids) = self.by_agent.get_mut(&f.agent) {
+            ids.remove(full);
+            if ids.is_empty() {
+                self.by_agent.remove(&f.agent);
+            }
+        }
+        Some(f)
+    }
+
+    /// The full ids of the steps in flight on `agent`.
+    fn inflight_on(&self, agent: &str) -> Vec<String> {
+        self.by_agent
+            .get(agent)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Sends `msg` to `agent`'s session. A full or closed queue drops the
     /// session (the agent reconnects and is sent everything again); returns
     /// whether it was queued.
@@ -383,11 +435,10 @@ impl Fleet {
         state.away.remove(name);
         state.seen.insert(name.to_string());
         let mut msgs = Vec::new();
-        for f in state
-            .inflight
-            .values()
-            .filter(|f| f.agent == name && !f.reported)
-        {
+        for full in state.inflight_on(name) {
+            let Some(f) = state.inflight.get(&full).filter(|f| !f.reported) else {
+                continue;
+            };
             msgs.extend(f.to_agent());
             if f.cancelled {
                 msgs.push(ToAgent::Cancel(full_id(f.run, &f.id)));
@@ -415,6 +466,7 @@ impl Fleet {
         if let Some(old) = state.sessions.insert(name.to_string(), session) {
             old.token.cancel();
         }
+        state.wake_waiters(name);
         Ok(SessionHandle {
             id,
             outbound,
@@ -463,7 +515,7 @@ impl Fleet {
             let mut state = self.lock();
             if state.sessions.contains_key(name)
                 || state.away.contains_key(name)
-                || !state.inflight.values().any(|f| f.agent == name)
+                || !state.by_agent.contains_key(name)
             {
                 return;
             }
@@ -491,14 +543,13 @@ impl Fleet {
             state.away.remove(name);
             // A result already on its way to the journal is not lost.
             let ids: Vec<String> = state
-                .inflight
-                .iter()
-                .filter(|(_, f)| f.agent == name && !f.reported)
-                .map(|(k, _)| k.clone())
+                .inflight_on(name)
+                .into_iter()
+                .filter(|k| state.inflight.get(k).is_some_and(|f| !f.reported))
                 .collect();
             let mut lost = Vec::new();
             for k in ids {
-                if let Some(f) = state.inflight.remove(&k)
+                if let Some(f) = state.remove_inflight(&k)
                     && let Some(p) = state.runs.get(&f.run.id)
                 {
                     lost.push((p.clone(), f.id));
@@ -539,6 +590,11 @@ impl Fleet {
     /// Is `name` connected?
     pub fn is_connected(&self, name: &str) -> bool {
         self.lock().sessions.contains_key(name)
+    }
+
+    /// How many agents are connected.
+    pub fn connected_count(&self) -> usize {
+        self.lock().sessions.len()
     }
 
     /// Live presence of every connected agent.
@@ -591,7 +647,7 @@ impl Fleet {
                 output: Default::default(),
             };
             let msg = f.to_agent();
-            state.inflight.insert(full_id(run, &id), f);
+            state.add_inflight(full_id(run, &id), f);
             match msg {
                 Some(msg) => state.send(agent, msg),
                 None => false,
@@ -643,7 +699,7 @@ impl Fleet {
     /// The result for `full_id` is durable: forget the step and, if an
     /// agent reported it, tell the agent it may forget it too.
     pub fn complete(&self, agent: Option<&str>, full_id: &str) {
-        self.lock().inflight.remove(full_id);
+        self.lock().remove_inflight(full_id);
         if let Some(agent) = agent {
             self.ack(agent, full_id);
         }
@@ -675,7 +731,7 @@ impl Fleet {
                     match state.runs.get(&run) {
                         Some(p) => ResultRoute::Run(p.inbox.clone(), id),
                         None => {
-                            state.inflight.remove(&full);
+                            state.remove_inflight(&full);
                             ResultRoute::Ack
                         }
                     }
@@ -817,10 +873,39 @@ impl Fleet {
     }
 
     /// Lets run `run` hold `host` (it may already): false while another
-    /// run holds it.
+    /// run holds it, and then `run` is woken (see [`RunPorts::ready`]) when
+    /// the host is let go.
     pub fn hold(&self, host: &str, run: u64) -> bool {
         let mut state = self.lock();
-        *state.holders.entry(host.to_string()).or_insert(run) == run
+        if *state.holders.entry(host.to_string()).or_insert(run) == run {
+            return true;
+        }
+        state
+            .waiters
+            .entry(host.to_string())
+            .or_default()
+            .insert(run);
+        false
+    }
+
+    /// Is `host` connected? If not, run `run` is woken (see
+    /// [`RunPorts::ready`]) when it connects.
+    pub fn connected_or_wake(&self, host: &str, run: u64) -> bool {
+        let mut state = self.lock();
+        if state.sessions.contains_key(host) {
+            return true;
+        }
+        state
+            .waiters
+            .entry(host.to_string())
+            .or_default()
+            .insert(run);
+        false
+    }
+
+    /// When the startup grace (see [`Fleet::expected_back`]) ends.
+    pub fn grace_end(&self) -> Millis {
+        self.started + STARTUP_GRACE.as_millis() as Millis
     }
 
     /// Run `run` is done with `host` for now.
@@ -828,6 +913,7 @@ impl Fleet {
         let mut state = self.lock();
         if state.holders.get(host) == Some(&run) {
             state.holders.remove(host);
+            state.wake_waiters(host);
         }
     }
 
@@ -840,8 +926,29 @@ impl Fleet {
     pub fn unregister_run(&self, run: u64) {
         let mut state = self.lock();
         state.runs.remove(&run);
-        state.inflight.retain(|_, f| f.run.id != run);
-        state.holders.retain(|_, r| *r != run);
+        let gone: Vec<String> = state
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.run.id == run)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            state.remove_inflight(&k);
+        }
+        let held: Vec<String> = state
+            .holders
+            .iter()
+            .filter(|(_, r)| **r == run)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for host in held {
+            state.holders.remove(&host);
+            state.wake_waiters(&host);
+        }
+        state.waiters.retain(|_, runs| {
+            runs.remove(&run);
+            !runs.is_empty()
+        });
     }
 
     /// A running run's ports.

@@ -45,6 +45,8 @@ pub struct Metrics {
     step_seconds: Histogram,
     flush_seconds: Histogram,
     store_bytes: Gauge,
+    store_writes: Counter,
+    store_flushes: Counter,
 }
 
 impl Default for Metrics {
@@ -77,6 +79,8 @@ impl Metrics {
             step_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             flush_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             store_bytes: Gauge::default(),
+            store_writes: Counter::default(),
+            store_flushes: Counter::default(),
         };
         {
             let mut r = m.registry.lock().expect("metrics registry");
@@ -111,6 +115,16 @@ impl Metrics {
                 "The store's size on disk",
                 m.store_bytes.clone(),
             );
+            r.register(
+                "modi_store_writes",
+                "Write jobs the store's one writer applied (a host update, a journal batch, ...)",
+                m.store_writes.clone(),
+            );
+            r.register(
+                "modi_store_flushes",
+                "Flushes the store's writer made (one per group of writes)",
+                m.store_flushes.clone(),
+            );
         }
         m
     }
@@ -140,7 +154,7 @@ impl Metrics {
 
     /// The metrics as Prometheus text, gauges read now.
     pub fn render(&self, fleet: &Fleet, store: &Store) -> String {
-        self.agents.set(fleet.presence().len() as i64);
+        self.agents.set(fleet.connected_count() as i64);
         if let Ok(runs) = store.runs() {
             self.runs.clear();
             for r in runs {
@@ -154,6 +168,11 @@ impl Metrics {
         self.store_bytes.set(store.size_on_disk() as i64);
         let mut text = String::new();
         let registry = self.registry.lock().expect("metrics registry");
+        // Under the registry's lock: two scrapes never add the same writes.
+        let stats = store.writer_stats();
+        let catch_up = |c: &Counter, now: u64| c.inc_by(now.saturating_sub(c.get()));
+        catch_up(&self.store_writes, stats.jobs);
+        catch_up(&self.store_flushes, stats.flushes);
         if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
             text.clear();
         }

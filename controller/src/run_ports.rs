@@ -18,6 +18,9 @@ pub struct RunPorts {
     pub inbox: mpsc::Sender<DriverMsg>,
     /// What watchers of the run see.
     pub watch: broadcast::Sender<WatchItem>,
+    /// Hosts the run waits for that became free (connected, or let go
+    /// by another run): its driver tries their held dispatches again.
+    pub ready: std::sync::Arc<Ready>,
 }
 
 /// What a run driver receives.
@@ -111,4 +114,35 @@ pub enum WatchItem {
         /// The text.
         data: String,
     },
+}
+
+/// Wake-ups for a run's dispatches held for a host: the fleet names the
+/// host, the driver takes the names and tries only those hosts' held
+/// dispatches again (never every held dispatch on every event).
+#[derive(Debug, Default)]
+pub struct Ready {
+    hosts: std::sync::Mutex<std::collections::HashSet<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Ready {
+    /// `host` may be free now.
+    pub fn wake(&self, host: &str) {
+        self.hosts
+            .lock()
+            .expect("ready lock")
+            .insert(host.to_string());
+        // Kept as a permit if the driver is not waiting now.
+        self.notify.notify_one();
+    }
+
+    /// The hosts named since the last call.
+    pub fn take(&self) -> std::collections::HashSet<String> {
+        std::mem::take(&mut *self.hosts.lock().expect("ready lock"))
+    }
+
+    /// Waits until a host is named.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
 }

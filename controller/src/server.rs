@@ -28,8 +28,14 @@ use crate::store::{Store, StoreError};
 
 /// Largest gRPC message (plans of big fleets are large).
 pub const MAX_MESSAGE: usize = 64 << 20;
-/// How long a TLS handshake may take.
+/// How long a TLS handshake may take, waiting for its turn included.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// TLS handshakes done at once. A reconnect storm (every agent of a large
+/// fleet dialling a restarted controller) queues here instead of starting
+/// thousands of handshakes that all share the cores and all time out;
+/// those not served within [`HANDSHAKE_TIMEOUT`] are dropped, and their
+/// agents come back after a jittered backoff.
+pub const MAX_HANDSHAKES: usize = 128;
 
 /// Why the controller could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +89,9 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Who is signed in to the web view.
     pub web: crate::web::Sessions,
+    /// Agent sessions being set up at once (Hello read, connection
+    /// recorded): see [`crate::service::agent::MAX_HELLOS`].
+    pub hellos: Arc<tokio::sync::Semaphore>,
 }
 
 /// A bound, not yet serving, controller.
@@ -191,6 +200,9 @@ impl Server {
             drivers,
             shutdown,
             tasks,
+            hellos: Arc::new(tokio::sync::Semaphore::new(
+                crate::service::agent::MAX_HELLOS,
+            )),
         });
         Ok(Server {
             shared,
@@ -240,6 +252,7 @@ impl Server {
         let shutdown = shared.shutdown.clone();
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(256);
         let accept_shutdown = shutdown.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         shared.tasks.spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -255,8 +268,13 @@ impl Server {
                 let _ = tcp.set_nodelay(true);
                 let tls = tls.clone();
                 let conn_tx = conn_tx.clone();
+                let handshakes = handshakes.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                    let handshake = async {
+                        let _turn = handshakes.acquire().await;
+                        tls.accept(tcp).await
+                    };
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok(stream)) => {
                             let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                         }

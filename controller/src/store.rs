@@ -49,6 +49,12 @@ pub use access::{AuditEntry, OperatorRecord, OperatorRole};
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// The longest a write may wait to be durable before its caller is told.
 pub const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// sled's page cache. Its default, 1 GiB, fills with journals as runs
+/// accumulate, on top of what a large fleet's sessions take (about 470
+/// MiB for 10,000 agents); old journals are read rarely (`modi status` of
+/// an ended run, a restart's replay of unfinished ones), so the cache only
+/// has to hold what runs now.
+const CACHE_BYTES: u64 = 128 << 20;
 /// Most jobs the writer applies under one flush.
 pub const GROUP_COMMIT: usize = 4096;
 /// First wait between probes of an unwritable store; doubles up to
@@ -170,6 +176,51 @@ pub struct TokenRecord {
     /// controller answered) is a retry, not a new use.
     #[serde(default)]
     pub joined: Vec<Joined>,
+    /// Enrolments recorded in the `token_uses` tree (one entry per name,
+    /// so a token for 10,000 hosts is not rewritten whole at each join;
+    /// `used_by` and `joined` hold those made before). Reads
+    /// ([`Store::tokens`]) list them in `used_by` again.
+    #[serde(default)]
+    pub used: u32,
+}
+
+/// One enrolment with a token, in the `token_uses` tree under the token's
+/// hash and the agent's name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TokenUse {
+    /// Its place among the token's uses.
+    seq: u32,
+    /// SHA-256 (hex) of the public key it enrolled.
+    key_sha256: String,
+}
+
+/// The `token_uses` key of `name`'s enrolment with token `hash`.
+fn token_use_key(hash: &str, name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(hash.len() + 1 + name.len());
+    key.extend_from_slice(hash.as_bytes());
+    key.push(0);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// Every name that enrolled with token `hash`, in order (the record's own
+/// list first, then the `token_uses` tree's).
+fn token_users(trees: &Trees, hash: &str, token: &TokenRecord) -> Result<Vec<String>, StoreError> {
+    let mut prefix = hash.as_bytes().to_vec();
+    prefix.push(0);
+    let mut uses = Vec::new();
+    for kv in trees.token_uses.scan_prefix(&prefix) {
+        let (k, v) = kv?;
+        let u: TokenUse = decode("token_uses", &v)?;
+        uses.push((
+            u.seq,
+            String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+        ));
+    }
+    uses.sort();
+    let mut names = token.used_by.clone();
+    names.extend(uses.into_iter().map(|(_, n)| n));
+    Ok(names)
 }
 
 /// One enrolment made with a token.
@@ -285,6 +336,7 @@ struct Trees {
     meta: sled::Tree,
     operators: sled::Tree,
     audit: sled::Tree,
+    token_uses: sled::Tree,
 }
 
 impl Trees {
@@ -292,7 +344,12 @@ impl Trees {
         let db = loop {
             // sled's own lock is released a moment after its previous
             // holder in this process closed it.
-            match sled::Config::new().path(path).flush_every_ms(None).open() {
+            match sled::Config::new()
+                .path(path)
+                .flush_every_ms(None)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e))
                     if std::time::Instant::now() < deadline
@@ -312,6 +369,7 @@ impl Trees {
             meta: db.open_tree("meta")?,
             operators: db.open_tree("operators")?,
             audit: db.open_tree("audit")?,
+            token_uses: db.open_tree("token_uses")?,
             db,
         })
     }
@@ -650,14 +708,23 @@ impl Store {
                 return Ok(Err(TokenRefused::Revoked));
             }
             let existing = get::<HostRecord>(&t.trees.hosts, "hosts", &name)?;
-            let retry = token
+            let use_key = token_use_key(&hash, &name);
+            let recorded = get::<TokenUse>(&t.trees.token_uses, "token_uses", &use_key)?;
+            let retry = (token
                 .joined
                 .iter()
                 .any(|j| j.name == name && j.key_sha256 == key)
+                || recorded.is_some_and(|u| u.key_sha256 == key))
                 && existing.as_ref().is_some_and(|h| !h.revoked);
             if !retry {
-                if token.used_by.len() >= token.uses.max(1) as usize {
-                    return Ok(Err(TokenRefused::Used(token.used_by.join(", "))));
+                let used = token.used_by.len() + token.used as usize;
+                if used >= token.uses.max(1) as usize {
+                    let names = token_users(t.trees, &hash, &token)?;
+                    let shown = match names.len() {
+                        n if n > 10 => format!("{}, and {} more", names[..10].join(", "), n - 10),
+                        _ => names.join(", "),
+                    };
+                    return Ok(Err(TokenRefused::Used(shown)));
                 }
                 if now >= token.expires_at {
                     return Ok(Err(TokenRefused::Expired));
@@ -667,11 +734,14 @@ impl Store {
                 }
                 // The one writer decides between agents racing with one
                 // token: the last one past its uses finds it used.
-                token.used_by.push(name.clone());
-                token.joined.push(Joined {
-                    name: name.clone(),
-                    key_sha256: key,
-                });
+                t.trees.token_uses.insert(
+                    use_key,
+                    encode(&TokenUse {
+                        seq: used as u32,
+                        key_sha256: key,
+                    }),
+                )?;
+                token.used += 1;
             }
             let mut host = existing.unwrap_or_else(|| HostRecord {
                 name: name.clone(),
@@ -829,6 +899,23 @@ impl Store {
             .values()
             .map(|v| decode("runs", &v?))
             .collect()
+    }
+
+    /// The newest `limit` runs, oldest first (only runs whose creation is
+    /// durable): read from the end, so a long history costs nothing.
+    pub fn newest_runs(&self, limit: usize) -> Result<Vec<RunMeta>, StoreError> {
+        let upto = self.durable_run();
+        let mut runs = self
+            .trees()?
+            .runs
+            .range(..=upto.to_be_bytes())
+            .values()
+            .rev()
+            .take(limit)
+            .map(|v| decode("runs", &v?))
+            .collect::<Result<Vec<RunMeta>, _>>()?;
+        runs.reverse();
+        Ok(runs)
     }
 
     /// A run's journal, in order.
@@ -1028,6 +1115,7 @@ mod tests {
             labels: BTreeMap::new(),
             revoked: false,
             joined: Vec::new(),
+            used: 0,
         }
     }
 

@@ -14,6 +14,7 @@ mod language;
 mod reading;
 mod refusals;
 mod rollout;
+mod scale;
 mod secrets;
 mod trust;
 mod web;

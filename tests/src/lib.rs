@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+pub mod sim;
+
 /// Waits until `$cond` holds (checking every 50 ms), or panics after
 /// `$secs` seconds with the message.
 #[macro_export]
@@ -114,11 +116,13 @@ impl Proc {
             .append(true)
             .open(&log)
             .expect("log file");
+        if !cmd.get_envs().any(|(k, _)| k == "MODI_LOG") {
+            cmd.env("MODI_LOG", "info,modi_controller=debug,modi_agent=debug");
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
-            .env("MODI_LOG", "info,modi_controller=debug,modi_agent=debug")
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         Proc {
@@ -196,6 +200,8 @@ pub struct Controller {
     pub cli_config: PathBuf,
     /// The port.
     pub port: u16,
+    /// `MODI_LOG` for `modi serve` (default: info, debug for modi).
+    pub log_filter: Option<String>,
     proc: Option<Proc>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -220,13 +226,20 @@ impl Controller {
     /// Like [`Controller::start`], with extra TOML appended to
     /// `controller.toml` (top-level keys first, then tables).
     pub fn start_with(extra_toml: &str) -> Controller {
+        let mut c = Controller::init(extra_toml);
+        c.serve();
+        c
+    }
+
+    /// Initialises (does not start) a controller in a fresh temp dir, with
+    /// extra TOML as [`Controller::start_with`] takes it.
+    pub fn init(extra_toml: &str) -> Controller {
         let tmp = tempfile::Builder::new()
             .prefix("modi-e2e-")
             .tempdir()
             .expect("temp dir");
         let mut c = Controller::init_in(tmp.path(), extra_toml);
         c._tmp = Some(tmp);
-        c.serve();
         c
     }
 
@@ -258,6 +271,7 @@ impl Controller {
             data,
             cli_config,
             port,
+            log_filter: None,
             proc: None,
             _tmp: None,
         }
@@ -265,12 +279,21 @@ impl Controller {
 
     /// Starts `modi serve` and waits until the admin API answers.
     pub fn serve(&mut self) {
+        self.serve_within(Duration::from_secs(20));
+    }
+
+    /// Starts `modi serve` and waits until the admin API answers, for at
+    /// most `within`.
+    pub fn serve_within(&mut self, within: Duration) {
         let mut cmd = Command::new(bin("modi"));
         cmd.arg("serve")
             .arg("--config")
             .arg(self.data.join("controller.toml"));
+        if let Some(filter) = &self.log_filter {
+            cmd.env("MODI_LOG", filter);
+        }
         self.proc = Some(Proc::spawn(cmd, self.root.join("controller.log")));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + within;
         loop {
             if self.modi(&["hosts"]).code == 0 {
                 return;
@@ -288,6 +311,11 @@ impl Controller {
         if let Some(mut p) = self.proc.take() {
             p.stop();
         }
+    }
+
+    /// The process id of `modi serve`, while started.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
     }
 
     /// Kills `modi serve` (SIGKILL).

@@ -12,10 +12,10 @@ use crate::rollout::RunStatus;
 use crate::typed;
 
 /// Lists runs, newest last.
-pub async fn list(out: &Output, client: &Client) -> Result<Outcome, CliError> {
+pub async fn list(out: &Output, client: &Client, limit: u32) -> Result<Outcome, CliError> {
     let runs = client
         .admin()
-        .list_runs(pb::ListRunsRequest {})
+        .list_runs(pb::ListRunsRequest { limit })
         .await
         .map_err(|s| client.error(s))?
         .into_inner()

@@ -46,7 +46,14 @@ impl Rig {
     fn run(&self, run: u64) -> mpsc::Receiver<DriverMsg> {
         let (inbox, rx) = mpsc::channel(16);
         let (watch, _) = broadcast::channel(16);
-        self.fleet.register_run(run, RunPorts { inbox, watch });
+        self.fleet.register_run(
+            run,
+            RunPorts {
+                inbox,
+                watch,
+                ready: Default::default(),
+            },
+        );
         rx
     }
 }

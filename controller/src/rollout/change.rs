@@ -94,15 +94,34 @@ pub(super) struct ChangeRun {
     pub completed: Option<u64>,
     just_concluded: bool,
     shown: RunState,
+    /// Hosts whose next step may be ready to dispatch: those whose
+    /// sequence moved (started, a step finished, a backout began).
+    /// [`ChangeRun::drive`] looks at these, not at every host, so an event
+    /// costs the same in a change of 10 hosts or of 10,000.
+    ready: BTreeSet<usize>,
+    /// Hosts in `retry_pending` (kept by `set_state`).
+    retrying: BTreeSet<usize>,
+    /// The batch of each host.
+    batch_of: Vec<usize>,
+    /// Hosts of the current batch in a final state (kept by `set_state`,
+    /// counted afresh when the next batch begins).
+    batch_final: usize,
 }
 
 impl ChangeRun {
     /// A change that has not started.
     pub fn new(index: usize, spec: &ChangeSpec) -> ChangeRun {
+        let batches = spec.batches();
+        let mut batch_of = vec![usize::MAX; spec.hosts.len()];
+        for (b, hosts) in batches.iter().enumerate() {
+            for &h in hosts {
+                batch_of[h] = b;
+            }
+        }
         ChangeRun {
             index,
             hosts: spec.hosts.iter().map(|_| HostRun::new()).collect(),
-            batches: spec.batches(),
+            batches,
             batch: 0,
             batch_open: false,
             next_in_batch: 0,
@@ -119,6 +138,10 @@ impl ChangeRun {
             completed: None,
             just_concluded: false,
             shown: RunState::Pending,
+            ready: BTreeSet::new(),
+            retrying: BTreeSet::new(),
+            batch_of,
+            batch_final: 0,
         }
     }
 
@@ -181,9 +204,12 @@ impl ChangeRun {
     /// The earliest future timer (retry delay, batch pause) or gate timeout.
     /// Timers already due are left out: they wait for a resume.
     pub fn next_deadline(&self, now: Millis) -> Option<Millis> {
-        let retries = self.hosts.iter().filter_map(|h| match h.state {
-            HostState::RetryPending => h.retry_at,
-            _ => None,
+        let retries = self.retrying.iter().filter_map(|&h| {
+            let h = &self.hosts[h];
+            match h.state {
+                HostState::RetryPending => h.retry_at,
+                _ => None,
+            }
         });
         let timers = retries.chain(self.pause_until).filter(|&t| t > now);
         timers
@@ -202,6 +228,7 @@ impl ChangeRun {
         let h = id.host;
         let judge = Arc::clone(&ctx.judge);
         let (verdict, outcome) = self.hosts[h].finish(&spec.hosts[h], &*judge, id, &result);
+        self.ready.insert(h);
         ctx.progress(Progress::Step {
             id,
             passed: verdict.is_ok(),
@@ -240,7 +267,8 @@ impl ChangeRun {
         let mut progressed = false;
         if !ctx.paused {
             if self.mass.is_none() && self.bail.is_none() {
-                for h in 0..self.hosts.len() {
+                let retrying: Vec<usize> = self.retrying.iter().copied().collect();
+                for h in retrying {
                     let host = &self.hosts[h];
                     if host.state == HostState::RetryPending
                         && host.retry_at.is_some_and(|t| t <= ctx.now)
@@ -255,7 +283,9 @@ impl ChangeRun {
             if !self.stop_new {
                 progressed |= self.schedule(spec, ctx);
             }
-            for h in 0..self.hosts.len() {
+            // In host order, as a walk over every host would.
+            let mut blocked = Vec::new();
+            for h in std::mem::take(&mut self.ready) {
                 if let Some((id, step)) = self.hosts[h].take_dispatch(self.index, h, &spec.hosts[h])
                 {
                     ctx.out.push(Action::Dispatch {
@@ -264,8 +294,18 @@ impl ChangeRun {
                         step,
                     });
                     progressed = true;
+                } else if self.hosts[h].next.is_some() {
+                    // A step still in flight: its next goes after it.
+                    blocked.push(h);
                 }
             }
+            self.ready.extend(blocked);
+            debug_assert!(
+                self.hosts
+                    .iter()
+                    .all(|h| h.next.is_none() || h.in_flight.is_some()),
+                "a host with a step to dispatch was not in `ready`"
+            );
         }
         progressed | self.try_conclude(ctx)
     }
@@ -279,7 +319,21 @@ impl ChangeRun {
     fn set_state(&mut self, ctx: &mut Ctx, h: usize, state: HostState) {
         let host = &mut self.hosts[h];
         if host.state != state {
+            let was_final = host.state.is_final();
             host.state = state;
+            if state == HostState::RetryPending {
+                self.retrying.insert(h);
+            } else {
+                self.retrying.remove(&h);
+            }
+            if self.batch_of.get(h) == Some(&self.batch) && was_final != state.is_final() {
+                if state.is_final() {
+                    self.batch_final += 1;
+                } else {
+                    self.batch_final -= 1;
+                }
+            }
+            let host = &self.hosts[h];
             ctx.progress(Progress::Host {
                 change: self.index,
                 host: h,
@@ -291,6 +345,7 @@ impl ChangeRun {
 
     fn start_host(&mut self, spec: &ChangeSpec, ctx: &mut Ctx, h: usize, attempt: u32) {
         let has_steps = self.hosts[h].start_attempt(&spec.hosts[h], attempt);
+        self.ready.insert(h);
         self.set_state(ctx, h, HostState::Running);
         if !has_steps {
             self.forward_done(ctx, h, HostState::Success);
@@ -370,12 +425,16 @@ impl ChangeRun {
     /// flight or queued, and nothing more will start.
     fn try_conclude(&mut self, ctx: &mut Ctx) -> bool {
         let scheduled = self.stop_new || self.batch >= self.batches.len();
+        // Every host is looked at only once nothing more will start.
+        if !scheduled || self.gate.is_some() {
+            return false;
+        }
         let settled = self.hosts.iter().all(|h| {
             (h.state.is_final() || (self.stop_new && h.state == HostState::Pending))
                 && !h.queued
                 && h.in_flight.is_none()
         });
-        if !scheduled || !settled || self.gate.is_some() {
+        if !settled {
             return false;
         }
         for h in 0..self.hosts.len() {

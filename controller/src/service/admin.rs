@@ -223,12 +223,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         authz::caller(&request)?;
+        let limit = request.into_inner().limit as usize;
         // While the store cannot write, runs being driven wait as paused.
         let held = self.shared.store.health().is_some();
-        let runs = self
-            .shared
-            .store
-            .runs()
+        let runs = match limit {
+            0 => self.shared.store.runs(),
+            n => self.shared.store.newest_runs(n),
+        };
+        let runs = runs
             .map_err(convert::store_error)?
             .into_iter()
             .map(|mut m| {

@@ -59,6 +59,7 @@ pub async fn create_token(
                 labels,
                 revoked: false,
                 joined: Vec::new(),
+                used: 0,
             },
         )
         .await

@@ -19,6 +19,13 @@ use crate::store::TokenRefused;
 
 /// How long a new session may take to say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Agent sessions set up at once: from the stream's start to its Hello
+/// read and the connection recorded (a store write). After a controller
+/// restart every agent connects within seconds; the others wait their
+/// turn (at most [`HELLO_TIMEOUT`], then they are told to come back
+/// later and back off), so the writer's queue and the blocking pool stay
+/// bounded however large the fleet.
+pub const MAX_HELLOS: usize = 256;
 /// The heartbeat interval of an agent that does not say its own.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Shortest heartbeat interval the controller believes (a silence timeout
@@ -171,6 +178,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 )));
             }
         }
+        let Ok(Ok(turn)) =
+            tokio::time::timeout(HELLO_TIMEOUT, self.shared.hellos.clone().acquire_owned()).await
+        else {
+            return Err(Status::unavailable(
+                "the controller is busy setting up other agents' sessions; retry shortly",
+            ));
+        };
         let mut inbound = request.into_inner();
         let mut hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage {
@@ -189,6 +203,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let shared = self.shared.clone();
         let session = fleet.connect(&name, &hello).await.map_err(internal)?;
         let (id, token) = (session.id, session.token.clone());
+        drop(turn);
         let silence = silence_limit(&hello);
         tracing::info!(agent = %name, session = id, %version, "agent connected");
         self.shared.tasks.spawn(async move {

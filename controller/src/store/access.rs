@@ -117,15 +117,18 @@ impl Store {
 
     /// Every token, with its hash.
     pub fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, StoreError> {
-        self.trees()?
+        let trees = self.trees()?;
+        trees
             .tokens
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                Ok((
-                    String::from_utf8_lossy(&k).into_owned(),
-                    decode("tokens", &v)?,
-                ))
+                let hash = String::from_utf8_lossy(&k).into_owned();
+                let mut token: TokenRecord = decode("tokens", &v)?;
+                // Every enrolment, wherever it is recorded.
+                token.used_by = super::token_users(&trees, &hash, &token)?;
+                token.used = 0;
+                Ok((hash, token))
             })
             .collect()
     }
@@ -381,6 +384,7 @@ mod tests {
                 labels: labels.clone(),
                 revoked: false,
                 joined: Vec::new(),
+                used: 0,
             },
         )
         .await

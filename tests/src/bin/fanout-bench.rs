@@ -40,6 +40,21 @@ fn build_binaries() {
     let release = bin_dir().ends_with("release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `cargo run` gives us its package's CARGO_PKG_*, CARGO_MANIFEST_* and
+    // such; build scripts (ring's) rerun when those differ, and would
+    // rebuild half the tree on every alternation with `cargo run`.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k.as_ref(),
+                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd.args([
         "build",
         "--locked",
@@ -146,6 +161,31 @@ fn main() {
             times.push(ms);
         }
     });
+    // The floor: spawning as many processes (`true`, reaped), the least
+    // any agent-per-host fan-out costs on one machine, measured in the
+    // same run and the same way (median of the rounds).
+    let mut spawn_times = Vec::new();
+    rt.block_on(async {
+        for _ in 0..=args.rounds {
+            let started = Instant::now();
+            let mut children = Vec::with_capacity(args.agents);
+            for _ in 0..args.agents {
+                children.push(
+                    tokio::process::Command::new("true")
+                        .spawn()
+                        .expect("spawn true"),
+                );
+            }
+            for mut c in children {
+                let status = c.wait().await.expect("wait for true");
+                assert!(status.success());
+            }
+            spawn_times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    });
+    // The first round warms up, as for the runs.
+    spawn_times.remove(0);
+    spawn_times.sort_by(f64::total_cmp);
     // Idle: nothing in flight, heartbeats only.
     std::thread::sleep(std::time::Duration::from_secs(2));
     let rss: Vec<u64> = agents
@@ -155,6 +195,7 @@ fn main() {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let mean_rss = rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64;
+    let spawn_median = spawn_times[spawn_times.len() / 2];
     let report = serde_json::json!({
         "agents": args.agents,
         "rounds": args.rounds,
@@ -165,6 +206,11 @@ fn main() {
             "max": times.last(),
             "all": times,
         },
+        "spawn_true_ms": {
+            "median": spawn_median,
+            "all": spawn_times,
+        },
+        "ratio_to_spawn_floor": median / spawn_median,
         "agent_idle_rss_kib": {
             "max": rss.iter().max(),
             "mean": mean_rss,

@@ -176,7 +176,9 @@ impl ChangeRun {
         left: HostState,
     ) {
         let judge = Arc::clone(&ctx.judge);
-        match self.hosts[h].begin_backout(&spec.hosts[h], &*judge, failure) {
+        let started = self.hosts[h].begin_backout(&spec.hosts[h], &*judge, failure);
+        self.ready.insert(h);
+        match started {
             BackoutStart::Started => self.set_state(ctx, h, HostState::BackingOut),
             BackoutStart::Done => self.set_state(ctx, h, HostState::BackoutOk),
             BackoutStart::NotApplied => self.set_state(ctx, h, left),

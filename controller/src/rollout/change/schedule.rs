@@ -78,28 +78,43 @@ impl ChangeRun {
                 });
                 progressed = true;
             }
-            let mut busy = batch[..self.next_in_batch]
-                .iter()
-                .filter(|&&h| !self.hosts[h].state.is_final())
-                .count();
-            while self.next_in_batch < batch.len() && busy < cap {
-                let h = batch[self.next_in_batch];
-                let gate = GateFor::Host(h);
-                if spec.approve.at == ApproveAt::EachHost && !self.approved.contains(&gate) {
-                    return progressed | self.open_gate(spec, ctx, gate, &batch);
+            // Counted only while some of the batch has not started.
+            if self.next_in_batch < batch.len() {
+                let mut busy = batch[..self.next_in_batch]
+                    .iter()
+                    .filter(|&&h| !self.hosts[h].state.is_final())
+                    .count();
+                while self.next_in_batch < batch.len() && busy < cap {
+                    let h = batch[self.next_in_batch];
+                    let gate = GateFor::Host(h);
+                    if spec.approve.at == ApproveAt::EachHost && !self.approved.contains(&gate) {
+                        return progressed | self.open_gate(spec, ctx, gate, &batch);
+                    }
+                    self.next_in_batch += 1;
+                    self.start_host(spec, ctx, h, 0);
+                    busy += usize::from(!self.hosts[h].state.is_final());
+                    progressed = true;
                 }
-                self.next_in_batch += 1;
-                self.start_host(spec, ctx, h, 0);
-                busy += usize::from(!self.hosts[h].state.is_final());
-                progressed = true;
             }
-            let done = self.next_in_batch == batch.len()
-                && batch.iter().all(|&h| self.hosts[h].state.is_final());
+            // `batch_final` counts what a walk over the batch would.
+            debug_assert_eq!(
+                self.batch_final,
+                batch
+                    .iter()
+                    .filter(|&&h| self.hosts[h].state.is_final())
+                    .count()
+            );
+            let done = self.next_in_batch == batch.len() && self.batch_final == batch.len();
             if !done {
                 break;
             }
             self.batch += 1;
             self.batch_open = false;
+            self.batch_final = self.batches.get(self.batch).map_or(0, |b| {
+                b.iter()
+                    .filter(|&&h| self.hosts[h].state.is_final())
+                    .count()
+            });
             progressed = true;
             if let (Some(pause), true) = (spec.rollout.pause, self.batch < self.batches.len()) {
                 self.pause_until = Some(ctx.now.saturating_add(millis(pause)));
