@@ -849,6 +849,8 @@ pub struct SimFleet {
     pub client: Client,
     /// Where the controller serves `/metrics`.
     pub metrics_port: u16,
+    /// Where the controller serves its web view.
+    pub web_port: u16,
     /// How long enrolling every agent took.
     pub enrol_time: Duration,
     /// From the agents' cold start to every agent with a session.
@@ -869,8 +871,10 @@ impl SimFleet {
     ) -> anyhow::Result<SimFleet> {
         raise_nofile(4 * agents as u64 + 4096);
         let metrics_port = crate::free_port();
-        let mut ctl =
-            crate::Controller::init(&format!("metrics_listen = \"127.0.0.1:{metrics_port}\""));
+        let web_port = crate::free_port();
+        let mut ctl = crate::Controller::init(&format!(
+            "metrics_listen = \"127.0.0.1:{metrics_port}\"\nweb_listen = \"127.0.0.1:{web_port}\""
+        ));
         ctl.log_filter = Some(log.to_string());
         tokio::task::block_in_place(|| ctl.serve());
         let uses = agents.max(1).to_string();
@@ -898,6 +902,7 @@ impl SimFleet {
             sim,
             client,
             metrics_port,
+            web_port,
             enrol_time,
             storm_time: Duration::ZERO,
         };

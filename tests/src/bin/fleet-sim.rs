@@ -154,6 +154,44 @@ fn time_cli(fleet: &SimFleet, args: &[&str], times: usize) -> (f64, usize) {
     (median(all), len)
 }
 
+/// The web view's page of `run`, fetched `times` times over HTTPS by curl
+/// signed in with a `modi ui` link: median ms and the page's size.
+fn time_web_run_page(fleet: &SimFleet, run: &str, times: usize) -> anyhow::Result<(f64, usize)> {
+    let url = fleet.ctl.json(&["ui"])["url"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("modi ui gave no url"))?
+        .to_string();
+    let jar = fleet.ctl.root.join("web.cookies");
+    let ca = fleet.ctl.data.join("ca.pem");
+    let curl = |url: &str| {
+        Command::new("curl")
+            .args(["-sS", "-o", "-", "--cacert"])
+            .arg(&ca)
+            .arg("-b")
+            .arg(&jar)
+            .arg("-c")
+            .arg(&jar)
+            .arg(url)
+            .output()
+    };
+    curl(&url)?;
+    let page = format!("https://127.0.0.1:{}/runs/{run}", fleet.web_port);
+    let mut all = Vec::new();
+    let mut len = 0;
+    for _ in 0..times {
+        let started = Instant::now();
+        let out = curl(&page)?;
+        all.push(ms(started.elapsed()));
+        anyhow::ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("class=\"grid\""),
+            "the run page did not render: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        len = out.stdout.len();
+    }
+    Ok((median(all), len))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.agents > 0, "--agents must be at least 1");
@@ -276,6 +314,11 @@ fn main() -> anyhow::Result<()> {
         3,
     );
     let (runs_ms, _) = time_cli(&fleet, &["runs"], 3);
+    let (web_ms, web_bytes) = time_web_run_page(&fleet, &last_parallel.run, 3)?;
+    eprintln!(
+        "fleet-sim: web view: the page of a {n}-host run in {web_ms:.0} ms ({} KiB)",
+        web_bytes / 1024
+    );
     if let Some(perf) = perf {
         perf.stop();
     }
@@ -411,6 +454,7 @@ changes:
             "hosts_json": hosts_ms, "hosts_json_bytes": hosts_bytes,
             "status": status_ms,
             "status_all_json": status_json_ms, "status_all_json_bytes": status_bytes,
+            "web_run_page": web_ms, "web_run_page_bytes": web_bytes,
             "runs": runs_ms,
         },
         "restart": restart,
@@ -456,6 +500,7 @@ changes:
     );
     println!("| modi hosts (json) | {hosts_ms:.0} ms |");
     println!("| modi status (run of {n}) | {status_ms:.0} ms |");
+    println!("| web view: the run page | {web_ms:.0} ms |");
     println!("| modi status --all (json) | {status_json_ms:.0} ms |");
     println!("| modi runs | {runs_ms:.0} ms |");
     if !restart.is_null() {
