@@ -23,11 +23,16 @@
 //!   time reads.
 //! - [`install`]: the one-line agent install `modi serve` hands out (an
 //!   install script and the agent binary, beside the gRPC services).
+//! - [`typed`]: the admin API's run messages (spec, status, progress) to
+//!   and from ours, for the admin service and the CLI.
+//! - [`web`]: the web view (`web_listen`), an in-process client of the
+//!   admin service's handlers with the same rules and audit.
 //! - [`config`], [`init`], [`alert`]: the rest.
 //!
 //! Imports point down: `server` → `service` → `driver` → `fleet` →
 //! `run_ports` → `rollout`. A lower layer tells a higher one something by
-//! sending on a channel it was given; `pb::` types stop at `service`.
+//! sending on a channel it was given; `pb::` types stop at `service`,
+//! `typed`, `web` and the CLI.
 
 pub mod alert;
 pub mod changeset;
