@@ -10,7 +10,7 @@ mod access;
 mod apply;
 mod client;
 mod demo;
-mod hosts;
+pub(crate) mod hosts;
 mod init;
 mod output;
 mod progress;

@@ -34,6 +34,46 @@ macro_rules! eventually {
     }};
 }
 
+/// Builds the binaries a benchmark starts (`modi`, `modi-agent`), in the
+/// benchmark's own profile.
+pub fn build_benchmark_binaries() {
+    let release = bin_dir().ends_with("release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    // `cargo run` gives us its package's CARGO_PKG_*, CARGO_MANIFEST_* and
+    // such; build scripts (ring's) rerun when those differ, and would
+    // rebuild half the tree on every alternation with `cargo run`.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                k.as_ref(),
+                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.args([
+        "build",
+        "--locked",
+        "-p",
+        "modi-controller",
+        "-p",
+        "modi-agent",
+        // The same packages as `cargo run -p modi-tests` builds with, so
+        // both resolve the same features and neither rebuilds the other.
+        "-p",
+        "modi-tests",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("cargo build");
+    assert!(status.success(), "building modi and modi-agent failed");
+}
+
 /// The folder holding `modi` and `modi-agent` for this build profile.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

@@ -112,7 +112,7 @@ struct HostOut<'a> {
 
 /// A host's state for people: connected, away, never (enrolled but never
 /// connected) or revoked.
-fn host_state(h: &pb::Host) -> &'static str {
+pub(crate) fn host_state(h: &pb::Host) -> &'static str {
     if h.revoked {
         "revoked"
     } else if h.connected {

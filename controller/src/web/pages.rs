@@ -589,17 +589,7 @@ pub async fn hosts(
         Ok(r) => r.hosts,
         Err(s) => return status_problem(&s),
     };
-    let presence = |h: &pb::Host| {
-        if h.revoked {
-            "revoked"
-        } else if h.connected {
-            "connected"
-        } else if h.last_seen_ms == 0 {
-            "never"
-        } else {
-            "away"
-        }
-    };
+    let presence = crate::cli::hosts::host_state;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for h in &hosts {
         *counts.entry(presence(h)).or_default() += 1;

@@ -6,7 +6,6 @@
 //! `cargo run --release -p modi-tests --bin fanout-bench -- --agents 50`
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use clap::Parser;
@@ -34,41 +33,6 @@ changes:
     apply:
       - run: "true"
 "#;
-
-/// Builds the binaries this benchmark starts, in its own profile.
-fn build_binaries() {
-    let release = bin_dir().ends_with("release");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    // `cargo run` gives us its package's CARGO_PKG_*, CARGO_MANIFEST_* and
-    // such; build scripts (ring's) rerun when those differ, and would
-    // rebuild half the tree on every alternation with `cargo run`.
-    for (key, _) in std::env::vars_os() {
-        let k = key.to_string_lossy();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || matches!(
-                k.as_ref(),
-                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
-            )
-        {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.args([
-        "build",
-        "--locked",
-        "-p",
-        "modi-controller",
-        "-p",
-        "modi-agent",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("cargo build");
-    assert!(status.success(), "building modi and modi-agent failed");
-}
 
 /// Submits the changeset and waits until the run is final: every result
 /// journaled (the driver journals a result before the engine ends a run).
@@ -129,7 +93,7 @@ async fn one_run(client: &Client, file: &Path) -> (f64, pb::RunState) {
 
 fn main() {
     let args = Args::parse();
-    build_binaries();
+    modi_tests::build_benchmark_binaries();
     let ctl = Controller::start();
     let names: Vec<String> = (0..args.agents).map(|i| format!("bench-{i:03}")).collect();
     let mut agents: Vec<Agent> = names.iter().map(|n| Agent::enrol(&ctl, n, &[])).collect();

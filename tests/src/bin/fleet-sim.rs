@@ -91,45 +91,6 @@ impl Drop for Perf {
     }
 }
 
-/// Builds the binaries this benchmark starts, in its own profile.
-fn build_binaries() {
-    let release = bin_dir().ends_with("release");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    // `cargo run` gives us its package's CARGO_PKG_*, CARGO_MANIFEST_* and
-    // such; build scripts (ring's) rerun when those differ, and would
-    // rebuild half the tree on every alternation with `cargo run`.
-    for (key, _) in std::env::vars_os() {
-        let k = key.to_string_lossy();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || matches!(
-                k.as_ref(),
-                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
-            )
-        {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.args([
-        "build",
-        "--locked",
-        "-p",
-        "modi-controller",
-        "-p",
-        "modi-agent",
-        // The same packages as `cargo run -p modi-tests` builds with, so
-        // both resolve the same features and neither rebuilds the other.
-        "-p",
-        "modi-tests",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("cargo build");
-    assert!(status.success(), "building modi and modi-agent failed");
-}
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
@@ -199,7 +160,7 @@ fn main() -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.fail_rate),
         "--fail-rate must be within 0 and 1"
     );
-    build_binaries();
+    modi_tests::build_benchmark_binaries();
     let nofile = sim::raise_nofile(4 * args.agents as u64 + 4096);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
