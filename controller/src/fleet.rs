@@ -244,6 +244,11 @@ struct State {
 }
 
 impl State {
+    /// Run `run` is to be woken when `host` may be free.
+    fn add_waiter(&mut self, host: &str, run: u64) {
+        self.waiters.entry(host.to_string()).or_default().insert(run);
+    }
+
     /// Tells the runs waiting for `host` that it may be free now.
     fn wake_waiters(&mut self, host: &str) {
         if let Some(runs) = self.waiters.remove(host) {
@@ -880,11 +885,7 @@ impl Fleet {
         if *state.holders.entry(host.to_string()).or_insert(run) == run {
             return true;
         }
-        state
-            .waiters
-            .entry(host.to_string())
-            .or_default()
-            .insert(run);
+        state.add_waiter(host, run);
         false
     }
 
@@ -895,11 +896,7 @@ impl Fleet {
         if state.sessions.contains_key(host) {
             return true;
         }
-        state
-            .waiters
-            .entry(host.to_string())
-            .or_default()
-            .insert(run);
+        state.add_waiter(host, run);
         false
     }
 
