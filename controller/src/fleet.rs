@@ -246,7 +246,10 @@ struct State {
 impl State {
     /// Run `run` is to be woken when `host` may be free.
     fn add_waiter(&mut self, host: &str, run: u64) {
-        self.waiters.entry(host.to_string()).or_default().insert(run);
+        self.waiters
+            .entry(host.to_string())
+            .or_default()
+            .insert(run);
     }
 
     /// Tells the runs waiting for `host` that it may be free now.
