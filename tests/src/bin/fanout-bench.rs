@@ -5,13 +5,11 @@
 //!
 //! `cargo run --release -p modi-tests --bin fanout-bench -- --agents 50`
 
-use std::path::Path;
 use std::time::Instant;
 
 use clap::Parser;
 use modi_controller::cli::Client;
 use modi_controller::config::CliConfig;
-use modi_proto::v1 as pb;
 use modi_tests::{Agent, Controller, bin_dir, rss_kib};
 
 #[derive(Parser)]
@@ -34,63 +32,6 @@ changes:
       - run: "true"
 "#;
 
-/// Submits the changeset and waits until the run is final: every result
-/// journaled (the driver journals a result before the engine ends a run).
-async fn one_run(client: &Client, file: &Path) -> (f64, pb::RunState) {
-    let sources = modi_controller::changeset::collect_sources(&file.to_string_lossy(), &mut |p| {
-        std::fs::read_to_string(p)
-    })
-    .expect("sources");
-    let request = pb::ApplyRequest {
-        sources: Some(pb::Sources {
-            root: sources.root,
-            files: sources.files,
-        }),
-        vars: Default::default(),
-        secrets: Default::default(),
-    };
-    let started = Instant::now();
-    let run = client
-        .admin()
-        .apply(request)
-        .await
-        .expect("apply")
-        .into_inner()
-        .run_id;
-    let mut stream = client
-        .admin()
-        .watch(pb::WatchRequest {
-            run_id: run.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    // The run's state: from the first status, then from `run` progress
-    // events, until it is final.
-    let mut state = pb::RunState::Unspecified;
-    while let Some(event) = stream.message().await.expect("watch stream") {
-        let now = match event.event {
-            Some(pb::watch_event::Event::Status(s)) => s.state,
-            Some(pb::watch_event::Event::Progress(pb::Progress {
-                event: Some(pb::progress::Event::Run(s)),
-            })) => s,
-            _ => continue,
-        };
-        state = pb::RunState::try_from(now).unwrap_or(pb::RunState::Unspecified);
-        if !matches!(
-            state,
-            pb::RunState::Unspecified
-                | pb::RunState::Pending
-                | pb::RunState::Running
-                | pb::RunState::AwaitingApproval
-                | pb::RunState::Paused
-        ) {
-            break;
-        }
-    }
-    (started.elapsed().as_secs_f64() * 1000.0, state)
-}
-
 fn main() {
     let args = Args::parse();
     modi_tests::build_benchmark_binaries();
@@ -110,19 +51,24 @@ fn main() {
         "all {} agents connect",
         args.agents
     );
-    let file = ctl.changeset("fanout.yaml", CHANGESET);
     let cli = CliConfig::load(&ctl.cli_config).expect("cli config");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut times = Vec::new();
     rt.block_on(async {
         let client = Client::from_config(&cli).expect("client");
-        // One untimed run warms connections and caches.
-        let (_, state) = one_run(&client, &file).await;
-        assert_eq!(state, pb::RunState::Success, "warm-up run");
+        // One untimed run warms connections and caches. Each run is
+        // followed from Apply to its end (every result journaled: the
+        // driver journals a result before the engine ends a run).
+        let warm = modi_tests::sim::apply(&client, &ctl.root, CHANGESET)
+            .await
+            .expect("warm-up run");
+        assert_eq!(warm.state, "success", "warm-up run");
         for _ in 0..args.rounds {
-            let (ms, state) = one_run(&client, &file).await;
-            assert_eq!(state, pb::RunState::Success);
-            times.push(ms);
+            let run = modi_tests::sim::apply(&client, &ctl.root, CHANGESET)
+                .await
+                .expect("a run");
+            assert_eq!(run.state, "success");
+            times.push(run.elapsed.as_secs_f64() * 1000.0);
         }
     });
     // The floor: spawning as many processes (`true`, reaped), the least
