@@ -163,16 +163,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
             )));
         }
         let diff = req.diff;
-        let (files, vars) = (
-            req.sources
-                .as_ref()
-                .map(|s| s.files.clone())
-                .unwrap_or_default(),
-            req.vars.clone(),
-        );
-        let spec = convert::render(&self.shared, req)?;
+        let (spec, warnings) = convert::render_and_warn(&self.shared, req)?;
         Ok(Response::new(pb::PlanResponse {
-            warnings: convert::warnings(&files, &vars, &spec),
+            warnings,
             diffs: if diff {
                 super::plan_diff::diffs(&self.shared.fleet, &spec).await
             } else {
@@ -195,16 +188,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             secrets: req.secrets,
             diff: false,
         };
-        let (files, vars) = (
-            req.sources
-                .as_ref()
-                .map(|s| s.files.clone())
-                .unwrap_or_default(),
-            req.vars.clone(),
-        );
         let secrets = convert::secrets(req.secrets.clone())?;
-        let spec = convert::render(&self.shared, req)?;
-        let warnings = convert::warnings(&files, &vars, &spec);
+        let (spec, warnings) = convert::render_and_warn(&self.shared, req)?;
         let run = driver::start(&self.shared.drivers, spec, secrets, &admin.name)
             .await
             .map_err(convert::store_error)?;

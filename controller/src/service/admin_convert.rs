@@ -108,6 +108,22 @@ pub fn warnings(
     out
 }
 
+/// [`render`], and the plan's [`warnings`].
+pub fn render_and_warn(
+    shared: &Shared,
+    req: pb::PlanRequest,
+) -> Result<(RunSpec, Vec<String>), Status> {
+    let files = req
+        .sources
+        .as_ref()
+        .map(|s| s.files.clone())
+        .unwrap_or_default();
+    let vars = req.vars.clone();
+    let spec = render(shared, req)?;
+    let warnings = warnings(&files, &vars, &spec);
+    Ok((spec, warnings))
+}
+
 /// Validates and renders a changeset against the current inventory. A bad
 /// changeset is `invalid_argument` with every diagnostic, one per line.
 pub fn render(shared: &Shared, req: pb::PlanRequest) -> Result<RunSpec, Status> {
