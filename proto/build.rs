@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/modi/v1/agent.proto",
         "proto/modi/v1/run.proto",
         "proto/modi/v1/admin.proto",
+        // The part of etcd's API the controller's etcd store speaks.
+        "proto/etcd/v3.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

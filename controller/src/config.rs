@@ -152,6 +152,10 @@ pub struct ControllerFile {
     /// Alerts ("a human must look").
     #[serde(default, skip_serializing_if = "AlertsFile::is_empty")]
     pub alerts: AlertsFile,
+    /// Where the controller keeps its state (default: sled in the data
+    /// dir).
+    #[serde(default, skip_serializing_if = "StoreFile::is_default")]
+    pub store: StoreFile,
     /// Inventory variables: the lowest layer of the template namespace.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vars: BTreeMap<String, toml::Value>,
@@ -172,6 +176,51 @@ pub struct AlertsFile {
 impl AlertsFile {
     fn is_empty(&self) -> bool {
         self.webhook.is_none() && self.command.is_none()
+    }
+}
+
+/// `[store]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    /// `sled` (the default: embedded, one controller) or `etcd` (a set of
+    /// controllers sharing one fleet).
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// etcd's client URLs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// The key prefix in etcd (default `modi/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// The CA of etcd's server certificate (PEM), for https endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// A client certificate for etcd (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// How long a dead controller's runs stay its own (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl: Option<String>,
+}
+
+/// Which store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// sled in the data dir.
+    #[default]
+    Sled,
+    /// etcd.
+    Etcd,
+}
+
+impl StoreFile {
+    fn is_default(&self) -> bool {
+        *self == StoreFile::default()
     }
 }
 
@@ -211,6 +260,9 @@ pub struct ControllerConfig {
     pub alert_command: Option<String>,
     /// Inventory vars, as JSON.
     pub vars: serde_json::Map<String, serde_json::Value>,
+    /// The etcd store, when `[store] backend = "etcd"` (else sled in the
+    /// data dir).
+    pub etcd: Option<crate::store::EtcdConfig>,
 }
 
 impl ControllerConfig {
@@ -322,6 +374,69 @@ impl ControllerConfig {
                 "expected an http:// or https:// URL",
             ));
         }
+        let etcd = match file.store.backend {
+            StoreBackend::Sled => {
+                if !file.store.endpoints.is_empty() {
+                    return Err(invalid(
+                        "store.endpoints",
+                        &file.store.endpoints.join(", "),
+                        "is for backend = \"etcd\"",
+                    ));
+                }
+                None
+            }
+            StoreBackend::Etcd => {
+                if file.store.endpoints.is_empty() {
+                    return Err(invalid(
+                        "store.endpoints",
+                        "[]",
+                        "name at least one etcd client URL, e.g. [\"http://127.0.0.1:2379\"]",
+                    ));
+                }
+                for e in &file.store.endpoints {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(invalid(
+                            "store.endpoints",
+                            e,
+                            "expected an http:// or https:// URL",
+                        ));
+                    }
+                    if e.starts_with("https://") && file.store.ca.is_none() {
+                        return Err(invalid("store.endpoints", e, "is https: give `ca` too"));
+                    }
+                }
+                if file.store.cert.is_some() != file.store.key.is_some() {
+                    return Err(invalid("store.cert", "", "cert and key go together"));
+                }
+                let lease_ttl = match &file.store.lease_ttl {
+                    Some(v) => duration(path, "store.lease_ttl", v)?,
+                    None => crate::store::etcd::DEFAULT_LEASE_TTL,
+                };
+                if lease_ttl < Duration::from_secs(2) {
+                    return Err(invalid(
+                        "store.lease_ttl",
+                        file.store.lease_ttl.as_deref().unwrap_or_default(),
+                        "must be at least 2s",
+                    ));
+                }
+                let relative = |p: &PathBuf| match path.parent() {
+                    Some(dir) if p.is_relative() => dir.join(p),
+                    _ => p.clone(),
+                };
+                Some(crate::store::EtcdConfig {
+                    endpoints: file.store.endpoints.clone(),
+                    prefix: file
+                        .store
+                        .prefix
+                        .clone()
+                        .unwrap_or_else(|| crate::store::etcd::DEFAULT_PREFIX.into()),
+                    ca: file.store.ca.as_ref().map(relative),
+                    cert: file.store.cert.as_ref().map(relative),
+                    key: file.store.key.as_ref().map(relative),
+                    lease_ttl,
+                })
+            }
+        };
         let vars = serde_json::to_value(&file.vars)
             .ok()
             .and_then(|v| v.as_object().cloned())
@@ -350,6 +465,7 @@ impl ControllerConfig {
             webhook: file.alerts.webhook,
             alert_command: file.alerts.command,
             vars,
+            etcd,
         })
     }
 

@@ -53,6 +53,8 @@ pub mod server;
 pub mod service;
 pub mod spec;
 pub mod store;
+#[doc(hidden)]
+pub mod testetcd;
 #[cfg(test)]
 mod testfs;
 pub mod typed;

@@ -123,7 +123,10 @@ impl Server {
         )?;
         let cert = read(&config, files::SERVER_CERT)?;
         let key = read(&config, files::SERVER_KEY)?;
-        let store = Store::open(&config.file(files::DB))?;
+        let store = match &config.etcd {
+            None => Store::open(&config.file(files::DB))?,
+            Some(etcd) => Store::open_etcd(etcd).await?,
+        };
         bootstrap_operator(&store, &config).await?;
         let revoked: RevokedSerials = Arc::new(RwLock::new(store.revoked_serials()?));
         let tls = pki::server_config(&ca, &cert, &key, revoked.clone())?;

@@ -42,8 +42,10 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::rollout::{DispatchId, Event, Millis, RunState, StepResult};
 
 pub mod access;
+pub mod etcd;
 use crate::spec::RunSpec;
 pub use access::{AuditEntry, OperatorRecord, OperatorRole};
+pub use etcd::EtcdConfig;
 
 /// How long [`Store::open`] waits for the store's lock.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -84,6 +86,9 @@ pub enum StoreError {
     /// A write was not durable within [`WRITE_DEADLINE`].
     #[error("the store did not finish a write within {0:?}")]
     Timeout(std::time::Duration),
+    /// etcd cannot be used (unreachable at start, a bad `[store]`).
+    #[error("{0}")]
+    Etcd(Arc<str>),
     /// The store was closed (the controller is stopping).
     #[error("the store is closed (the controller is stopping)")]
     Closed,
@@ -360,6 +365,22 @@ impl Trees {
                 Err(e) => return Err(e.into()),
             }
         };
+        Trees::of(db)
+    }
+
+    /// A store's copy held only while the process lives (the etcd
+    /// backend's mirror): never flushed.
+    fn temporary() -> Result<Trees, StoreError> {
+        Trees::of(
+            sled::Config::new()
+                .temporary(true)
+                .flush_every_ms(None)
+                .cache_capacity(CACHE_BYTES)
+                .open()?,
+        )
+    }
+
+    fn of(db: sled::Db) -> Result<Trees, StoreError> {
         Ok(Trees {
             hosts: db.open_tree("hosts")?,
             tokens: db.open_tree("tokens")?,
@@ -373,6 +394,21 @@ impl Trees {
             db,
         })
     }
+
+    /// Every tree, by name.
+    fn all(&self) -> [&sled::Tree; 9] {
+        [
+            &self.hosts,
+            &self.tokens,
+            &self.revoked,
+            &self.runs,
+            &self.journal,
+            &self.meta,
+            &self.operators,
+            &self.audit,
+            &self.token_uses,
+        ]
+    }
 }
 
 /// What the writer hands a job: the trees to write to.
@@ -380,6 +416,66 @@ pub struct Tx<'a> {
     trees: &'a Trees,
     /// Run ids created by this job (listed once durable).
     created: &'a mut Vec<u64>,
+    /// With the etcd backend, every write of the group in order, with the
+    /// value it replaced: what is sent to etcd, or undone if etcd refuses.
+    log: Option<&'a std::cell::RefCell<Vec<etcd::Op>>>,
+}
+
+impl Tx<'_> {
+    /// Writes `key` = `value` in `tree`.
+    fn put(
+        &self,
+        tree: &sled::Tree,
+        key: impl AsRef<[u8]>,
+        value: impl Into<sled::IVec>,
+    ) -> Result<(), StoreError> {
+        let (key, value) = (key.as_ref(), value.into());
+        let old = tree.insert(key, value.clone())?;
+        if let Some(log) = self.log {
+            log.borrow_mut().push(etcd::Op {
+                tree: tree.name(),
+                key: key.into(),
+                value: Some(value),
+                old,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes `key` from `tree`.
+    fn del(&self, tree: &sled::Tree, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
+        let key = key.as_ref();
+        let old = tree.remove(key)?;
+        if let Some(log) = self.log {
+            log.borrow_mut().push(etcd::Op {
+                tree: tree.name(),
+                key: key.into(),
+                value: None,
+                old,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes every pair into `tree` (one sled batch when the store is
+    /// sled).
+    fn put_all<K: AsRef<[u8]>, V: Into<sled::IVec>>(
+        &self,
+        tree: &sled::Tree,
+        items: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(), StoreError> {
+        if self.log.is_some() {
+            for (k, v) in items {
+                self.put(tree, k, v)?;
+            }
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in items {
+            batch.insert(k.as_ref(), v.into());
+        }
+        Ok(tree.apply_batch(batch)?)
+    }
 }
 
 /// Called once the job's writes are durable (or not), with the outcome.
@@ -421,12 +517,15 @@ where
 
 /// The writer's and the readers' shared state.
 struct Shared {
+    /// The sled store's path (the etcd backend's mirror has none).
     path: std::path::PathBuf,
+    /// The etcd backend, when the store is etcd.
+    etcd: Option<Arc<etcd::Link>>,
     trees: std::sync::RwLock<Option<Trees>>,
     /// `None` while writable, else why not.
     health: tokio::sync::watch::Sender<Option<Arc<str>>>,
     /// Highest run id whose creation is durable: listings stop there.
-    durable_run: std::sync::atomic::AtomicU64,
+    durable_run: Arc<std::sync::atomic::AtomicU64>,
     /// Told how long each flush took (metrics).
     on_flush: std::sync::OnceLock<Box<dyn Fn(std::time::Duration) + Send + Sync>>,
 }
@@ -444,8 +543,8 @@ pub struct WriterStats {
 /// is dropped (after a last flush).
 #[derive(Clone)]
 pub struct Store {
-    /// Held while any clone is alive.
-    _lock: Arc<nix::fcntl::Flock<std::fs::File>>,
+    /// Held while any clone is alive (sled: the data dir's lock file).
+    _lock: Option<Arc<nix::fcntl::Flock<std::fs::File>>>,
     shared: Arc<Shared>,
     writer: std::sync::mpsc::SyncSender<Job>,
     stats: Arc<std::sync::Mutex<WriterStats>>,
@@ -513,13 +612,50 @@ impl Store {
         };
         let trees = Trees::open(path, deadline)?;
         let durable_run = next_run_counter(&trees.meta)?;
-        let shared = Arc::new(Shared {
-            path: path.to_path_buf(),
-            trees: std::sync::RwLock::new(Some(trees)),
-            health: tokio::sync::watch::Sender::new(None),
-            durable_run: durable_run.into(),
-            on_flush: std::sync::OnceLock::new(),
-        });
+        Store::start(
+            Shared {
+                path: path.to_path_buf(),
+                etcd: None,
+                trees: std::sync::RwLock::new(Some(trees)),
+                health: tokio::sync::watch::Sender::new(None),
+                durable_run: Arc::new(durable_run.into()),
+                on_flush: std::sync::OnceLock::new(),
+            },
+            Some(Arc::new(lock)),
+        )
+    }
+
+    /// Opens the store kept in etcd (see [`etcd`]): connects, takes this
+    /// controller's lease, reads everything under the prefix into a
+    /// mirror that etcd's watch keeps current, and starts the writer.
+    /// Fails if etcd cannot be reached within its timeout.
+    pub async fn open_etcd(config: &EtcdConfig) -> Result<Store, StoreError> {
+        let trees = Trees::temporary()?;
+        let durable_run = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let link = etcd::Link::open(config, trees.clone(), durable_run.clone()).await?;
+        durable_run.store(
+            next_run_counter(&trees.meta)?,
+            std::sync::atomic::Ordering::Release,
+        );
+        Store::start(
+            Shared {
+                path: std::path::PathBuf::new(),
+                etcd: Some(link),
+                trees: std::sync::RwLock::new(Some(trees)),
+                health: tokio::sync::watch::Sender::new(None),
+                durable_run,
+                on_flush: std::sync::OnceLock::new(),
+            },
+            None,
+        )
+    }
+
+    /// Starts the writer thread over `shared`.
+    fn start(
+        shared: Shared,
+        lock: Option<Arc<nix::fcntl::Flock<std::fs::File>>>,
+    ) -> Result<Store, StoreError> {
+        let shared = Arc::new(shared);
         let (writer, jobs) = std::sync::mpsc::sync_channel::<Job>(GROUP_COMMIT);
         let stats = Arc::new(std::sync::Mutex::new(WriterStats::default()));
         let thread_shared = shared.clone();
@@ -529,11 +665,17 @@ impl Store {
             .spawn(move || write_loop(&thread_shared, &jobs, &thread_stats))
             .map_err(|e| StoreError::Sled(e.into()))?;
         Ok(Store {
-            _lock: Arc::new(lock),
+            _lock: lock,
             shared,
             writer,
             stats,
         })
+    }
+
+    /// The etcd backend's link, when the store is etcd (controller sets
+    /// share runs through it).
+    pub fn etcd(&self) -> Option<&Arc<etcd::Link>> {
+        self.shared.etcd.as_ref()
     }
 
     /// The trees, for a read.
@@ -646,7 +788,7 @@ impl Store {
         let name = name.to_string();
         self.write(move |t| {
             let new = f(get(&t.trees.hosts, "hosts", &name)?);
-            t.trees.hosts.insert(name.as_bytes(), encode(&new))?;
+            t.put(&t.trees.hosts, name.as_bytes(), encode(&new))?;
             Ok(new)
         })
         .await
@@ -673,7 +815,7 @@ impl Store {
     pub async fn put_token(&self, hash: &str, token: TokenRecord) -> Result<(), StoreError> {
         let hash = hash.to_string();
         self.write(move |t| {
-            t.trees.tokens.insert(hash.as_bytes(), encode(&token))?;
+            t.put(&t.trees.tokens, hash.as_bytes(), encode(&token))?;
             Ok(())
         })
         .await
@@ -734,7 +876,8 @@ impl Store {
                 }
                 // The one writer decides between agents racing with one
                 // token: the last one past its uses finds it used.
-                t.trees.token_uses.insert(
+                t.put(
+                    &t.trees.token_uses,
                     use_key,
                     encode(&TokenUse {
                         seq: used as u32,
@@ -756,8 +899,8 @@ impl Store {
             } else {
                 token.labels.clone()
             };
-            t.trees.tokens.insert(hash.as_bytes(), encode(&token))?;
-            t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
+            t.put(&t.trees.tokens, hash.as_bytes(), encode(&token))?;
+            t.put(&t.trees.hosts, name.as_bytes(), encode(&host))?;
             Ok(Ok(host))
         })
         .await
@@ -782,9 +925,9 @@ impl Store {
             };
             host.revoked = true;
             if forget {
-                t.trees.hosts.remove(name.as_bytes())?;
+                t.del(&t.trees.hosts, name.as_bytes())?;
             } else {
-                t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
+                t.put(&t.trees.hosts, name.as_bytes(), encode(&host))?;
             }
             revoke_serials(t, &host.name, &host.serials, &by, now)?;
             Ok(Some(host))
@@ -815,13 +958,15 @@ impl Store {
         self.write(move |t| {
             let id = next_run_counter(&t.trees.meta)? + 1;
             meta.id = id;
-            t.trees.meta.insert("next_run", &id.to_be_bytes())?;
-            let mut batch = sled::Batch::default();
-            for (i, entry) in entries.iter().enumerate() {
-                batch.insert(&journal_key(id, i as u64), encode(entry));
-            }
-            t.trees.journal.apply_batch(batch)?;
-            t.trees.runs.insert(id.to_be_bytes(), encode(&meta))?;
+            t.put(&t.trees.meta, "next_run", &id.to_be_bytes())?;
+            t.put_all(
+                &t.trees.journal,
+                entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, entry)| (journal_key(id, i as u64), encode(entry))),
+            )?;
+            t.put(&t.trees.runs, id.to_be_bytes(), encode(&meta))?;
             t.created.push(id);
             Ok(meta)
         })
@@ -841,14 +986,16 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(move |t| {
             if !entries.is_empty() {
-                let mut batch = sled::Batch::default();
-                for (i, entry) in entries.iter().enumerate() {
-                    batch.insert(&journal_key(run, first_seq + i as u64), encode(entry));
-                }
-                t.trees.journal.apply_batch(batch)?;
+                t.put_all(
+                    &t.trees.journal,
+                    entries
+                        .iter()
+                        .enumerate()
+                        .map(|(i, entry)| (journal_key(run, first_seq + i as u64), encode(entry))),
+                )?;
             }
             if let Some(meta) = meta {
-                t.trees.runs.insert(run.to_be_bytes(), encode(&meta))?;
+                t.put(&t.trees.runs, run.to_be_bytes(), encode(&meta))?;
             }
             Ok(())
         })
@@ -868,9 +1015,7 @@ impl Store {
                 .map_or(0, |(k, _)| {
                     u64::from_be_bytes(<[u8; 8]>::try_from(&k[8..16]).expect("16-byte key")) + 1
                 });
-            t.trees
-                .journal
-                .insert(journal_key(run, next), encode(&entry))?;
+            t.put(&t.trees.journal, journal_key(run, next), encode(&entry))?;
             Ok(())
         })
         .await
@@ -943,19 +1088,35 @@ fn revoke_serials(
             at: now,
             by: by.to_string(),
         };
-        t.trees.revoked.insert(serial.as_slice(), encode(&r))?;
+        t.put(&t.trees.revoked, serial.as_slice(), encode(&r))?;
     }
     Ok(())
 }
 
-/// The writer thread: batches, applies, flushes once, answers; on a
-/// failure, marks the store unwritable and probes until it can write.
+/// The writer thread: batches, applies, makes durable once (a sled flush,
+/// or etcd transactions), answers; on a failure, marks the store
+/// unwritable and probes until it can write.
 fn write_loop(
     shared: &Shared,
     jobs: &std::sync::mpsc::Receiver<Job>,
     stats: &std::sync::Mutex<WriterStats>,
 ) {
-    while let Ok(first) = jobs.recv() {
+    loop {
+        let first = match &shared.etcd {
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+            // Idle: etcd's write lock is let go for other controllers.
+            Some(link) => match jobs.recv_timeout(etcd::IDLE_RELEASE) {
+                Ok(job) => job,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    link.release();
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT {
             match jobs.try_recv() {
@@ -969,19 +1130,44 @@ fn write_loop(
             }
             continue;
         };
+        // etcd: this controller writes only while it holds the write lock
+        // and its mirror has every write made before it took it.
+        if let Some(link) = &shared.etcd
+            && let Err(failure) = link.hold()
+        {
+            let down = failure.is_down();
+            let cause = failure.cause();
+            for job in batch {
+                job.refuse(StoreError::Unwritable(cause.clone()));
+            }
+            if down {
+                unwritable(shared, cause);
+                recover(shared, jobs);
+            }
+            continue;
+        }
         let mut created = Vec::new();
         let mut done = Vec::with_capacity(batch.len());
+        let log = std::cell::RefCell::new(Vec::new());
         {
             let mut tx = Tx {
                 trees: &trees,
                 created: &mut created,
+                log: shared.etcd.as_ref().map(|_| &log),
             };
             for job in batch {
                 done.push(job.apply(&mut tx));
             }
         }
         let started = std::time::Instant::now();
-        let flushed = trees.db.flush();
+        let durable = match &shared.etcd {
+            None => trees
+                .db
+                .flush()
+                .map(drop)
+                .map_err(|e| etcd::Failure::Down(cause_of(&e).into())),
+            Some(link) => link.commit(log.into_inner()),
+        };
         if let Some(observe) = shared.on_flush.get() {
             observe(started.elapsed());
         }
@@ -990,8 +1176,8 @@ fn write_loop(
             s.jobs += done.len() as u64;
             s.flushes += 1;
         }
-        match flushed {
-            Ok(_) => {
+        match durable {
+            Ok(()) => {
                 if let Some(&last) = created.iter().max() {
                     shared
                         .durable_run
@@ -1001,22 +1187,36 @@ fn write_loop(
                     d(Ok(()));
                 }
             }
-            Err(e) => {
-                let cause: Arc<str> = cause_of(&e).into();
-                tracing::error!(error = %cause, "the store cannot write");
-                shared.health.send_replace(Some(cause.clone()));
+            Err(failure) => {
+                let down = failure.is_down();
+                let cause = failure.cause();
                 for d in done {
                     d(Err(StoreError::Unwritable(cause.clone())));
                 }
-                drop(trees);
-                recover(shared, jobs);
+                if down {
+                    unwritable(shared, cause);
+                    drop(trees);
+                    recover(shared, jobs);
+                }
             }
         }
     }
-    // Every handle is gone: a last flush of whatever sled holds.
-    if let Some(trees) = shared.trees.read().expect("store trees lock").as_ref() {
-        let _ = trees.db.flush();
+    match &shared.etcd {
+        // Every handle is gone: a last flush of whatever sled holds.
+        None => {
+            if let Some(trees) = shared.trees.read().expect("store trees lock").as_ref() {
+                let _ = trees.db.flush();
+            }
+        }
+        // Let the write lock and this controller's lease go at once.
+        Some(link) => link.close(),
     }
+}
+
+/// Marks the store unwritable because of `cause`.
+fn unwritable(shared: &Shared, cause: Arc<str>) {
+    tracing::error!(error = %cause, "the store cannot write");
+    shared.health.send_replace(Some(cause));
 }
 
 /// The OS's words for a sled error.
@@ -1042,6 +1242,21 @@ fn recover(shared: &Shared, jobs: &std::sync::mpsc::Receiver<Job>) {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         }
         wait = (wait * 2).min(PROBE_MAX);
+        if let Some(link) = &shared.etcd {
+            // etcd keeps what it acknowledged; the mirror follows its
+            // watch. Writable again as soon as a quorum answers.
+            match link.probe() {
+                Ok(()) => {
+                    tracing::info!("the store can write again");
+                    shared.health.send_replace(None);
+                    return;
+                }
+                Err(cause) => {
+                    shared.health.send_replace(Some(cause));
+                    continue;
+                }
+            }
+        }
         if let Err(e) = probe(&shared.path) {
             let cause: Arc<str> = e.to_string().into();
             shared.health.send_replace(Some(cause));
@@ -1096,14 +1311,64 @@ fn probe(path: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
-        (dir, store)
+    /// Where a test's store lives: the same tests run on both backends.
+    pub(super) enum Backing {
+        Sled(tempfile::TempDir),
+        Etcd(crate::testetcd::Etcd),
     }
+
+    impl Backing {
+        pub(super) fn sled() -> Backing {
+            Backing::Sled(tempfile::tempdir().unwrap())
+        }
+
+        pub(super) fn etcd() -> Backing {
+            Backing::Etcd(crate::testetcd::Etcd::start(1))
+        }
+
+        /// Opens the store (again: what a restarted controller finds).
+        pub(super) async fn open(&self) -> Store {
+            match self {
+                Backing::Sled(dir) => Store::open(&dir.path().join("db")).unwrap(),
+                Backing::Etcd(etcd) => {
+                    Store::open_etcd(&EtcdConfig::new(etcd.endpoints(), "test/"))
+                        .await
+                        .unwrap()
+                }
+            }
+        }
+    }
+
+    /// Runs `test` on a sled store and on an etcd store.
+    macro_rules! both_backends {
+        ($name:ident, $body:ident) => {
+            mod $name {
+                use super::*;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sled() {
+                    $body(Backing::sled()).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn etcd() {
+                    $body(Backing::etcd()).await;
+                }
+            }
+        };
+    }
+
+    both_backends!(a_token_works_once_and_not_after_expiry, token_once);
+    both_backends!(
+        a_token_is_used_once_per_host_and_a_retry_is_not_a_use,
+        token_retry
+    );
+    both_backends!(journals_are_per_run_ordered_and_survive_reopen, journals);
+    both_backends!(
+        concurrent_writes_of_every_kind_all_finish_in_group_commits,
+        concurrent_writes
+    );
 
     fn token(expires_at: Millis) -> TokenRecord {
         TokenRecord {
@@ -1119,7 +1384,7 @@ mod tests {
         }
     }
 
-    fn meta(name: &str) -> RunMeta {
+    pub(super) fn meta(name: &str) -> RunMeta {
         RunMeta {
             id: 0,
             name: name.into(),
@@ -1131,7 +1396,7 @@ mod tests {
         }
     }
 
-    fn approve(by: &str) -> JournalEntry {
+    pub(super) fn approve(by: &str) -> JournalEntry {
         JournalEntry {
             at: 5,
             record: Record::Event {
@@ -1140,9 +1405,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_token_works_once_and_not_after_expiry() {
-        let (_d, s) = store();
+    async fn token_once(b: Backing) {
+        let s = b.open().await;
         s.put_token("h1", token(1000)).await.unwrap();
         s.put_token("h2", token(1000)).await.unwrap();
         let none = BTreeMap::new;
@@ -1176,9 +1440,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_token_is_used_once_per_host_and_a_retry_is_not_a_use() {
-        let (_d, s) = store();
+    async fn token_retry(b: Backing) {
+        let s = b.open().await;
         let mut three = token(1000);
         three.uses = 3;
         s.put_token("t", three).await.unwrap();
@@ -1234,12 +1497,9 @@ mod tests {
         assert!(second.to_string().contains("another `modi serve`"));
     }
 
-    #[tokio::test]
-    async fn journals_are_per_run_ordered_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
+    async fn journals(b: Backing) {
         {
-            let s = Store::open(&path).unwrap();
+            let s = b.open().await;
             let one = s.create_run(meta("one"), vec![approve("a")]).await.unwrap();
             let two = s.create_run(meta("two"), vec![approve("x")]).await.unwrap();
             assert_eq!((one.id, two.id), (1, 2));
@@ -1248,7 +1508,7 @@ mod tests {
                 .unwrap();
             s.append_at_end(1, approve("d")).await.unwrap();
         }
-        let s = Store::open(&path).unwrap();
+        let s = b.open().await;
         let by: Vec<String> = s
             .journal(1)
             .unwrap()
@@ -1270,11 +1530,8 @@ mod tests {
     /// Many writers at once: every write is answered, durable, and far
     /// fewer flushes than writes are made (sled 0.34 deadlocks when
     /// flushes run concurrently; the one writer makes that impossible).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_writes_of_every_kind_all_finish_in_group_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let s = Store::open(&path).unwrap();
+    async fn concurrent_writes(b: Backing) {
+        let s = b.open().await;
         let mut calls = tokio::task::JoinSet::new();
         for i in 0..200u64 {
             let s = s.clone();
@@ -1312,7 +1569,7 @@ mod tests {
         assert_eq!(stats.jobs, 200);
         assert!(stats.flushes < 200, "group commit: {stats:?}");
         drop(s);
-        let s = Store::open(&path).unwrap();
+        let s = b.open().await;
         assert_eq!(s.runs().unwrap().len(), 50);
         assert_eq!(s.hosts().unwrap().len(), 50);
         let ids: HashSet<u64> = s.runs().unwrap().iter().map(|r| r.id).collect();

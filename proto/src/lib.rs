@@ -41,3 +41,10 @@ pub mod tls;
 pub mod v1 {
     tonic::include_proto!("modi.v1");
 }
+
+/// Generated client code for the part of etcd's v3 API (package
+/// `etcdserverpb`) that the controller's etcd store uses.
+#[allow(missing_docs, clippy::all)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}

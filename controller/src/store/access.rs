@@ -149,7 +149,7 @@ impl Store {
                 return Ok(false);
             };
             token.revoked = true;
-            t.trees.tokens.insert(key, encode(&token))?;
+            t.put(&t.trees.tokens, key, encode(&token))?;
             Ok(true)
         })
         .await
@@ -174,7 +174,7 @@ impl Store {
                 host.labels.remove(key);
             }
             host.labels.extend(set);
-            t.trees.hosts.insert(name.as_bytes(), encode(&host))?;
+            t.put(&t.trees.hosts, name.as_bytes(), encode(&host))?;
             Ok(Some(host))
         })
         .await
@@ -209,7 +209,7 @@ impl Store {
             {
                 return Ok(Err(OperatorRefused::Exists(op.name)));
             }
-            t.trees.operators.insert(op.name.as_bytes(), encode(&op))?;
+            t.put(&t.trees.operators, op.name.as_bytes(), encode(&op))?;
             Ok(Ok(()))
         })
         .await
@@ -233,7 +233,7 @@ impl Store {
             }
             op.serials.push(serial);
             op.cert_expires_at = expires_at;
-            t.trees.operators.insert(name.as_bytes(), encode(&op))?;
+            t.put(&t.trees.operators, name.as_bytes(), encode(&op))?;
             Ok(Ok(op))
         })
         .await
@@ -254,7 +254,7 @@ impl Store {
                 return Ok(None);
             };
             op.revoked = true;
-            t.trees.operators.insert(name.as_bytes(), encode(&op))?;
+            t.put(&t.trees.operators, name.as_bytes(), encode(&op))?;
             super::revoke_serials(t, &op.name, &op.serials, &by, now)?;
             Ok(Some(op))
         })
@@ -272,7 +272,7 @@ impl Store {
                 .last()?
                 .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
                 .map_or(0, |k| u64::from_be_bytes(k) + 1);
-            t.trees.audit.insert(next.to_be_bytes(), encode(&entry))?;
+            t.put(&t.trees.audit, next.to_be_bytes(), encode(&entry))?;
             Ok(())
         })
         .await
