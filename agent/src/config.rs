@@ -25,6 +25,9 @@ pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest reconnect delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The longest wait between rounds of a set's controllers: a standby takes
+/// over within its lease's TTL (5 s), and the agents follow a moment after.
+pub const SET_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Exit status of `modi-agent run` on a host that has not joined (no
 /// config, key or certificate): sysexits' EX_CONFIG. The systemd unit does
 /// not restart on it (`RestartPreventExitStatus=`), nor does the install
@@ -43,6 +46,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AgentConfig {
     /// `https://host:port` of the controller.
     pub controller: String,
+    /// The other controllers of its set, if it has several: the agent
+    /// moves on to the next when the one it uses dies or is on standby.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     /// The name in the agent's certificate.
     pub name: String,
     /// Labels the agent reports (selectors match on them).
@@ -98,6 +105,13 @@ pub enum ConfigError {
 }
 
 impl AgentConfig {
+    /// Every controller the agent knows, `controller` first.
+    pub fn urls(&self) -> Vec<String> {
+        std::iter::once(self.controller.clone())
+            .chain(self.controllers.iter().cloned())
+            .collect()
+    }
+
     /// Loads `path` and checks it.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -129,6 +143,9 @@ impl AgentConfig {
                 &self.controller,
                 "expected an https:// URL".into(),
             ));
+        }
+        if let Some(bad) = self.controllers.iter().find(|c| !c.starts_with("https://")) {
+            return Err(invalid("controllers", bad, "expected https:// URLs".into()));
         }
         modi_proto::identity::valid_name(&self.name)
             .map_err(|e| invalid("name", &self.name, e.to_string()))?;
@@ -190,6 +207,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = AgentConfig {
             controller: "https://127.0.0.1:7443".into(),
+            controllers: vec!["https://127.0.0.2:7443".into()],
             name: "web-1".into(),
             labels: [("role".to_string(), "web".to_string())].into(),
             work_dir: None,

@@ -26,6 +26,9 @@ use crate::fsutil;
 pub struct JoinRequest {
     /// `https://host:port`.
     pub controller: String,
+    /// The other controllers of its set: tried in turn when one is on
+    /// standby or unreachable, and kept in `agent.toml`.
+    pub also: Vec<String>,
     /// The one-time join token.
     pub token: String,
     /// SHA-256 of the controller's CA certificate (hex).
@@ -162,32 +165,43 @@ pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
         .and_then(|c| c.pem())
         .map_err(|e| JoinError::BadAnswer(format!("cannot make a CSR: {e}")))?;
 
-    let unreachable = |detail: String| JoinError::Unreachable {
-        url: req.controller.clone(),
-        detail,
-    };
-    let channel = tls::channel(
-        &req.controller,
-        Trust::Pin(&pin),
-        None,
-        config::CONNECT_TIMEOUT,
-    )
-    .map_err(|e| JoinError::Usage(e.to_string()))?;
-    let response = AgentServiceClient::new(channel)
-        .enroll(pb::EnrollRequest {
-            token: req.token.clone(),
-            csr_pem: csr,
-            name: name.clone(),
-            labels: req.labels.clone().into_iter().collect(),
-        })
-        .await
-        .map_err(|status| match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
-                unreachable(crate::error_chain(&status))
+    // Each controller in turn: one on standby (or down) sends us on.
+    let mut answered = None;
+    for url in std::iter::once(&req.controller).chain(&req.also) {
+        let channel = tls::channel(url, Trust::Pin(&pin), None, config::CONNECT_TIMEOUT)
+            .map_err(|e| JoinError::Usage(e.to_string()))?;
+        let asked = AgentServiceClient::new(channel)
+            .enroll(pb::EnrollRequest {
+                token: req.token.clone(),
+                csr_pem: csr.clone(),
+                name: name.clone(),
+                labels: req.labels.clone().into_iter().collect(),
+            })
+            .await;
+        match asked {
+            Ok(r) => {
+                answered = Some(Ok(r.into_inner()));
+                break;
             }
-            _ => JoinError::Refused(status.message().to_string()),
-        })?
-        .into_inner();
+            Err(status) => {
+                let failed = match status.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded => JoinError::Unreachable {
+                        url: url.clone(),
+                        detail: crate::error_chain(&status),
+                    },
+                    _ => JoinError::Refused(status.message().to_string()),
+                };
+                let refused = matches!(failed, JoinError::Refused(_));
+                answered = Some(Err(failed));
+                if refused {
+                    break;
+                }
+            }
+        }
+    }
+    let response = answered.expect("at least one controller was asked")?;
 
     // Trust nothing in the answer that does not match what we pinned.
     let ca = tls::certs_from_pem("CA certificate", &response.ca_pem)
@@ -219,6 +233,7 @@ pub async fn join(req: JoinRequest) -> Result<AgentConfig, JoinError> {
     write(config::CA_FILE, response.ca_pem.as_bytes(), 0o644)?;
     let config = AgentConfig {
         controller: req.controller.clone(),
+        controllers: req.also.clone(),
         name,
         labels: req.labels.clone(),
         work_dir: req.work_dir.clone(),

@@ -35,9 +35,10 @@ enum LogFormat {
 enum Command {
     /// Enrol with a controller using a one-time token.
     Join {
-        /// The controller, e.g. https://modi.example.com:7443
-        #[arg(long)]
-        controller: String,
+        /// The controller, e.g. https://modi.example.com:7443; repeat it
+        /// for every controller of a set (tried in turn).
+        #[arg(long, required = true)]
+        controller: Vec<String>,
         /// The join token from `modi token create`.
         #[arg(long)]
         token: String,
@@ -110,8 +111,10 @@ fn main() -> ExitCode {
                 data,
                 work_dir,
             } => {
+                let mut controllers = controller.into_iter();
                 let req = JoinRequest {
-                    controller,
+                    controller: controllers.next().expect("clap requires one"),
+                    also: controllers.collect(),
                     token,
                     ca_sha256,
                     name,

@@ -209,19 +209,27 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         renewal: crate::renew::Renewal::default(),
         renewed: false.into(),
     };
-    let mut client = agent.client(&ca)?;
+    // The controllers of its set, tried in turn (one, usually).
+    let urls = agent.config.urls();
+    let mut at = 0;
+    let mut client = agent.client(&ca, &urls[at])?;
     let mut backoff = config::BACKOFF_MIN;
-    tracing::info!(controller = %agent.config.controller, name = %agent.config.name, "agent starting");
+    // Controllers tried without a session since the last one.
+    let mut failed_in_a_row = 0;
+    tracing::info!(controller = %urls.join(", "), name = %agent.config.name, "agent starting");
     let mut refused = None;
     while !shutdown.is_cancelled() {
         match agent.session(&mut client, &mut internal_rx).await {
-            Ok(()) => backoff = config::BACKOFF_MIN,
+            Ok(()) => {
+                backoff = config::BACKOFF_MIN;
+                failed_in_a_row = 0;
+            }
             Err(Failed::Retry(e)) => {
-                tracing::warn!(error = %e, "session ended");
+                tracing::warn!(controller = %urls[at], error = %e, "session ended");
+                failed_in_a_row += 1;
                 let revoked = match agent.identity() {
                     Ok(identity) => {
-                        crate::probe::certificate_revoked(&agent.config.controller, &ca, &identity)
-                            .await
+                        crate::probe::certificate_revoked(&urls[at], &ca, &identity).await
                     }
                     Err(_) => false,
                 };
@@ -249,9 +257,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             // Reconnect at once with the new certificate.
-            client = agent.client(&ca)?;
+            client = agent.client(&ca, &urls[at])?;
             tracing::info!("certificate renewed; reconnecting with it");
             continue;
+        }
+        if urls.len() > 1 {
+            // In a set, the next controller may be the active one (this
+            // one died, or is on standby): try each once before waiting.
+            at = (at + 1) % urls.len();
+            client = agent.client(&ca, &urls[at])?;
+            if failed_in_a_row < urls.len() {
+                continue;
+            }
+            failed_in_a_row = 0;
         }
         // Full jitter on the upper half, so a fleet that lost its
         // controller does not come back all at once.
@@ -267,7 +285,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 Some(_) = internal_rx.recv() => {}
             }
         }
-        backoff = (backoff * 2).min(config::BACKOFF_MAX);
+        // A set takes over within its lease's TTL: its agents keep
+        // looking often enough to be back a moment after.
+        let most = if urls.len() > 1 {
+            config::SET_BACKOFF_MAX
+        } else {
+            config::BACKOFF_MAX
+        };
+        backoff = (backoff * 2).min(most);
     }
     agent.stop(internal_rx).await;
     match refused {
@@ -286,15 +311,14 @@ impl Agent {
         })
     }
 
-    fn client(&self, ca: &str) -> Result<AgentServiceClient<tonic::transport::Channel>, RunError> {
+    fn client(
+        &self,
+        ca: &str,
+        url: &str,
+    ) -> Result<AgentServiceClient<tonic::transport::Channel>, RunError> {
         let identity = self.identity()?;
-        let channel = tls::channel(
-            &self.config.controller,
-            Trust::Ca(ca),
-            Some(&identity),
-            config::CONNECT_TIMEOUT,
-        )
-        .map_err(|e| RunError::Config(e.to_string()))?;
+        let channel = tls::channel(url, Trust::Ca(ca), Some(&identity), config::CONNECT_TIMEOUT)
+            .map_err(|e| RunError::Config(e.to_string()))?;
         Ok(AgentServiceClient::new(channel))
     }
 
@@ -573,6 +597,7 @@ mod tests {
         let agent = Agent {
             config: AgentConfig {
                 controller: "https://127.0.0.1:1".into(),
+                controllers: Vec::new(),
                 name: "test".into(),
                 labels: Default::default(),
                 work_dir: None,

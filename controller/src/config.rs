@@ -481,6 +481,11 @@ impl ControllerConfig {
 pub struct CliConfig {
     /// `https://host:port`.
     pub controller: String,
+    /// The other controllers of its set: the CLI talks to whichever is
+    /// active, and a `watch` or `logs --follow` moves to the next when
+    /// its controller dies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     /// The CA certificate to trust.
     pub ca: PathBuf,
     /// Admin client certificate (absent = connect without one, which the

@@ -323,7 +323,9 @@ pub struct Fleet {
     store: Store,
     lost_after: Duration,
     clock: Clock,
-    started: Millis,
+    /// When the controller started serving agents (for the startup
+    /// grace).
+    started: Arc<AtomicU64>,
     generation: Arc<AtomicU64>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -367,7 +369,7 @@ impl Fleet {
             store,
             lost_after,
             clock,
-            started: clock.now(),
+            started: Arc::new(AtomicU64::new(clock.now())),
             generation: Arc::new(AtomicU64::new(1)),
             tasks,
             shutdown,
@@ -385,15 +387,23 @@ impl Fleet {
     /// failed as unreachable. A host that left this controller is not
     /// waited for.
     pub fn expected_back(&self, name: &str) -> bool {
-        if self.clock.now() >= self.started + STARTUP_GRACE.as_millis() as Millis
+        let started = self.started.load(Ordering::Relaxed);
+        if self.clock.now() >= started + STARTUP_GRACE.as_millis() as Millis
             || self.lock().seen.contains(name)
         {
             return false;
         }
-        let recent = self
-            .started
-            .saturating_sub(RECENTLY_SEEN.as_millis() as Millis);
+        let recent = started.saturating_sub(RECENTLY_SEEN.as_millis() as Millis);
         matches!(self.store.host(name), Ok(Some(h)) if (h.connected || h.last_seen >= recent) && !h.revoked)
+    }
+
+    /// The startup grace begins now: a standby controller of a set took
+    /// over and the agents of the one it replaced are coming, or this
+    /// controller was cut off from etcd and its agents are coming back.
+    /// Steps for them are held, not failed as unreachable.
+    pub fn restart_grace(&self) {
+        self.started.store(self.clock.now(), Ordering::Relaxed);
+        self.lock().seen.clear();
     }
 
     /// Registers a new session for `name` (replacing any older one),
@@ -627,6 +637,16 @@ impl Fleet {
         let session = self.lock().sessions.get(name).map(|s| s.id);
         if let Some(id) = session {
             self.disconnect(name, id).await;
+        }
+    }
+
+    /// Ends every agent session (this controller is cut off from its
+    /// store: its agents go to another controller of the set, or come
+    /// back when it answers again).
+    pub async fn kick_all(&self) {
+        let names: Vec<String> = self.lock().sessions.keys().cloned().collect();
+        for name in names {
+            self.kick(&name).await;
         }
     }
 
@@ -905,7 +925,7 @@ impl Fleet {
 
     /// When the startup grace (see [`Fleet::expected_back`]) ends.
     pub fn grace_end(&self) -> Millis {
-        self.started + STARTUP_GRACE.as_millis() as Millis
+        self.started.load(Ordering::Relaxed) + STARTUP_GRACE.as_millis() as Millis
     }
 
     /// Run `run` is done with `host` for now.

@@ -141,6 +141,7 @@ pub fn init(req: &InitRequest) -> Result<InitReport, InitError> {
     // points at the data dir absolutely.
     let cli = |base: &Path| CliConfig {
         controller: advertise.clone(),
+        controllers: Vec::new(),
         ca: base.join(files::CA_CERT),
         cert: Some(base.join(files::ADMIN_CERT)),
         key: Some(base.join(files::ADMIN_KEY)),

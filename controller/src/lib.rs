@@ -51,6 +51,7 @@ pub mod run_ports;
 pub mod secret;
 pub mod server;
 pub mod service;
+pub mod set;
 pub mod spec;
 pub mod store;
 #[doc(hidden)]

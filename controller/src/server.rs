@@ -92,6 +92,8 @@ pub struct Shared {
     /// Agent sessions being set up at once (Hello read, connection
     /// recorded): see [`crate::service::agent::MAX_HELLOS`].
     pub hellos: Arc<tokio::sync::Semaphore>,
+    /// Active, or on standby in a controller set (see [`crate::set`]).
+    pub role: crate::set::Role,
 }
 
 /// A bound, not yet serving, controller.
@@ -192,7 +194,12 @@ impl Server {
             None => None,
         };
         let web = crate::web::Sessions::new(store.clone(), clock);
+        let role = match store.etcd() {
+            None => crate::set::Role::alone(),
+            Some(_) => crate::set::Role::standby(),
+        };
         let shared = Arc::new(Shared {
+            role,
             web,
             config,
             store,
@@ -231,7 +238,36 @@ impl Server {
             web_listener,
             tls,
         } = self;
-        resume_runs(&shared)?;
+        match shared.store.etcd().cloned() {
+            None => resume_runs(&shared)?,
+            // In a set: serve at once (on standby), take over when the
+            // active controller's key is free.
+            Some(link) => {
+                let set = shared.clone();
+                let campaign = async move {
+                    crate::set::campaign(&link, &set.config.advertise, &set.role).await;
+                    set.fleet.restart_grace();
+                    // Revocations the previous active controller made.
+                    match set.store.revoked_serials() {
+                        Ok(serials) => *set.revoked.write().expect("revoked lock") = serials,
+                        Err(e) => tracing::error!(error = %e, "cannot read revocations"),
+                    }
+                    if let Err(e) = resume_runs(&set) {
+                        tracing::error!(error = %e, "cannot resume the set's runs; exiting");
+                        std::process::exit(crate::set::EXIT_REPLACED);
+                    }
+                    set.role.activate();
+                    crate::set::follow_etcd(&link, &set.role, &set.fleet).await;
+                };
+                let stop = shared.shutdown.clone();
+                shared.tasks.spawn(async move {
+                    tokio::select! {
+                        _ = campaign => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        }
         if let Some((l, tls)) = web_listener {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "serving the web view");
@@ -288,31 +324,39 @@ impl Server {
             }
         });
         // What an agent sends is bounded on the way in too.
-        let agent =
+        // On standby, agents and operators are sent to the active one.
+        let agent = crate::set::Standby::new(
             pb::agent_service_server::AgentServiceServer::new(AgentApi::new(shared.clone()))
                 .max_decoding_message_size(crate::limits::MAX_AGENT_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
-        // Every admin call passes the one authorisation layer first.
-        let admin = Authz::new(
-            pb::admin_service_server::AdminServiceServer::new(AdminApi::new(shared.clone()))
-                .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-            shared.store.clone(),
-            shared.revoked.clone(),
-            shared.drivers.clock,
+            shared.role.clone(),
+        );
+        // Every admin call passes the one authorisation layer first.
+        let admin = crate::set::Standby::new(
+            Authz::new(
+                pb::admin_service_server::AdminServiceServer::new(AdminApi::new(shared.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+                shared.store.clone(),
+                shared.revoked.clone(),
+                shared.drivers.clock,
+            ),
+            shared.role.clone(),
         );
         // The standard gRPC health service: SERVING while the store can
-        // write, NOT_SERVING while it cannot.
+        // write and this controller is active, NOT_SERVING otherwise.
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<pb::admin_service_server::AdminServiceServer<AdminApi>>()
             .await;
         let mut store_health = shared.store.health_changes();
+        let mut active = shared.role.changes();
         shared.tasks.spawn({
             let shutdown = shutdown.clone();
             async move {
                 loop {
-                    let ok = store_health.borrow_and_update().is_none();
+                    let ok =
+                        store_health.borrow_and_update().is_none() && *active.borrow_and_update();
                     let status = if ok {
                         tonic_health::ServingStatus::Serving
                     } else {
@@ -321,6 +365,7 @@ impl Server {
                     health_reporter.set_service_status("", status).await;
                     tokio::select! {
                         changed = store_health.changed() => if changed.is_err() { break },
+                        changed = active.changed() => if changed.is_err() { break },
                         _ = shutdown.cancelled() => break,
                     }
                 }

@@ -59,6 +59,7 @@ fn join_request(
 ) -> modi_agent::enroll::JoinRequest {
     modi_agent::enroll::JoinRequest {
         controller: t.controller_url,
+        also: Vec::new(),
         token: t.token,
         ca_sha256: t.ca_sha256,
         name: Some(name),

@@ -16,5 +16,6 @@ mod refusals;
 mod rollout;
 mod scale;
 mod secrets;
+mod set;
 mod trust;
 mod web;

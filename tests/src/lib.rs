@@ -346,6 +346,35 @@ impl Controller {
         }
     }
 
+    /// Starts `modi serve` and waits only until its port accepts
+    /// connections (a standby of a set refuses the admin API).
+    pub fn serve_standby(&mut self) {
+        let mut cmd = Command::new(bin("modi"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(self.data.join("controller.toml"));
+        self.proc = Some(Proc::spawn(cmd, self.root.join("controller.log")));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let p = self.proc.as_mut().expect("started");
+            if !p.alive() || Instant::now() > deadline {
+                panic!("controller did not come up:\n{}", p.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether this controller answers the admin API (in a set: it is the
+    /// active one).
+    pub fn answers(&self) -> bool {
+        self.modi(&["hosts"]).code == 0
+    }
+
+    /// Its exit code once `modi serve` has exited.
+    pub fn exited(&mut self) -> Option<i32> {
+        self.proc.as_mut().and_then(Proc::exited)
+    }
+
     /// Stops `modi serve` (SIGTERM).
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -835,5 +864,145 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// A controller set: several `modi serve` on one etcd (started here, on
+/// loopback), the first one's CA and certificates copied to the others
+/// as docs/operations.md says, and a CLI config that knows them all.
+pub struct ControllerSet {
+    /// The etcd members.
+    pub etcd: modi_controller::testetcd::Etcd,
+    /// The controllers; each one's own `cli_config` names only it.
+    pub members: Vec<Controller>,
+    /// The CLI config that knows every controller.
+    pub cli_config: PathBuf,
+    /// The test's temp dir.
+    pub root: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl ControllerSet {
+    /// `controllers` controllers on an etcd of `members` members, with
+    /// extra top-level TOML for each `controller.toml`. The first starts
+    /// first and is the active one; the others wait on standby.
+    pub fn start(controllers: usize, members: usize, extra_toml: &str) -> ControllerSet {
+        let etcd = modi_controller::testetcd::Etcd::start(members);
+        let tmp = tempfile::Builder::new()
+            .prefix("modi-set-")
+            .tempdir()
+            .expect("temp dir");
+        let endpoints = etcd
+            .endpoints()
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let store = format!(
+            "{extra_toml}\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"fleet/\"\n"
+        );
+        let mut all: Vec<Controller> = (0..controllers)
+            .map(|i| Controller::init_in(&tmp.path().join(format!("c{i}")), &store))
+            .collect();
+        // One CA and one server certificate (for 127.0.0.1 and
+        // localhost) for the whole set.
+        for other in &all[1..] {
+            for file in [
+                "ca.pem",
+                "ca.key",
+                "controller.pem",
+                "controller.key",
+                "admin.pem",
+                "admin.key",
+            ] {
+                std::fs::copy(all[0].data.join(file), other.data.join(file)).expect("copy PKI");
+            }
+        }
+        let urls: Vec<String> = all
+            .iter()
+            .map(|c| format!("https://127.0.0.1:{}", c.port))
+            .collect();
+        let cli_config = tmp.path().join("set-cli.toml");
+        let first = std::fs::read_to_string(&all[0].cli_config).expect("cli.toml");
+        std::fs::write(
+            &cli_config,
+            format!(
+                "{first}\ncontrollers = [{}]\n",
+                urls[1..]
+                    .iter()
+                    .map(|u| format!("{u:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .expect("set cli.toml");
+        all[0].serve();
+        for c in &mut all[1..] {
+            c.serve_standby();
+        }
+        ControllerSet {
+            etcd,
+            members: all,
+            cli_config,
+            root: tmp.path().to_path_buf(),
+            _tmp: tmp,
+        }
+    }
+
+    /// Every controller's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|c| format!("https://127.0.0.1:{}", c.port))
+            .collect()
+    }
+
+    /// The set as one controller: the CLI knows every member and talks to
+    /// the active one (for `detach`, `wait_final`, `status`, ...).
+    pub fn cli(&self) -> Controller {
+        Controller {
+            root: self.root.clone(),
+            data: self.members[0].data.clone(),
+            cli_config: self.cli_config.clone(),
+            port: self.members[0].port,
+            log_filter: None,
+            proc: None,
+            _tmp: None,
+        }
+    }
+
+    /// Which member answers the admin API now (the active one), if one.
+    pub fn active(&self) -> Option<usize> {
+        (0..self.members.len())
+            .find(|&i| self.members[i].proc.is_some() && self.members[i].answers())
+    }
+
+    /// Enrols agent `name` with every controller's URL and starts it;
+    /// waits until it is connected.
+    pub fn agent(&self, name: &str, labels: &[(&str, &str)]) -> Agent {
+        let cli = self.cli();
+        let token = cli.token("10m");
+        let dir = self.root.join("agents").join(name);
+        let mut cmd = Command::new(bin("modi-agent"));
+        cmd.arg("join");
+        for url in self.urls() {
+            cmd.arg("--controller").arg(url);
+        }
+        cmd.args(["--token", &token.token, "--ca-sha256", &token.ca_sha256])
+            .args(["--name", name, "--data"])
+            .arg(&dir);
+        for (k, v) in labels {
+            cmd.arg("--label").arg(format!("{k}={v}"));
+        }
+        run(&mut cmd).ok();
+        let mut agent = Agent::at(name, dir);
+        agent.start();
+        eventually!(
+            20,
+            cli.connected(name),
+            "agent {name} connects:\n{}",
+            agent.log()
+        );
+        agent
     }
 }

@@ -170,7 +170,12 @@ fn key_and_csr(name: &str) -> Result<(String, String), CliError> {
 
 /// Writes an operator's CLI bundle: `cli.toml`, the CA, the certificate
 /// and the key (0600), in a private folder.
-fn write_bundle(dir: &Path, cert: &pb::OperatorCert, key_pem: &str) -> Result<PathBuf, CliError> {
+fn write_bundle(
+    dir: &Path,
+    cert: &pb::OperatorCert,
+    key_pem: &str,
+    set: &[String],
+) -> Result<PathBuf, CliError> {
     let io = |path: &Path, e: std::io::Error| {
         CliError::Failed(format!("cannot write {}: {e}", path.display()))
     };
@@ -185,6 +190,12 @@ fn write_bundle(dir: &Path, cert: &pb::OperatorCert, key_pem: &str) -> Result<Pa
     write("ca.pem", cert.ca_pem.as_bytes(), 0o644)?;
     let config = CliConfig {
         controller: cert.controller_url.clone(),
+        // The other controllers of the set the issuing CLI knows.
+        controllers: set
+            .iter()
+            .filter(|u| **u != cert.controller_url)
+            .cloned()
+            .collect(),
         ca: PathBuf::from("ca.pem"),
         cert: Some(PathBuf::from(cert_file)),
         key: Some(PathBuf::from(key_file)),
@@ -235,7 +246,7 @@ pub async fn add_operator(
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    let path = write_bundle(&dir, &cert, &key_pem)?;
+    let path = write_bundle(&dir, &cert, &key_pem, &client.set())?;
     print_bundle(out, &cert, &path, "added");
     Ok(Outcome::Ok)
 }
@@ -259,7 +270,7 @@ pub async fn renew_operator(
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    let path = write_bundle(&dir, &cert, &key_pem)?;
+    let path = write_bundle(&dir, &cert, &key_pem, &client.set())?;
     print_bundle(out, &cert, &path, "renewed");
     Ok(Outcome::Ok)
 }

@@ -70,6 +70,29 @@ pub async fn watch(out: &Output, client: &Client, run: &str) -> Result<Outcome, 
     follow(out, client, run, false, interrupt_handler()?).await
 }
 
+/// Opens the run's watch stream.
+async fn open_watch(
+    client: &Client,
+    run: &str,
+) -> Result<tonic::Streaming<pb::WatchEvent>, CliError> {
+    Ok(client
+        .admin()
+        .watch(pb::WatchRequest {
+            run_id: run.to_string(),
+        })
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner())
+}
+
+/// Whether the run is known to have ended (false when that cannot be
+/// asked now).
+pub(super) async fn run_ended(client: &Client, run: &str) -> bool {
+    fetch_status(client, run)
+        .await
+        .is_ok_and(|(_, status)| status.state.is_final())
+}
+
 /// Asks "continue? [y/N]" on the terminal.
 async fn ask(question: String) -> bool {
     tokio::task::spawn_blocking(move || {
@@ -93,14 +116,8 @@ pub async fn follow(
     gates: bool,
     mut interrupt: tokio::signal::unix::Signal,
 ) -> Result<Outcome, CliError> {
-    let mut stream = client
-        .admin()
-        .watch(pb::WatchRequest {
-            run_id: run.to_string(),
-        })
-        .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+    let mut client = client.clone();
+    let mut stream = open_watch(&client, run).await?;
     let interactive = gates
         && !out.is_json()
         && std::io::stdin().is_terminal()
@@ -111,7 +128,7 @@ pub async fn follow(
     let mut asked = std::collections::BTreeSet::new();
     loop {
         let event = tokio::select! {
-            event = stream.message() => event.map_err(|s| client.error(s))?,
+            event = stream.message() => event,
             _ = interrupt.recv() => {
                 if let Some(d) = display.as_mut() {
                     d.finish();
@@ -120,7 +137,23 @@ pub async fn follow(
                 return Ok(Outcome::Ok);
             }
         };
-        let Some(event) = event else { break };
+        let event = match event {
+            Ok(Some(event)) => event,
+            // The stream ends after the final event; before it, the
+            // controller went away: in a set, follow on the active one
+            // (the watch starts again from the run's status now).
+            Ok(None) | Err(_) if client.in_set() && !run_ended(&client, run).await => {
+                out.note(format!(
+                    "lost the controller at {}; following run {run} on the active controller of the set",
+                    client.url()
+                ));
+                client = client.failover().await?;
+                stream = open_watch(&client, run).await?;
+                continue;
+            }
+            Ok(None) => break,
+            Err(s) => return Err(client.error(s)),
+        };
         let mut open = Vec::new();
         match event.event {
             Some(pb::watch_event::Event::Status(status)) => {
@@ -132,6 +165,9 @@ pub async fn follow(
                         .filter_map(|c| c.gate.as_ref())
                         .map(|g| (g.id, g.label.clone())),
                 );
+                if let Some(mut old) = display.take() {
+                    old.finish();
+                }
                 display = Some(Display::new(out, run, &status));
             }
             Some(pb::watch_event::Event::Progress(progress)) => {
@@ -168,7 +204,7 @@ pub async fn follow(
             } else {
                 Control::Deny { no_backout: false }
             };
-            if let Err(e) = send_control(client, run, control).await {
+            if let Err(e) = send_control(&client, run, control).await {
                 out.note(format!("modi: {e}"));
             }
         }
@@ -176,7 +212,7 @@ pub async fn follow(
     if let Some(d) = display.as_mut() {
         d.finish();
     }
-    let (summary, status) = fetch_status(client, run).await?;
+    let (summary, status) = fetch_status(&client, run).await?;
     if !status.state.is_final() {
         return Err(CliError::Unreachable(format!(
             "lost the controller while following run {run} (it is {}); follow it again with: modi watch {run}",

@@ -13,12 +13,20 @@ use crate::config::{self, CliConfig};
 /// How long connecting may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a controller of a set may take to say whether it is active.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a `watch` or `logs --follow` looks for the next active
+/// controller of a set (a standby takes over within its lease's TTL).
+pub const FAILOVER_WITHIN: Duration = Duration::from_secs(30);
+
 /// An admin API client and where it points.
 #[derive(Clone)]
 pub struct Client {
     admin: AdminServiceClient<Channel>,
     channel: Channel,
     url: String,
+    /// What it was made from (every controller of a set).
+    config: std::sync::Arc<CliConfig>,
 }
 
 impl Client {
@@ -33,11 +41,94 @@ impl Client {
                 other => other.to_string(),
             })
         })?;
-        Client::from_config(&config)
+        if config.controllers.is_empty() {
+            return Client::from_config(&config);
+        }
+        Client::pick(&config).await
     }
 
-    /// Connects (lazily) as `config` says.
+    /// Connects (lazily) to `config.controller`.
     pub fn from_config(config: &CliConfig) -> Result<Client, CliError> {
+        Client::to(config, &config.controller)
+    }
+
+    /// Whether it knows several controllers (a set).
+    pub fn in_set(&self) -> bool {
+        !self.config.controllers.is_empty()
+    }
+
+    /// Every controller it knows.
+    pub fn set(&self) -> Vec<String> {
+        std::iter::once(self.config.controller.clone())
+            .chain(self.config.controllers.iter().cloned())
+            .collect()
+    }
+
+    /// Where it points.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The active controller of a set: the first whose health service
+    /// says SERVING; else the first that answers at all (an active one
+    /// whose store cannot write, or a standby whose refusal names the
+    /// active one); else the first.
+    async fn pick(config: &CliConfig) -> Result<Client, CliError> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut answered = None;
+        let mut first = None;
+        for url in std::iter::once(&config.controller).chain(&config.controllers) {
+            let client = Client::to(config, url)?;
+            let asked = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                tonic_health::pb::health_client::HealthClient::new(client.channel()).check(
+                    tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    },
+                ),
+            )
+            .await;
+            match asked {
+                Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => {
+                    return Ok(client);
+                }
+                Ok(Ok(_)) => {
+                    answered.get_or_insert(client);
+                }
+                _ => {
+                    first.get_or_insert(client);
+                }
+            }
+        }
+        Ok(answered
+            .or(first)
+            .expect("a set has at least one controller"))
+    }
+
+    /// The active controller of its set now, looked for during
+    /// [`FAILOVER_WITHIN`] (after the one it used went away).
+    pub async fn failover(&self) -> Result<Client, CliError> {
+        let deadline = tokio::time::Instant::now() + FAILOVER_WITHIN;
+        loop {
+            let client = Client::pick(&self.config).await?;
+            let serving = tonic_health::pb::health_client::HealthClient::new(client.channel())
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok_and(|r| {
+                    r.get_ref().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                });
+            if serving || tokio::time::Instant::now() >= deadline {
+                return Ok(client);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Connects (lazily) to `url` with `config`'s credentials.
+    fn to(config: &CliConfig, url: &str) -> Result<Client, CliError> {
         let read = |p: &PathBuf, what: &str| {
             std::fs::read_to_string(p).map_err(|e| {
                 CliError::Input(format!("cannot read the {what} {}: {e}", p.display()))
@@ -51,20 +142,16 @@ impl Client {
             }),
             _ => None,
         };
-        let channel = tls::channel(
-            &config.controller,
-            Trust::Ca(&ca),
-            identity.as_ref(),
-            CONNECT_TIMEOUT,
-        )
-        .map_err(|e| CliError::Input(e.to_string()))?;
+        let channel = tls::channel(url, Trust::Ca(&ca), identity.as_ref(), CONNECT_TIMEOUT)
+            .map_err(|e| CliError::Input(e.to_string()))?;
         let admin = AdminServiceClient::new(channel.clone())
             .max_decoding_message_size(crate::server::MAX_MESSAGE)
             .max_encoding_message_size(crate::server::MAX_MESSAGE);
         Ok(Client {
             admin,
             channel,
-            url: config.controller.clone(),
+            url: url.to_string(),
+            config: std::sync::Arc::new(config.clone()),
         })
     }
 

@@ -350,16 +350,26 @@ pub async fn logs(
         follow,
         tail,
     } = view;
-    let mut stream = client
-        .admin()
-        .logs(pb::LogsRequest {
-            run_id: run.to_string(),
-            host: host.clone().unwrap_or_default(),
-            follow,
-        })
-        .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+    let open = |client: Client| {
+        let host = host.clone().unwrap_or_default();
+        async move {
+            client
+                .admin()
+                .logs(pb::LogsRequest {
+                    run_id: run.to_string(),
+                    host,
+                    follow,
+                })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| client.error(s))
+        }
+    };
+    let mut client = client.clone();
+    let mut stream = open(client.clone()).await?;
+    // Steps shown to their end: after a failover the log is replayed
+    // from the journal, and these are not shown again.
+    let mut shown = std::collections::HashSet::new();
     #[derive(Serialize)]
     struct Entry<'a> {
         host: &'a str,
@@ -376,9 +386,28 @@ pub async fn logs(
         attempt: u32,
         attempts: u32,
     }
-    while let Some(e) = stream.message().await.map_err(|s| client.error(s))? {
-        if change.as_ref().is_some_and(|c| *c != e.change) {
+    loop {
+        let e = match stream.message().await {
+            Ok(Some(e)) => e,
+            Ok(None) | Err(_)
+                if follow && client.in_set() && !super::apply::run_ended(&client, run).await =>
+            {
+                out.note(format!(
+                    "lost the controller at {}; following the logs of run {run} on the active controller of the set",
+                    client.url()
+                ));
+                client = client.failover().await?;
+                stream = open(client.clone()).await?;
+                continue;
+            }
+            Ok(None) => break,
+            Err(s) => return Err(client.error(s)),
+        };
+        if change.as_ref().is_some_and(|c| *c != e.change) || shown.contains(&e.dispatch_id) {
             continue;
+        }
+        if e.finished {
+            shown.insert(e.dispatch_id.clone());
         }
         if out.is_json() {
             out.event(&Entry {

@@ -4,7 +4,7 @@
 //! configured, so two fleets can share an etcd): `<prefix>t/<tree>/<key>`
 //! holds what the sled store keeps in tree `<tree>` under `<key>` (the
 //! same bytes), `<prefix>lock/writer` is the write lock, and
-//! `<prefix>run/<id>` names the controller driving run `<id>` (see
+//! `<prefix>active` names the active controller of a set (see
 //! `crate::set`).
 //!
 //! **Reads** go to a mirror: a temporary sled database, loaded from etcd
@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use modi_proto::etcd as pb;
+pub use modi_proto::etcd as pb;
 use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
 use pb::watch_client::WatchClient;
@@ -53,8 +53,11 @@ pub const TXN_OPS: usize = 128;
 /// `--max-request-bytes` default is 1.5 MiB; a single larger value is sent
 /// alone and needs that limit raised, see docs/operations.md).
 pub const TXN_BYTES: usize = 1 << 20;
-/// How long one call to etcd may take.
+/// How long one call to etcd may take, over every endpoint it tries.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one endpoint may take to answer before the next is tried (a
+/// member that died or lost its peers; an election takes about a second).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The default time to live of a controller's lease.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 /// Keys read per page when the mirror is loaded.
@@ -159,6 +162,11 @@ pub struct Link {
     /// The write lock's creation revision while this controller holds it.
     held: Mutex<Option<i64>>,
     durable_run: Arc<AtomicU64>,
+    /// True while etcd has not renewed the lease for longer than its TTL.
+    cut_off: tokio::sync::watch::Sender<bool>,
+    /// Set once this controller is active: losing the lease then exits
+    /// the process with this status (another controller took over).
+    exit_on_loss: std::sync::atomic::AtomicI32,
     stop: CancellationToken,
 }
 
@@ -263,6 +271,8 @@ impl Link {
             caught_up: Condvar::new(),
             held: Mutex::new(None),
             durable_run,
+            exit_on_loss: 0.into(),
+            cut_off: tokio::sync::watch::Sender::new(false),
             stop: CancellationToken::new(),
         });
         let opened = async {
@@ -335,26 +345,34 @@ impl Link {
     {
         let mut last = None;
         let attempts = async {
-            for _ in 0..self.channels.len() {
+            // Round the endpoints until one answers or time is up.
+            loop {
                 let (i, channel) = self.channel();
-                match f(channel).await {
-                    Ok(r) => return Ok(r.into_inner()),
-                    Err(s) if s.code() == tonic::Code::Unavailable => {
-                        self.move_on(i);
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, f(channel)).await {
+                    Ok(Ok(r)) => return Ok::<T, Failure>(r.into_inner()),
+                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
                         last = Some(s.message().to_string());
                     }
-                    Err(s) => return Err(down(what, s.message())),
+                    Ok(Err(s)) => return Err(down(what, s.message())),
+                    Err(_) => last = Some(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+                }
+                self.move_on(i);
+                if self.channels.len() == 1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            Err(down(what, last.take().unwrap_or_default()))
         };
         match tokio::time::timeout(CALL_TIMEOUT, attempts).await {
             Ok(outcome) => outcome,
-            Err(_) => {
-                let (i, _) = self.channel();
-                self.move_on(i);
-                Err(down(what, format!("no answer within {CALL_TIMEOUT:?}")))
-            }
+            Err(_) => Err(down(
+                what,
+                match last {
+                    Some(why) => {
+                        format!("no member answered within {CALL_TIMEOUT:?} (last: {why})")
+                    }
+                    None => format!("no answer within {CALL_TIMEOUT:?}"),
+                },
+            )),
         }
     }
 
@@ -429,16 +447,44 @@ impl Link {
                 self.renew(lease).await
             };
             match alive {
-                Some(true) => renewed_at = std::time::Instant::now(),
-                None if renewed_at.elapsed() < self.ttl => {
-                    tracing::warn!(
-                        lease,
-                        "renewing this controller's etcd lease failed; retrying"
-                    );
+                Some(true) => {
+                    renewed_at = std::time::Instant::now();
+                    self.cut_off
+                        .send_if_modified(|c| std::mem::replace(c, false));
                 }
-                // Expired: what was attached to it (the write lock, the
-                // runs it drove) is gone.
-                _ => {
+                // etcd cannot be reached (or has no quorum): the lease may
+                // well be alive (etcd refreshes every lease when a quorum
+                // returns), but past its TTL another controller may have
+                // taken over: cut off until etcd answers again.
+                None => {
+                    if renewed_at.elapsed() >= self.ttl
+                        && self
+                            .cut_off
+                            .send_if_modified(|c| !std::mem::replace(c, true))
+                    {
+                        tracing::warn!(
+                            lease,
+                            "etcd has not renewed this controller's lease for its TTL; cut off until it answers"
+                        );
+                    } else {
+                        tracing::warn!(
+                            lease,
+                            "renewing this controller's etcd lease failed; retrying"
+                        );
+                    }
+                }
+                // Expired, as etcd says: what was attached to it (the
+                // write lock, the active key) is gone.
+                Some(false) => {
+                    let code = self.exit_on_loss.load(Ordering::Acquire);
+                    if code != 0 {
+                        tracing::error!(
+                            lease,
+                            "this controller lost its etcd lease while active: \
+                            another controller takes over; exiting (status {code})"
+                        );
+                        std::process::exit(code);
+                    }
                     if lease != 0 {
                         tracing::warn!(
                             lease,
@@ -448,7 +494,11 @@ impl Link {
                     *self.held.lock().expect("lock state") = None;
                     self.lease.store(0, Ordering::Release);
                     match self.grant().await {
-                        Ok(()) => renewed_at = std::time::Instant::now(),
+                        Ok(()) => {
+                            renewed_at = std::time::Instant::now();
+                            self.cut_off
+                                .send_if_modified(|c| std::mem::replace(c, false));
+                        }
                         Err(f) => {
                             tracing::warn!(error = %f.cause(), "cannot take a new etcd lease yet");
                         }
@@ -474,6 +524,7 @@ impl Link {
         };
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(Some(answer))) => Some(answer.ttl > 0),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => Some(false),
             _ => {
                 self.move_on(i);
                 None
@@ -642,6 +693,26 @@ impl Link {
         self.caught_up.notify_all();
     }
 
+    /// Tells when this controller is cut off from etcd for longer than its
+    /// lease's TTL (true), and when etcd answers again (false).
+    pub fn cut_off(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.cut_off.subscribe()
+    }
+
+    /// From now on, losing the lease exits the process with `code`.
+    pub fn exit_on_lease_loss(&self, code: i32) {
+        self.exit_on_loss.store(code, Ordering::Release);
+    }
+
+    /// Waits (off the runtime's threads) until the mirror has every event
+    /// up to `revision`; false if it did not within [`CALL_TIMEOUT`].
+    pub async fn caught_up(self: &Arc<Link>, revision: i64) -> bool {
+        let link = self.clone();
+        tokio::task::spawn_blocking(move || link.wait_for(revision).is_ok())
+            .await
+            .unwrap_or(false)
+    }
+
     /// Waits until the mirror has every event up to `revision`.
     fn wait_for(&self, revision: i64) -> Result<(), Failure> {
         let applied = self.applied.lock().expect("mirror state");
@@ -678,22 +749,13 @@ impl Link {
             let answer = self.rt.block_on(self.txn(
                 "write lock",
                 pb::TxnRequest {
-                    compare: vec![pb::Compare {
-                        result: pb::compare::CompareResult::Equal as i32,
-                        target: pb::compare::CompareTarget::Create as i32,
-                        key: key.clone(),
-                        target_union: Some(pb::compare::TargetUnion::CreateRevision(0)),
-                        range_end: vec![],
-                    }],
+                    compare: vec![absent(key.clone())],
                     success: vec![put_op(key.clone(), self.id.clone().into_bytes(), lease)],
                     failure: vec![range_op(key)],
                 },
             ))?;
             let revision = answer.header.as_ref().map_or(0, |h| h.revision);
-            let holder = answer.responses.first().and_then(|r| match &r.response {
-                Some(pb::response_op::Response::ResponseRange(r)) => r.kvs.first().cloned(),
-                _ => None,
-            });
+            let holder = first_kv(&answer);
             let taken = if answer.succeeded {
                 Some(revision)
             } else {
@@ -917,6 +979,20 @@ pub fn range_op(key: Vec<u8>) -> pb::RequestOp {
             ..Default::default()
         })),
     }
+}
+
+/// "`key` does not exist".
+pub fn absent(key: Vec<u8>) -> pb::Compare {
+    held_by(key, 0)
+}
+
+/// The first key a transaction's first operation read, if it was a read
+/// that found one.
+pub fn first_kv(answer: &pb::TxnResponse) -> Option<pb::KeyValue> {
+    answer.responses.first().and_then(|r| match &r.response {
+        Some(pb::response_op::Response::ResponseRange(r)) => r.kvs.first().cloned(),
+        _ => None,
+    })
 }
 
 /// "`key` was created at `revision`": a lock still held by who took it.

@@ -1,0 +1,260 @@
+//! Controller sets on etcd: the active controller killed mid-run, a gate
+//! approved through another controller, etcd members and quorum lost.
+
+use std::time::{Duration, Instant};
+
+use modi_tests::{ControllerSet, eventually};
+
+/// A rolling change over six hosts whose every step appends a marker:
+/// each marker must be there exactly once at the end.
+const ROLLING: &str = r#"
+name: rolling
+changes:
+  - name: web
+    hosts: role=web
+    rollout: { mode: rolling, batches: [2] }
+    on_failure: backout_all
+    apply:
+      - run: echo apply >> markers; sleep 0.4
+      - run: echo second >> markers
+    verify:
+      - run: test -f markers
+    backout:
+      - run: echo backout >> markers
+"#;
+
+/// Waits until the set's health says one controller serves again, and
+/// returns how long that took.
+fn wait_for_takeover(set: &ControllerSet, killed: usize, within: Duration) -> (usize, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(i) = set.active().filter(|&i| i != killed) {
+            return (i, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < within,
+            "no controller took over within {within:?}:\n{}",
+            set.members
+                .iter()
+                .map(|c| c.log())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kill -9 the active controller at a few points of a rolling change:
+/// another takes over within 10 s, its agents are connected to it
+/// moments later, a `modi watch` started before the kill follows the run
+/// to its end through the new one, the run ends `success`, and every
+/// step ran once.
+#[test]
+fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
+    let mut set = ControllerSet::start(3, 1, "");
+    let names: Vec<String> = (0..6).map(|i| format!("w{i}")).collect();
+    let agents: Vec<_> = names
+        .iter()
+        .map(|n| set.agent(n, &[("role", "web")]))
+        .collect();
+    let cli = set.cli();
+    let file = cli.changeset("rolling.yaml", ROLLING);
+    // Two kills: early (first batch running) and later (a later batch).
+    for (round, after) in [(0, 1usize), (1, 4usize)] {
+        let run = cli.detach(&file, &[]);
+        let mut watch = modi_tests::Proc::spawn(
+            {
+                let mut cmd = std::process::Command::new(modi_tests::bin("modi"));
+                cmd.arg("--cli-config")
+                    .arg(&set.cli_config)
+                    .args(["watch", &run]);
+                cmd
+            },
+            set.root.join(format!("watch-{round}.log")),
+        );
+        // Kill once `after` markers exist across the fleet.
+        eventually!(
+            30,
+            agents
+                .iter()
+                .filter(|a| a.work().join("markers").exists())
+                .count()
+                >= after,
+            "the run gets going"
+        );
+        let active = set.active().expect("an active controller");
+        set.members[active].crash();
+        let (now, took) = wait_for_takeover(&set, active, Duration::from_secs(10));
+        eprintln!("round {round}: controller c{active} killed; c{now} active after {took:?}");
+        let back = Instant::now();
+        eventually!(
+            15,
+            names.iter().all(|n| cli.connected(n)),
+            "every agent reconnects to c{now}"
+        );
+        eprintln!(
+            "round {round}: every agent connected to c{now} {:?} after it took over",
+            back.elapsed()
+        );
+        let status = cli.wait_final(&run);
+        assert_eq!(status["state"], "success", "{status}");
+        eventually!(15, watch.exited().is_some(), "the watch ends with the run");
+        let watched = watch.log_text();
+        assert_eq!(watch.exited(), Some(0), "{watched}");
+        assert!(
+            watched.contains("lost the controller") && watched.contains("success"),
+            "the watch moved to the new controller and saw the end:\n{watched}"
+        );
+        // The killed controller comes back, on standby.
+        set.members[active].serve_standby();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(set.active(), Some(now), "one active controller");
+    }
+    for agent in &agents {
+        let markers = std::fs::read_to_string(agent.work().join("markers")).unwrap();
+        assert_eq!(
+            markers, "apply\nsecond\napply\nsecond\n",
+            "{}: every step ran once per run, nothing backed out",
+            agent.name
+        );
+    }
+}
+
+/// A gate opened while one controller drives the run is approved through
+/// a CLI that asks a standby first, and, after the active controller
+/// dies at the next gate, through the controller that took over.
+#[test]
+fn a_gate_opened_on_one_controller_is_approved_through_another() {
+    let mut set = ControllerSet::start(2, 1, "");
+    let _agents: Vec<_> = (0..2)
+        .map(|i| set.agent(&format!("g{i}"), &[("role", "web")]))
+        .collect();
+    let cli = set.cli();
+    let file = cli.changeset(
+        "gated.yaml",
+        r#"
+name: gated
+changes:
+  - name: web
+    hosts: role=web
+    rollout: { mode: rolling, batches: [1, 1] }
+    approve: each_batch
+    apply:
+      - run: echo ran >> markers
+"#,
+    );
+    let run = cli.detach(&file, &[]);
+    cli.wait_state(&run, "awaiting_approval");
+    // A CLI config listing the standby first.
+    let standby_first = set.root.join("standby-first.toml");
+    let text = std::fs::read_to_string(&set.cli_config).unwrap();
+    let urls = set.urls();
+    let text = text
+        .replace(&urls[0], "FIRST")
+        .replace(&urls[1], &urls[0])
+        .replace("FIRST", &urls[1]);
+    std::fs::write(&standby_first, text).unwrap();
+    let approve = |config: &std::path::Path| {
+        modi_tests::run(
+            std::process::Command::new(modi_tests::bin("modi"))
+                .arg("--cli-config")
+                .arg(config)
+                .args(["approve", &run]),
+        )
+    };
+    let out = approve(&standby_first);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    // The second gate: the active controller dies while it waits.
+    cli.wait_status_of(&run, |s| {
+        s["state"] == "awaiting_approval"
+            && modi_tests::host_states(s, "web")
+                .values()
+                .any(|v| v == "success")
+    });
+    set.members[0].crash();
+    wait_for_takeover(&set, 0, Duration::from_secs(10));
+    let out = approve(&standby_first);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let status = cli.wait_final(&run);
+    assert_eq!(status["state"], "success", "{status}");
+    let actions: Vec<&str> = status["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["approve", "approve"], "{status}");
+}
+
+/// One etcd member of three killed mid-run: the run does not notice.
+/// Two killed (no quorum): the controller says its store cannot write and
+/// serves nobody, the run waits; with a quorum back it goes on to its end
+/// with every step run once.
+#[test]
+fn etcd_member_loss_is_unnoticed_and_a_lost_quorum_makes_runs_wait() {
+    let mut set = ControllerSet::start(1, 3, "");
+    let names: Vec<String> = (0..3).map(|i| format!("q{i}")).collect();
+    let agents: Vec<_> = names
+        .iter()
+        .map(|n| set.agent(n, &[("role", "web")]))
+        .collect();
+    let cli = set.cli();
+    let file = cli.changeset(
+        "slow.yaml",
+        r#"
+name: slow
+changes:
+  - name: web
+    hosts: role=web
+    rollout: { mode: rolling, batches: [1] }
+    apply:
+      - run: echo apply >> markers; sleep 1
+"#,
+    );
+    let run = cli.detach(&file, &[]);
+    eventually!(
+        20,
+        agents[0].work().join("markers").exists(),
+        "the run starts"
+    );
+    set.etcd.kill(2);
+    let status = cli.wait_final(&run);
+    assert_eq!(status["state"], "success", "one member lost: {status}");
+
+    let run = cli.detach(&file, &[]);
+    eventually!(
+        20,
+        std::fs::read_to_string(agents[0].work().join("markers"))
+            .is_ok_and(|m| m.lines().count() == 2),
+        "the second run starts"
+    );
+    set.etcd.kill(1);
+    // No quorum: writes fail with etcd's cause; the run cannot go on.
+    eventually!(
+        30,
+        set.members[0].log().contains("the store cannot write"),
+        "the controller says its store cannot write"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let done: usize = agents
+        .iter()
+        .map(|a| std::fs::read_to_string(a.work().join("markers")).map_or(0, |m| m.lines().count()))
+        .sum();
+    assert!(done < 6, "the run waits while etcd has no quorum");
+    let refused = cli.modi(&["status", &run]);
+    assert!(
+        refused.code == 3 && refused.stderr.contains("cannot reach its store (etcd)"),
+        "the controller says why it serves nobody: {refused:?}"
+    );
+    set.etcd.restart(1);
+    set.etcd.restart(2);
+    // Back by itself: the lease outlived the outage (etcd keeps leases
+    // through a lost quorum), so the same controller serves again.
+    eventually!(60, set.members[0].answers(), "the controller serves again");
+    let status = cli.wait_final(&run);
+    assert_eq!(status["state"], "success", "quorum back: {status}");
+    for agent in &agents {
+        let markers = std::fs::read_to_string(agent.work().join("markers")).unwrap();
+        assert_eq!(markers, "apply\napply\n", "{}: once per run", agent.name);
+    }
+}
