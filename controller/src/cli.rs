@@ -103,6 +103,13 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Move a controller's whole store out or in (sled to etcd, backups);
+    /// run it with the controller stopped.
+    Store {
+        /// What to do.
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Join tokens.
     Token {
         /// What to do with tokens.
@@ -294,6 +301,31 @@ pub enum Command {
     },
 }
 
+/// `modi store ...`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Write every record of the store `controller.toml` names, as JSON
+    /// lines.
+    Export {
+        /// The controller config naming the store (default:
+        /// DATA/controller.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write (default: stdout).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Read an export into the store `controller.toml` names, which must
+    /// be empty.
+    Import {
+        /// The controller config naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The export.
+        file: PathBuf,
+    },
+}
+
 /// `modi token ...`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -440,6 +472,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
             admin,
         } => init::run(&out, data, addresses, listen, admin, config).map(|()| Outcome::Ok),
         Command::Serve { config: file } => serve::run(file).await.map(|()| Outcome::Ok),
+        Command::Store { command } => serve::store(&out, command).await,
         Command::Token { command } => {
             let client = Client::connect(config).await?;
             match command {

@@ -573,4 +573,50 @@ mod tests {
         assert_eq!(c.vars["dc"], "eu");
         assert_eq!(c.agent_lost_after, DEFAULT_LOST_AFTER);
     }
+
+    #[test]
+    fn store_section_chooses_the_backend_and_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONTROLLER_FILE);
+        let load = |store: &str| {
+            std::fs::write(
+                &path,
+                format!("listen = \"127.0.0.1:1\"\nadvertise = \"https://x:1\"\n[store]\n{store}"),
+            )
+            .unwrap();
+            ControllerConfig::load(&path).map_err(|e| e.to_string())
+        };
+        assert_eq!(load("").unwrap().etcd, None, "sled by default");
+        assert_eq!(load("backend = \"sled\"\n").unwrap().etcd, None);
+        let e = load("backend = \"etcd\"\n").unwrap_err();
+        assert!(e.contains("`store.endpoints`"), "{e}");
+        let e = load("backend = \"etcd\"\nendpoints = [\"https://e:2379\"]\n").unwrap_err();
+        assert!(e.contains("give `ca` too"), "{e}");
+        let e = load("backend = \"etcd\"\nendpoints = [\"e:2379\"]\n").unwrap_err();
+        assert!(e.contains("\"e:2379\"") && e.contains("http://"), "{e}");
+        let e = load("backend = \"sled\"\nendpoints = [\"http://e:2379\"]\n").unwrap_err();
+        assert!(e.contains("is for backend = \"etcd\""), "{e}");
+        let e = load("backend = \"postgres\"\n").unwrap_err();
+        assert!(e.contains("postgres"), "{e}");
+        let e = load("backend = \"etcd\"\nendpoints = [\"http://e:2379\"]\nlease_ttl = \"1s\"\n")
+            .unwrap_err();
+        assert!(
+            e.contains("`store.lease_ttl`") && e.contains("at least 2s"),
+            "{e}"
+        );
+        let c = load(
+            "backend = \"etcd\"\nendpoints = [\"https://e1:2379\", \"https://e2:2379\"]\n\
+             prefix = \"eu/\"\nca = \"etcd-ca.pem\"\nlease_ttl = \"10s\"\n",
+        )
+        .unwrap();
+        let etcd = c.etcd.unwrap();
+        assert_eq!(etcd.endpoints.len(), 2);
+        assert_eq!(etcd.prefix, "eu/");
+        assert_eq!(
+            etcd.ca,
+            Some(dir.path().join("etcd-ca.pem")),
+            "relative to the file"
+        );
+        assert_eq!(etcd.lease_ttl, Duration::from_secs(10));
+    }
 }

@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::rollout::{DispatchId, Event, Millis, RunState, StepResult};
 
 pub mod access;
+pub mod dump;
 pub mod etcd;
 use crate::spec::RunSpec;
 pub use access::{AuditEntry, OperatorRecord, OperatorRole};

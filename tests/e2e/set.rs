@@ -258,3 +258,66 @@ changes:
         assert_eq!(markers, "apply\napply\n", "{}: once per run", agent.name);
     }
 }
+
+/// A sled controller moves to etcd: stop it, `modi store export`, name
+/// etcd in `[store]`, `modi store import`, start it: its runs, hosts and
+/// operators are there, its agent comes back, and a new run works. A
+/// second import into the now full store is refused.
+#[test]
+fn a_sled_controller_moves_to_etcd_with_export_and_import() {
+    let etcd = modi_controller::testetcd::Etcd::start(1);
+    let mut ctl = modi_tests::Controller::start();
+    let agent = modi_tests::Agent::join(&ctl, "mover", &[]);
+    let file = ctl.changeset(
+        "touch.yaml",
+        "name: touch\nchanges:\n  - name: t\n    hosts: all\n    apply:\n      - run: echo ran >> markers\n",
+    );
+    let (code, _) = ctl.apply(&file, &[]);
+    assert_eq!(code, 0);
+    ctl.stop();
+    let config = ctl.data.join("controller.toml");
+    let dump = ctl.root.join("store.jsonl");
+    let out = ctl.modi(&[
+        "store",
+        "export",
+        "--config",
+        config.to_str().unwrap(),
+        "--to",
+        dump.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("exported"), "{out:?}");
+    let endpoints = etcd.endpoints();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[store]\nbackend = \"etcd\"\nendpoints = [{:?}]\n",
+        endpoints[0]
+    ));
+    std::fs::write(&config, text).unwrap();
+    let import = |ctl: &modi_tests::Controller| {
+        ctl.modi(&[
+            "store",
+            "import",
+            "--config",
+            config.to_str().unwrap(),
+            dump.to_str().unwrap(),
+        ])
+    };
+    let out = import(&ctl);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = import(&ctl);
+    assert!(
+        out.code == 2 && out.stderr.contains("not empty"),
+        "a second import is refused: {out:?}"
+    );
+    ctl.serve();
+    let runs = ctl.json(&["runs"]);
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
+    eventually!(20, ctl.connected("mover"), "the agent comes back");
+    let (code, _) = ctl.apply(&file, &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        std::fs::read_to_string(agent.work().join("markers")).unwrap(),
+        "ran\nran\n"
+    );
+}
