@@ -234,6 +234,30 @@ impl Ca {
         })
     }
 
+    /// Issues a relay certificate and a fresh key, valid for `lifetime`:
+    /// the controller role, named [`RELAY_NAME`], for client use only (a
+    /// standby controller of a set carries its agents' sessions to the
+    /// active one with it; see `service::relay`). The server certificate
+    /// cannot be used as a client.
+    pub fn issue_relay(&self, lifetime: std::time::Duration) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
+        let (mut params, expires_at) =
+            Self::leaf_params(Role::Controller, RELAY_NAME, &[], lifetime)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| s.to_bytes())
+            .unwrap_or_default();
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: Some(key.serialize_pem()),
+            serial,
+            expires_at,
+        })
+    }
+
     /// Signs a CSR (an agent's, or an operator's) for `lifetime`. Only the
     /// CSR's public key is used: the name, role and every extension come
     /// from us.
@@ -306,9 +330,12 @@ pub fn key_sha256(pem: &str) -> Result<String, PkiError> {
     Ok(hex::encode(spki_sha256(&der[0])?))
 }
 
+/// The name of a relay certificate (see [`Ca::issue_relay`]).
+pub const RELAY_NAME: &str = "relay";
+
 /// Client certificates: optional (for `Enroll`), but if presented they
-/// must chain to our CA, carry the agent or admin role, and for an agent
-/// not be revoked (a revoked operator is refused by every admin call, with
+/// must chain to our CA, carry the agent or admin role (or be a set's
+/// relay certificate), and for an agent not be revoked (a revoked operator is refused by every admin call, with
 /// a message that says why).
 #[derive(Debug)]
 pub struct ClientVerifier {
@@ -361,7 +388,7 @@ impl ClientCertVerifier for ClientVerifier {
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = identity::from_der(end_entity)
             .map_err(|e| rustls::Error::General(format!("client certificate refused: {e}")))?;
-        if id.role == Role::Controller {
+        if id.role == Role::Controller && id.name != RELAY_NAME {
             return Err(rustls::Error::General(
                 "client certificate refused: the controller role cannot connect as a client".into(),
             ));

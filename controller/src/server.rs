@@ -94,6 +94,8 @@ pub struct Shared {
     pub hellos: Arc<tokio::sync::Semaphore>,
     /// Active, or on standby in a controller set (see [`crate::set`]).
     pub role: crate::set::Role,
+    /// The certificate a standby relays its agents with.
+    pub relay: crate::service::relay::RelayIdentity,
 }
 
 /// A bound, not yet serving, controller.
@@ -200,6 +202,7 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             role,
+            relay: Default::default(),
             web,
             config,
             store,
@@ -324,13 +327,12 @@ impl Server {
             }
         });
         // What an agent sends is bounded on the way in too.
-        // On standby, agents and operators are sent to the active one.
-        let agent = crate::set::Standby::new(
+        // On standby, agents are relayed to the active controller (see
+        // `service::relay`) and operators sent to it.
+        let agent =
             pb::agent_service_server::AgentServiceServer::new(AgentApi::new(shared.clone()))
                 .max_decoding_message_size(crate::limits::MAX_AGENT_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-            shared.role.clone(),
-        );
+                .max_encoding_message_size(MAX_MESSAGE);
         // Every admin call passes the one authorisation layer first.
         let admin = crate::set::Standby::new(
             Authz::new(

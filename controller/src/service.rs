@@ -19,3 +19,4 @@ pub mod agent_convert;
 pub mod auth;
 pub mod authz;
 pub mod plan_diff;
+pub mod relay;

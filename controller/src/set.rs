@@ -89,6 +89,16 @@ impl Role {
         self.active.send_replace(false);
     }
 
+    /// The active controller's URL, while this one is on standby and
+    /// knows it (what a relay dials); `None` when active or cut off.
+    pub fn leader(&self) -> Option<String> {
+        if self.is_active() || self.cut_off.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let leader = self.leader.lock().expect("leader").clone();
+        (!leader.is_empty()).then_some(leader)
+    }
+
     /// Why a call is refused on standby.
     pub fn refusal(&self) -> Status {
         if self.cut_off.load(std::sync::atomic::Ordering::Relaxed) {

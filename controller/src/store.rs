@@ -1371,7 +1371,7 @@ pub(super) mod tests {
         concurrent_writes
     );
 
-    fn token(expires_at: Millis) -> TokenRecord {
+    pub(super) fn token(expires_at: Millis) -> TokenRecord {
         TokenRecord {
             created_at: 0,
             expires_at,

@@ -130,8 +130,30 @@ fn router(shared: Arc<Shared>) -> Router {
             "/static/style.css",
             get(|| async { asset("text/css", STYLE_CSS) }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            only_when_active,
+        ))
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(shared)
+}
+
+/// A standby controller of a set (or one cut off from its store) serves
+/// no page: it says which controller is active instead.
+async fn only_when_active(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if shared.role.is_active() {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        shared.role.refusal().message().to_string(),
+    )
+        .into_response()
 }
 
 const APP_JS: &str = include_str!("web/static/app.js");

@@ -193,18 +193,7 @@ changes:
       - run: echo {{ tag }}-three-0 >> markers; sleep 0.2
 "#,
     );
-    // A small deterministic generator, seeded from the clock (printed).
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut next = move |below: u64| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 33) % below
-    };
+    let mut next = modi_tests::seeded();
     let started = std::time::Instant::now();
     let (mut kills, mut runs) = (0, Vec::new());
     while kills < KILLS {

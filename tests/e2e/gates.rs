@@ -55,13 +55,11 @@ fn a_decision_on_a_paused_run_is_refused_and_the_gate_still_waits() {
     let status = ctl.wait_final(&run);
     assert_eq!(status["state"], "success", "{status}");
     assert!(agent.work().join("second").exists());
-    let actions: Vec<&str> = status["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["action"].as_str().unwrap())
-        .collect();
-    assert_eq!(actions, ["pause", "resume", "approve"], "{status}");
+    assert_eq!(
+        modi_tests::decision_actions(&status),
+        ["pause", "resume", "approve"],
+        "{status}"
+    );
 }
 
 /// Two hosts one at a time, a gate before each batch: the first host is

@@ -325,6 +325,20 @@ impl Controller {
     /// Starts `modi serve` and waits until the admin API answers, for at
     /// most `within`.
     pub fn serve_within(&mut self, within: Duration) {
+        self.spawn_until(within, |c| c.modi(&["hosts"]).code == 0);
+    }
+
+    /// Starts `modi serve` and waits only until its port accepts
+    /// connections (a standby of a set refuses the admin API).
+    pub fn serve_standby(&mut self) {
+        let port = self.port;
+        self.spawn_until(Duration::from_secs(20), move |_| {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Starts `modi serve`; waits until `up` holds, for at most `within`.
+    fn spawn_until(&mut self, within: Duration, up: impl Fn(&Controller) -> bool) {
         let mut cmd = Command::new(bin("modi"));
         cmd.arg("serve")
             .arg("--config")
@@ -334,28 +348,7 @@ impl Controller {
         }
         self.proc = Some(Proc::spawn(cmd, self.root.join("controller.log")));
         let deadline = Instant::now() + within;
-        loop {
-            if self.modi(&["hosts"]).code == 0 {
-                return;
-            }
-            let p = self.proc.as_mut().expect("started");
-            if !p.alive() || Instant::now() > deadline {
-                panic!("controller did not come up:\n{}", p.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Starts `modi serve` and waits only until its port accepts
-    /// connections (a standby of a set refuses the admin API).
-    pub fn serve_standby(&mut self) {
-        let mut cmd = Command::new(bin("modi"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(self.data.join("controller.toml"));
-        self.proc = Some(Proc::spawn(cmd, self.root.join("controller.log")));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !up(self) {
             let p = self.proc.as_mut().expect("started");
             if !p.alive() || Instant::now() > deadline {
                 panic!("controller did not come up:\n{}", p.log_text());
@@ -638,6 +631,33 @@ impl Agent {
     /// Its log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+/// The actions of a run's decisions (`approve`, `pause`, ...), in order.
+pub fn decision_actions(status: &Value) -> Vec<String> {
+    status["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| d["action"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A small deterministic generator for fault loops, seeded from the clock
+/// (the seed is printed, so a failing loop can be read again): `next(n)`
+/// is below `n`.
+pub fn seeded() -> impl FnMut(u64) -> u64 {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    move |below: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % below
     }
 }
 
@@ -980,12 +1000,21 @@ impl ControllerSet {
     /// Enrols agent `name` with every controller's URL and starts it;
     /// waits until it is connected.
     pub fn agent(&self, name: &str, labels: &[(&str, &str)]) -> Agent {
+        self.agent_at(0, name, labels)
+    }
+
+    /// Like [`ControllerSet::agent`], the URL of controller `first` first
+    /// (the one the agent dials first): agents spread over the set.
+    pub fn agent_at(&self, first: usize, name: &str, labels: &[(&str, &str)]) -> Agent {
         let cli = self.cli();
         let token = cli.token("10m");
         let dir = self.root.join("agents").join(name);
         let mut cmd = Command::new(bin("modi-agent"));
         cmd.arg("join");
-        for url in self.urls() {
+        let mut urls = self.urls();
+        let n = urls.len();
+        urls.rotate_left(first % n);
+        for url in urls {
             cmd.arg("--controller").arg(url);
         }
         cmd.args(["--token", &token.token, "--ca-sha256", &token.ca_sha256])

@@ -838,11 +838,22 @@ pub fn raise_nofile(want: u64) -> u64 {
     getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(s, _)| s)
 }
 
+/// Where the simulated fleet's controller keeps its store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimStore {
+    /// sled in its data dir (the default).
+    Sled,
+    /// A one-member etcd started on loopback for it.
+    Etcd,
+}
+
 /// A real controller (`modi serve`, a child process) with a simulated
 /// fleet enrolled and connected to it.
 pub struct SimFleet {
     /// The controller.
     pub ctl: crate::Controller,
+    /// Its etcd, when the store is etcd.
+    pub etcd: Option<modi_controller::testetcd::Etcd>,
     /// The simulated agents.
     pub sim: Sim,
     /// An admin client.
@@ -869,11 +880,35 @@ impl SimFleet {
         concurrency: usize,
         log: &str,
     ) -> anyhow::Result<SimFleet> {
+        SimFleet::start_on(SimStore::Sled, agents, opts, concurrency, log).await
+    }
+
+    /// [`SimFleet::start`] with the controller's store on `store`. Call it
+    /// from a thread that outlives the fleet (an etcd started here dies
+    /// with the thread that started it).
+    pub async fn start_on(
+        store: SimStore,
+        agents: usize,
+        opts: Options,
+        concurrency: usize,
+        log: &str,
+    ) -> anyhow::Result<SimFleet> {
         raise_nofile(4 * agents as u64 + 4096);
         let metrics_port = crate::free_port();
         let web_port = crate::free_port();
+        let etcd = match store {
+            SimStore::Sled => None,
+            SimStore::Etcd => Some(modi_controller::testetcd::Etcd::start(1)),
+        };
+        let store_toml = match &etcd {
+            None => String::new(),
+            Some(e) => format!(
+                "\n[store]\nbackend = \"etcd\"\nendpoints = [{:?}]",
+                e.endpoints()[0]
+            ),
+        };
         let mut ctl = crate::Controller::init(&format!(
-            "metrics_listen = \"127.0.0.1:{metrics_port}\"\nweb_listen = \"127.0.0.1:{web_port}\""
+            "metrics_listen = \"127.0.0.1:{metrics_port}\"\nweb_listen = \"127.0.0.1:{web_port}\"{store_toml}"
         ));
         ctl.log_filter = Some(log.to_string());
         tokio::task::block_in_place(|| ctl.serve());
@@ -899,6 +934,7 @@ impl SimFleet {
         let sim = Sim::start(&url, &ca, creds, opts);
         let mut fleet = SimFleet {
             ctl,
+            etcd,
             sim,
             client,
             metrics_port,
@@ -942,6 +978,16 @@ impl SimFleet {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// etcd's count of transactions and of keys written so far (its own
+    /// `/metrics`); `None` when the store is not etcd.
+    pub fn etcd_writes(&self) -> Option<(f64, f64)> {
+        let etcd = self.etcd.as_ref()?;
+        let port: u16 = etcd.endpoints()[0].rsplit(':').next()?.parse().ok()?;
+        let m = scrape(port).ok()?;
+        let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+        Some((get("etcd_mvcc_txn_total"), get("etcd_mvcc_put_total")))
     }
 
     /// The controller's process id.

@@ -64,6 +64,19 @@ fn internal(e: crate::store::StoreError) -> Status {
     super::admin_convert::store_error(e)
 }
 
+/// Refuses an agent that is revoked or not enrolled.
+fn enrolled(shared: &Shared, name: &str) -> Result<(), Status> {
+    match shared.store.host(name).map_err(internal)? {
+        Some(h) if !h.revoked => Ok(()),
+        Some(_) => Err(Status::permission_denied(format!(
+            "agent {name:?} was revoked"
+        ))),
+        None => Err(Status::permission_denied(format!(
+            "agent {name:?} is not enrolled"
+        ))),
+    }
+}
+
 /// An agent asks for a new certificate over its session (two thirds of
 /// the current one's life have passed): signed for the same name, recorded
 /// (so revoking the host revokes it too), sent down the session.
@@ -108,6 +121,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
+        if !self.shared.role.is_active() {
+            return super::relay::enroll(&self.shared, request).await;
+        }
         let req = request.into_inner();
         let store = &self.shared.store;
         identity::valid_name(&req.name)
@@ -163,21 +179,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let id = auth::require(&request, Role::Agent, &self.shared.revoked)?;
-        let name = id.name;
-        match self.shared.store.host(&name).map_err(internal)? {
-            Some(h) if !h.revoked => {}
-            Some(_) => {
-                return Err(Status::permission_denied(format!(
-                    "agent {name:?} was revoked"
-                )));
-            }
-            None => {
-                return Err(Status::permission_denied(format!(
-                    "agent {name:?} is not enrolled"
-                )));
-            }
+        if !self.shared.role.is_active() {
+            // A standby relays the agent to the active controller.
+            let name = auth::require(&request, Role::Agent, &self.shared.revoked)?.name;
+            enrolled(&self.shared, &name)?;
+            let serial = super::relay::peer_serial(&request);
+            return super::relay::connect(&self.shared, name, serial, request.into_inner()).await;
         }
+        let name = super::relay::agent_of(&request, &self.shared.revoked)?;
+        enrolled(&self.shared, &name)?;
         let Ok(Ok(turn)) =
             tokio::time::timeout(HELLO_TIMEOUT, self.shared.hellos.clone().acquire_owned()).await
         else {

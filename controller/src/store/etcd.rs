@@ -61,7 +61,10 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The default time to live of a controller's lease.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 /// Keys read per page when the mirror is loaded.
-const PAGE: i64 = 1000;
+const PAGE: i64 = 256;
+/// The largest answer taken from etcd: a page of large records (a big
+/// run's summary), or a watch message carrying a whole transaction.
+const MAX_ANSWER: usize = 256 << 20;
 
 /// `[store]` with `backend = "etcd"`, as `controller.toml` gives it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,6 +187,13 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// The key-value client on `channel`.
+fn kv(channel: Channel) -> KvClient<Channel> {
+    KvClient::new(channel)
+        .max_decoding_message_size(MAX_ANSWER)
+        .max_encoding_message_size(MAX_ANSWER)
 }
 
 /// A channel to each endpoint.
@@ -380,7 +390,7 @@ impl Link {
     pub async fn txn(&self, what: &str, req: pb::TxnRequest) -> Result<pb::TxnResponse, Failure> {
         self.call(what, |ch| {
             let req = req.clone();
-            async move { KvClient::new(ch).txn(req).await }
+            async move { kv(ch).txn(req).await }
         })
         .await
     }
@@ -393,7 +403,7 @@ impl Link {
     ) -> Result<pb::RangeResponse, Failure> {
         self.call(what, |ch| {
             let req = req.clone();
-            async move { KvClient::new(ch).range(req).await }
+            async move { kv(ch).range(req).await }
         })
         .await
     }
@@ -574,7 +584,9 @@ impl Link {
             self.apply_kv(&kv.key, Some(&kv.value));
         }
         applied.seen = at;
-        applied.local = applied.local.max(at);
+        // Events after `at` apply, this controller's own included (the
+        // mirror was emptied).
+        applied.local = at;
         self.caught_up.notify_all();
         Ok(())
     }
@@ -628,13 +640,17 @@ impl Link {
                 })
                 .await;
             let (endpoint, channel) = self.channel();
-            let mut client = WatchClient::new(channel);
+            let mut client = WatchClient::new(channel)
+                .max_decoding_message_size(MAX_ANSWER)
+                .max_encoding_message_size(MAX_ANSWER);
+            let mut delivered = false;
             let followed = async {
                 let mut stream = client
                     .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await?
                     .into_inner();
                 while let Some(answer) = stream.message().await? {
+                    delivered = true;
                     if answer.compact_revision > 0 {
                         return Ok::<_, tonic::Status>(true);
                     }
@@ -650,6 +666,9 @@ impl Link {
                 outcome = followed => outcome,
             };
             drop(tx);
+            if delivered {
+                backoff = Duration::from_millis(50);
+            }
             match outcome {
                 Ok(true) => {
                     tracing::warn!(
@@ -869,6 +888,11 @@ impl Link {
             return Err(failure);
         }
         let mut applied = self.applied.lock().expect("mirror state");
+        // Written again, now that they are committed: the mirror may have
+        // been reloaded meanwhile (and the watch skips them).
+        for op in &writes {
+            self.write_mirror(op, op.value.as_ref());
+        }
         if let Some(rev) = last_rev {
             applied.local = applied.local.max(rev);
             applied.seen = applied.seen.max(rev);
@@ -881,25 +905,29 @@ impl Link {
     /// them, at revisions up to `rev`).
     fn undo(&self, ops: &[Op], committed: &[&Op], rev: Option<i64>) {
         let mut applied = self.applied.lock().expect("mirror state");
-        let tree = |name: &sled::IVec| self.mirror.db.open_tree(name);
         for op in ops.iter().rev() {
-            if let Ok(t) = tree(&op.tree) {
-                let _ = match &op.old {
-                    Some(v) => t.insert(&op.key, v.clone()).map(drop),
-                    None => t.remove(&op.key).map(drop),
-                };
-            }
+            self.write_mirror(op, op.old.as_ref());
         }
         for op in committed {
-            if let Ok(t) = tree(&op.tree) {
-                let _ = match &op.value {
-                    Some(v) => t.insert(&op.key, v.clone()).map(drop),
-                    None => t.remove(&op.key).map(drop),
-                };
-            }
+            self.write_mirror(op, op.value.as_ref());
         }
         if let Some(rev) = rev {
             applied.local = applied.local.max(rev);
+        }
+    }
+
+    /// Sets `op`'s key in the mirror to `value` (`None`: removed).
+    fn write_mirror(&self, op: &Op, value: Option<&sled::IVec>) {
+        let written = self
+            .mirror
+            .db
+            .open_tree(&op.tree)
+            .and_then(|t| match value {
+                Some(v) => t.insert(&op.key, v.clone()).map(drop),
+                None => t.remove(&op.key).map(drop),
+            });
+        if let Err(e) = written {
+            tracing::error!(error = %e, "the store's mirror cannot be written");
         }
     }
 
@@ -1011,7 +1039,7 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
-    use crate::store::{AuditEntry, Store, TokenRecord, TokenRefused};
+    use crate::store::{AuditEntry, Store, TokenRefused};
     use crate::testetcd::Etcd;
 
     async fn open(etcd: &Etcd, endpoints: Option<Vec<String>>) -> Store {
@@ -1060,18 +1088,9 @@ mod tests {
             .unwrap();
         assert_eq!(two.id, run.id + 1, "run ids are shared, never reused");
 
-        let token = TokenRecord {
-            created_at: 0,
-            expires_at: u64::MAX,
-            created_by: "admin".into(),
-            used_by: Vec::new(),
-            uses: 1,
-            labels: BTreeMap::new(),
-            revoked: false,
-            joined: Vec::new(),
-            used: 0,
-        };
-        a.put_token("one-use", token).await.unwrap();
+        a.put_token("one-use", crate::store::tests::token(u64::MAX))
+            .await
+            .unwrap();
         b.flush().await.unwrap();
         let mut calls = tokio::task::JoinSet::new();
         for i in 0..40usize {

@@ -21,6 +21,9 @@ struct Args {
     /// Number of simulated agents.
     #[arg(long, default_value_t = 1000)]
     agents: usize,
+    /// The controller's store: sled, or a one-member etcd started here.
+    #[arg(long, value_enum, default_value = "sled")]
+    store: sim::SimStore,
     /// How long each simulated step runs (ms).
     #[arg(long, default_value_t = 0)]
     step_latency_ms: u64,
@@ -173,7 +176,8 @@ fn main() -> anyhow::Result<()> {
     let n = args.agents;
     let tick = sim::ticks_per_second() as f64;
     eprintln!("fleet-sim: enrolling and connecting {n} agents...");
-    let mut fleet = rt.block_on(SimFleet::start(
+    let mut fleet = rt.block_on(SimFleet::start_on(
+        args.store,
         n,
         opts,
         args.enrol_concurrency,
@@ -203,6 +207,8 @@ fn main() -> anyhow::Result<()> {
         Some(out) => Some(Perf::attach(pid, out)?),
         None => None,
     };
+    // etcd's writes over the runs (when the store is etcd).
+    let etcd_before = (fleet.etcd_writes(), Instant::now());
     // Parallel no-op to all.
     let all = sim::parallel_noop("all");
     let mut parallel = Vec::new();
@@ -265,6 +271,26 @@ fn main() -> anyhow::Result<()> {
         "fleet-sim: rolling (10% batches) to {n}: {:.1} ms",
         ms(rolling.elapsed)
     );
+    let etcd = match (etcd_before.0, fleet.etcd_writes()) {
+        (Some((t0, p0)), Some((t1, p1))) => {
+            let secs = etcd_before.1.elapsed().as_secs_f64();
+            eprintln!(
+                "fleet-sim: etcd over the runs: {:.0} transactions ({:.0}/s), {:.0} keys written ({:.0}/s)",
+                t1 - t0,
+                (t1 - t0) / secs,
+                p1 - p0,
+                (p1 - p0) / secs
+            );
+            let etcd_rss = fleet.etcd.as_ref().and_then(|e| e.pid(0)).and_then(rss_kib);
+            serde_json::json!({
+                "txns": t1 - t0, "txns_per_s": (t1 - t0) / secs,
+                "puts": p1 - p0, "puts_per_s": (p1 - p0) / secs,
+                "seconds": secs,
+                "etcd_rss_kib": etcd_rss,
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
 
     // Reading at N, through the real CLI.
     let (hosts_ms, hosts_bytes) = time_cli(&fleet, &["--output", "json", "hosts"], 3);
@@ -393,6 +419,8 @@ changes:
 
     let report = serde_json::json!({
         "agents": n,
+        "store": format!("{:?}", args.store).to_lowercase(),
+        "etcd_writes": etcd,
         "profile": if bin_dir().ends_with("release") { "release" } else { "debug" },
         "cores": std::thread::available_parallelism().map_or(0, |c| c.get()),
         "nofile": nofile,
