@@ -343,7 +343,7 @@ impl Server {
                 shared.revoked.clone(),
                 shared.drivers.clock,
             ),
-            shared.role.clone(),
+            &shared,
         );
         // The standard gRPC health service: SERVING while the store can
         // write and this controller is active, NOT_SERVING otherwise.

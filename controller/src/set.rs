@@ -188,17 +188,24 @@ pub async fn follow_etcd(link: &Arc<Link>, role: &Role, fleet: &crate::fleet::Fl
     }
 }
 
-/// Answers every call with [`Role::refusal`] while on standby.
+/// In front of the admin service: on standby, every call is relayed to
+/// the active controller (see `service::relay`), with the caller's
+/// certificate in [`crate::service::relay::OPERATOR_HEADER`], so admin
+/// calls work on any controller of a set; refused with
+/// [`Role::refusal`] while no active controller is known.
 #[derive(Clone)]
 pub struct Standby<S> {
     inner: S,
-    role: Role,
+    shared: std::sync::Weak<crate::server::Shared>,
 }
 
 impl<S> Standby<S> {
     /// Guards `inner`.
-    pub fn new(inner: S, role: Role) -> Self {
-        Standby { inner, role }
+    pub fn new(inner: S, shared: &Arc<crate::server::Shared>) -> Self {
+        Standby {
+            inner,
+            shared: Arc::downgrade(shared),
+        }
     }
 }
 
@@ -214,7 +221,8 @@ where
         + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    B: Send + 'static,
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -225,9 +233,16 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if !self.role.is_active() {
-            let refused = self.role.refusal().into_http();
-            return Box::pin(async move { Ok(refused) });
+        let Some(shared) = self.shared.upgrade() else {
+            let closed = Status::unavailable("the controller is stopping").into_http();
+            return Box::pin(async move { Ok(closed) });
+        };
+        if !shared.role.is_active() {
+            return Box::pin(async move {
+                Ok(crate::service::relay::admin_call(&shared, req)
+                    .await
+                    .unwrap_or_else(Status::into_http))
+            });
         }
         // The service that was polled ready handles this call.
         let clone = self.inner.clone();

@@ -69,6 +69,7 @@ fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
     }
     let cli = set.cli();
     let file = cli.changeset("rolling.yaml", ROLLING);
+    eprintln!("controllers: {:?}", set.urls());
     // Two kills: early (first batch running) and later (a later batch).
     for (round, after) in [(0, 1usize), (1, 4usize)] {
         let run = cli.detach(&file, &[]);
@@ -82,16 +83,18 @@ fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
             },
             set.root.join(format!("watch-{round}.log")),
         );
-        // Kill once `after` markers exist across the fleet.
-        eventually!(
-            30,
+        // Kill once this run wrote `after` markers across the fleet.
+        let written = || -> usize {
             agents
                 .iter()
-                .filter(|a| a.work().join("markers").exists())
-                .count()
-                >= after,
-            "the run gets going"
-        );
+                .map(|a| {
+                    std::fs::read_to_string(a.work().join("markers"))
+                        .map_or(0, |m| m.lines().count())
+                })
+                .sum()
+        };
+        let before = written();
+        eventually!(30, written() >= before + after, "the run gets going");
         let active = set.active().expect("an active controller");
         set.members[active].crash();
         let (now, took) = wait_for_takeover(&set, active, Duration::from_secs(10));
@@ -131,13 +134,15 @@ fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
 }
 
 /// A gate opened while one controller drives the run is approved through
-/// a CLI that asks a standby first, and, after the active controller
-/// dies at the next gate, through the controller that took over.
+/// a CLI that knows only a standby (the standby relays the call, which is
+/// authorised and journaled as the operator's), and, after the active
+/// controller dies at the next gate, through the same CLI, now talking
+/// to the controller that took over.
 #[test]
 fn a_gate_opened_on_one_controller_is_approved_through_another() {
     let mut set = ControllerSet::start(2, 1, "");
     let _agents: Vec<_> = (0..2)
-        .map(|i| set.agent(&format!("g{i}"), &[("role", "web")]))
+        .map(|i| set.agent_at(i, &format!("g{i}"), &[("role", "web")]))
         .collect();
     let cli = set.cli();
     let file = cli.changeset(
@@ -155,15 +160,8 @@ changes:
     );
     let run = cli.detach(&file, &[]);
     cli.wait_state(&run, "awaiting_approval");
-    // A CLI config listing the standby first.
-    let standby_first = set.root.join("standby-first.toml");
-    let text = std::fs::read_to_string(&set.cli_config).unwrap();
-    let urls = set.urls();
-    let text = text
-        .replace(&urls[0], "FIRST")
-        .replace(&urls[1], &urls[0])
-        .replace("FIRST", &urls[1]);
-    std::fs::write(&standby_first, text).unwrap();
+    // The CLI config `modi init` wrote for the standby: it names only it.
+    let standby_only = set.members[1].cli_config.clone();
     let approve = |config: &std::path::Path| {
         modi_tests::run(
             std::process::Command::new(modi_tests::bin("modi"))
@@ -172,8 +170,31 @@ changes:
                 .args(["approve", &run]),
         )
     };
-    let out = approve(&standby_first);
+    // A watch through the standby (a relayed stream) sees the gate.
+    let mut watch = modi_tests::Proc::spawn(
+        {
+            let mut cmd = std::process::Command::new(modi_tests::bin("modi"));
+            cmd.arg("--cli-config")
+                .arg(&standby_only)
+                .args(["watch", &run]);
+            cmd
+        },
+        set.root.join("watch-standby.log"),
+    );
+    let out = approve(&standby_only);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(set.active(), Some(0), "c0 is still the active one");
+    // Live events come through the relay: the host the approval let
+    // through, then the next gate.
+    eventually!(
+        10,
+        watch.log_text().contains("g0: success")
+            && watch.log_text().contains("waiting for approval: batch 2"),
+        "the relayed watch follows the run: {}",
+        watch.log_text()
+    );
+    // It knows only the standby, which is about to be the only one left.
+    watch.stop();
     // The second gate: the active controller dies while it waits.
     cli.wait_status_of(&run, |s| {
         s["state"] == "awaiting_approval"
@@ -183,7 +204,7 @@ changes:
     });
     set.members[0].crash();
     wait_for_takeover(&set, 0, Duration::from_secs(10));
-    let out = approve(&standby_first);
+    let out = approve(&standby_only);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     let status = cli.wait_final(&run);
     assert_eq!(status["state"], "success", "{status}");
@@ -191,6 +212,17 @@ changes:
         modi_tests::decision_actions(&status),
         ["approve", "approve"],
         "{status}"
+    );
+    let audit = cli.json(&["audit"]);
+    let approvals = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["operator"] == "admin" && e["outcome"] == "ok" && e["method"] == "Control")
+        .count();
+    assert_eq!(
+        approvals, 2,
+        "both approvals audited as the operator's: {audit}"
     );
 }
 

@@ -357,10 +357,41 @@ impl Controller {
         }
     }
 
-    /// Whether this controller answers the admin API (in a set: it is the
-    /// active one).
+    /// Whether this controller answers the admin API (in a set, a
+    /// standby answers too: it relays to the active one).
     pub fn answers(&self) -> bool {
         self.modi(&["hosts"]).code == 0
+    }
+
+    /// Whether its gRPC health service says SERVING (in a set: it is the
+    /// active one, and its store can write).
+    pub fn serving(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let Ok(cli) = modi_controller::config::CliConfig::load(&self.cli_config) else {
+            return false;
+        };
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return false;
+        };
+        rt.block_on(async {
+            // The channel's connection task needs the runtime.
+            let Ok(client) = modi_controller::cli::Client::from_config(&cli) else {
+                return false;
+            };
+            let asked = tokio::time::timeout(
+                Duration::from_secs(3),
+                tonic_health::pb::health_client::HealthClient::new(client.channel()).check(
+                    tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    },
+                ),
+            )
+            .await;
+            matches!(asked, Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32)
+        })
     }
 
     /// Its exit code once `modi serve` has exited.
@@ -991,10 +1022,10 @@ impl ControllerSet {
         }
     }
 
-    /// Which member answers the admin API now (the active one), if one.
+    /// Which member is active now (its health says SERVING), if one.
     pub fn active(&self) -> Option<usize> {
         (0..self.members.len())
-            .find(|&i| self.members[i].proc.is_some() && self.members[i].answers())
+            .find(|&i| self.members[i].proc.is_some() && self.members[i].serving())
     }
 
     /// Enrols agent `name` with every controller's URL and starts it;

@@ -116,8 +116,19 @@ pub async fn follow(
     gates: bool,
     mut interrupt: tokio::signal::unix::Signal,
 ) -> Result<Outcome, CliError> {
-    let mut client = client.clone();
-    let mut stream = open_watch(&client, run).await?;
+    let (mut client, mut stream) = match open_watch(client, run).await {
+        Ok(stream) => (client.clone(), stream),
+        // In a set that is taking over: the next active controller.
+        Err(CliError::Unreachable(why)) if client.in_set() => {
+            out.note(format!(
+                "{why}; following run {run} on the active controller of the set"
+            ));
+            client
+                .failover(|c| async move { open_watch(&c, run).await })
+                .await?
+        }
+        Err(e) => return Err(e),
+    };
     let interactive = gates
         && !out.is_json()
         && std::io::stdin().is_terminal()
@@ -147,8 +158,9 @@ pub async fn follow(
                     "lost the controller at {}; following run {run} on the active controller of the set",
                     client.url()
                 ));
-                client = client.failover().await?;
-                stream = open_watch(&client, run).await?;
+                (client, stream) = client
+                    .failover(|c| async move { open_watch(&c, run).await })
+                    .await?;
                 continue;
             }
             Ok(None) => break,
@@ -212,7 +224,15 @@ pub async fn follow(
     if let Some(d) = display.as_mut() {
         d.finish();
     }
-    let (summary, status) = fetch_status(&client, run).await?;
+    let (summary, status) = match fetch_status(&client, run).await {
+        Err(CliError::Unreachable(_)) if client.in_set() => {
+            client
+                .failover(|c| async move { fetch_status(&c, run).await })
+                .await?
+                .1
+        }
+        other => other?,
+    };
     if !status.state.is_final() {
         return Err(CliError::Unreachable(format!(
             "lost the controller while following run {run} (it is {}); follow it again with: modi watch {run}",

@@ -105,25 +105,25 @@ impl Client {
             .expect("a set has at least one controller"))
     }
 
-    /// The active controller of its set now, looked for during
-    /// [`FAILOVER_WITHIN`] (after the one it used went away).
-    pub async fn failover(&self) -> Result<Client, CliError> {
+    /// After the controller it used went away: finds the active
+    /// controller of its set and calls `open` on it, again and again while
+    /// that cannot reach it (the set is still taking over), for at most
+    /// [`FAILOVER_WITHIN`].
+    pub async fn failover<T, F, Fut>(&self, mut open: F) -> Result<(Client, T), CliError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CliError>>,
+    {
         let deadline = tokio::time::Instant::now() + FAILOVER_WITHIN;
         loop {
             let client = Client::pick(&self.config).await?;
-            let serving = tonic_health::pb::health_client::HealthClient::new(client.channel())
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok_and(|r| {
-                    r.get_ref().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                });
-            if serving || tokio::time::Instant::now() >= deadline {
-                return Ok(client);
+            match open(client.clone()).await {
+                Ok(opened) => return Ok((client, opened)),
+                Err(CliError::Unreachable(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

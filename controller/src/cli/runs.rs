@@ -396,8 +396,7 @@ pub async fn logs(
                     "lost the controller at {}; following the logs of run {run} on the active controller of the set",
                     client.url()
                 ));
-                client = client.failover().await?;
-                stream = open(client.clone()).await?;
+                (client, stream) = client.failover(&open).await?;
                 continue;
             }
             Ok(None) => break,

@@ -119,6 +119,10 @@ fn decide<B>(
             Status::unauthenticated("empty client certificate chain"),
         )
     })?;
+    // A standby of the set relays its operators' calls with their
+    // certificate in a header (see `relay::admin_call`).
+    let relayed = super::relay::relayed_operator(req, leaf).map_err(|status| (None, status))?;
+    let leaf = relayed.as_deref().unwrap_or(leaf.as_ref());
     let id = identity::expect_role(leaf, Role::Admin).map_err(|e| match e {
         identity::IdentityError::WrongRole { .. } => {
             (None, Status::permission_denied(e.to_string()))

@@ -25,6 +25,7 @@ use modi_proto::v1 as pb;
 use pb::agent_service_client::AgentServiceClient;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Status, Streaming};
 
@@ -35,6 +36,8 @@ use crate::server::Shared;
 pub const AGENT_HEADER: &str = "modi-relayed-agent";
 /// Metadata carrying that agent's certificate serial (hex).
 pub const SERIAL_HEADER: &str = "modi-relayed-serial";
+/// The header carrying a relayed operator's certificate (DER, base64).
+pub const OPERATOR_HEADER: &str = "modi-relayed-operator";
 /// How long a relay certificate lives.
 const RELAY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A relay certificate with less left than this is replaced.
@@ -42,10 +45,14 @@ const RELAY_RENEW: Duration = Duration::from_secs(3600);
 /// How long the relay may take to reach the active controller.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// This controller's relay certificate, minted when first needed.
+/// This controller's relay certificate, minted when first needed, and
+/// its channel to the active controller.
 #[derive(Default)]
 pub struct RelayIdentity {
     current: Mutex<Option<(ClientIdentity, Instant)>>,
+    /// The active controller's URL and a channel to it with the current
+    /// relay certificate (admin calls share it).
+    channel: Mutex<Option<(String, Instant, tonic::transport::Channel)>>,
 }
 
 impl RelayIdentity {
@@ -71,33 +78,95 @@ impl RelayIdentity {
     }
 }
 
+impl RelayIdentity {
+    /// A channel to the active controller `leader`, presenting the relay
+    /// certificate.
+    fn channel(&self, shared: &Shared, leader: &str) -> Result<tonic::transport::Channel, Status> {
+        let mut held = self.channel.lock().expect("relay channel");
+        if let Some((url, until, channel)) = held.as_ref()
+            && url == leader
+            && until.saturating_duration_since(Instant::now()) > RELAY_RENEW
+        {
+            return Ok(channel.clone());
+        }
+        let identity = self.get(shared)?;
+        let channel = tls::channel(
+            leader,
+            Trust::Ca(shared.ca.cert_pem()),
+            Some(&identity),
+            UPSTREAM_TIMEOUT,
+        )
+        .map_err(|e| Status::unavailable(format!("cannot relay to {leader}: {e}")))?;
+        *held = Some((
+            leader.to_string(),
+            Instant::now() + RELAY_LIFETIME,
+            channel.clone(),
+        ));
+        Ok(channel)
+    }
+}
+
+/// Relays an admin call (any method, streams too) to the active
+/// controller, the caller's certificate in [`OPERATOR_HEADER`]; the active
+/// controller authorises and audits it as if it were called directly.
+pub async fn admin_call<B>(
+    shared: &Shared,
+    req: http::Request<B>,
+) -> Result<http::Response<tonic::body::Body>, Status>
+where
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use base64::Engine as _;
+    use tonic::codegen::Service as _;
+    let leader = shared.role.leader().ok_or_else(|| shared.role.refusal())?;
+    let leaf = req
+        .extensions()
+        .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())
+        .and_then(|c| c.first().cloned())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "this call needs a client certificate with the admin role (an operator's)",
+            )
+        })?;
+    let mut channel = shared.relay.channel(shared, &leader)?;
+    let (mut parts, body) = req.into_parts();
+    let cert = base64::engine::general_purpose::STANDARD.encode(leaf.as_ref());
+    parts.headers.insert(
+        OPERATOR_HEADER,
+        http::HeaderValue::from_str(&cert)
+            .map_err(|e| Status::internal(format!("relay header: {e}")))?,
+    );
+    let unreachable = |e: tonic::transport::Error| {
+        Status::unavailable(format!(
+            "cannot relay to the active controller {leader}: {e}"
+        ))
+    };
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(unreachable)?;
+    channel
+        .call(http::Request::from_parts(
+            parts,
+            tonic::body::Body::new(body),
+        ))
+        .await
+        .map_err(unreachable)
+}
+
 /// The stream a session sends down.
 pub type Downstream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
-
-/// The active controller's agent service, dialled with `client` (if any).
-fn upstream(
-    shared: &Shared,
-    client: Option<&ClientIdentity>,
-) -> Result<AgentServiceClient<tonic::transport::Channel>, Status> {
-    let leader = shared.role.leader().ok_or_else(|| shared.role.refusal())?;
-    let channel = tls::channel(
-        &leader,
-        Trust::Ca(shared.ca.cert_pem()),
-        client,
-        UPSTREAM_TIMEOUT,
-    )
-    .map_err(|e| Status::unavailable(format!("cannot relay to {leader}: {e}")))?;
-    Ok(AgentServiceClient::new(channel)
-        .max_decoding_message_size(crate::server::MAX_MESSAGE)
-        .max_encoding_message_size(crate::limits::MAX_AGENT_MESSAGE))
-}
 
 /// Passes an enrolment on to the active controller.
 pub async fn enroll(
     shared: &Shared,
     request: Request<pb::EnrollRequest>,
 ) -> Result<tonic::Response<pb::EnrollResponse>, Status> {
-    upstream(shared, None)?.enroll(request.into_inner()).await
+    let leader = shared.role.leader().ok_or_else(|| shared.role.refusal())?;
+    AgentServiceClient::new(shared.relay.channel(shared, &leader)?)
+        .enroll(request.into_inner())
+        .await
 }
 
 /// Carries an agent's session to the active controller. `name` and
@@ -108,8 +177,10 @@ pub async fn connect(
     serial: Vec<u8>,
     mut inbound: Streaming<pb::AgentMessage>,
 ) -> Result<tonic::Response<Downstream>, Status> {
-    let identity = shared.relay.get(shared)?;
-    let mut client = upstream(shared, Some(&identity))?;
+    let leader = shared.role.leader().ok_or_else(|| shared.role.refusal())?;
+    let mut client = AgentServiceClient::new(shared.relay.channel(shared, &leader)?)
+        .max_decoding_message_size(crate::server::MAX_MESSAGE)
+        .max_encoding_message_size(crate::limits::MAX_AGENT_MESSAGE);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut up = Request::new(ReceiverStream::new(rx));
     let header = |v: &str| {
@@ -190,4 +261,25 @@ pub fn peer_serial<T>(req: &Request<T>) -> Vec<u8> {
     req.peer_certs()
         .and_then(|c| c.first().and_then(|leaf| serial_of(leaf)))
         .unwrap_or_default()
+}
+
+/// The certificate of the operator a relay calls for: `Some(DER)` when
+/// `leaf` (the caller's own certificate) is a relay certificate, read from
+/// [`OPERATOR_HEADER`]; `None` for an operator calling directly.
+pub fn relayed_operator<B>(req: &http::Request<B>, leaf: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    use base64::Engine as _;
+    let is_relay = identity::from_der(leaf)
+        .is_ok_and(|id| id.role == Role::Controller && id.name == crate::pki::RELAY_NAME);
+    if !is_relay {
+        return Ok(None);
+    }
+    let header = req
+        .headers()
+        .get(OPERATOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Status::unauthenticated(format!("a relay must send {OPERATOR_HEADER}")))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(header)
+        .map(Some)
+        .map_err(|e| Status::unauthenticated(format!("{OPERATOR_HEADER}: {e}")))
 }

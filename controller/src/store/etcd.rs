@@ -1173,8 +1173,7 @@ mod tests {
         let failed = s
             .create_run(crate::store::tests::meta("three"), vec![])
             .await
-            .err()
-            .expect("no quorum: the write fails");
+            .expect_err("no quorum: the write fails");
         assert!(
             matches!(failed, StoreError::Unwritable(_)) && failed.to_string().contains("etcd"),
             "{failed}"
