@@ -1102,6 +1102,8 @@ fn write_loop(
     jobs: &std::sync::mpsc::Receiver<Job>,
     stats: &std::sync::Mutex<WriterStats>,
 ) {
+    // Runs created in groups etcd did not answer for (see `recover`).
+    let mut doubtful = Vec::new();
     loop {
         let first = match &shared.etcd {
             None => match jobs.recv() {
@@ -1138,12 +1140,14 @@ fn write_loop(
         {
             let down = failure.is_down();
             let cause = failure.cause();
+            if down {
+                unwritable(shared, cause.clone());
+            }
             for job in batch {
                 job.refuse(StoreError::Unwritable(cause.clone()));
             }
             if down {
-                unwritable(shared, cause);
-                recover(shared, jobs);
+                recover(shared, jobs, &mut doubtful);
             }
             continue;
         }
@@ -1191,13 +1195,22 @@ fn write_loop(
             Err(failure) => {
                 let down = failure.is_down();
                 let cause = failure.cause();
+                // Unwritable before anyone is answered: a caller that asks
+                // right away hears why.
+                if down {
+                    unwritable(shared, cause.clone());
+                }
                 for d in done {
                     d(Err(StoreError::Unwritable(cause.clone())));
                 }
                 if down {
-                    unwritable(shared, cause);
+                    // etcd may still apply what it did not answer for:
+                    // runs created here are checked once it answers.
+                    if shared.etcd.is_some() {
+                        doubtful.extend(created);
+                    }
                     drop(trees);
-                    recover(shared, jobs);
+                    recover(shared, jobs, &mut doubtful);
                 }
             }
         }
@@ -1231,7 +1244,7 @@ fn cause_of(e: &sled::Error) -> String {
 /// Probes with backoff until a file can be written next to the store, then
 /// reopens sled (it refuses every write after an I/O error). Jobs that
 /// arrive meanwhile are answered "cannot write" without being applied.
-fn recover(shared: &Shared, jobs: &std::sync::mpsc::Receiver<Job>) {
+fn recover(shared: &Shared, jobs: &std::sync::mpsc::Receiver<Job>, doubtful: &mut Vec<u64>) {
     let mut wait = PROBE_MIN;
     loop {
         match jobs.recv_timeout(wait) {
@@ -1245,9 +1258,11 @@ fn recover(shared: &Shared, jobs: &std::sync::mpsc::Receiver<Job>) {
         wait = (wait * 2).min(PROBE_MAX);
         if let Some(link) = &shared.etcd {
             // etcd keeps what it acknowledged; the mirror follows its
-            // watch. Writable again as soon as a quorum answers.
-            match link.probe() {
+            // watch. Writable again as soon as a quorum answers, and the
+            // runs whose creation failed were settled.
+            match link.probe().and_then(|()| link.settle(doubtful)) {
                 Ok(()) => {
+                    doubtful.clear();
                     tracing::info!("the store can write again");
                     shared.health.send_replace(None);
                     return;

@@ -938,6 +938,16 @@ impl ControllerSet {
     /// extra top-level TOML for each `controller.toml`. The first starts
     /// first and is the active one; the others wait on standby.
     pub fn start(controllers: usize, members: usize, extra_toml: &str) -> ControllerSet {
+        ControllerSet::start_with(controllers, members, |_| extra_toml.to_string())
+    }
+
+    /// Like [`ControllerSet::start`], with each controller's extra TOML
+    /// from `extra(i)`.
+    pub fn start_with(
+        controllers: usize,
+        members: usize,
+        extra: impl Fn(usize) -> String,
+    ) -> ControllerSet {
         let etcd = modi_controller::testetcd::Etcd::start(members);
         let tmp = tempfile::Builder::new()
             .prefix("modi-set-")
@@ -949,11 +959,14 @@ impl ControllerSet {
             .map(|e| format!("{e:?}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let store = format!(
-            "{extra_toml}\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"fleet/\"\n"
-        );
+        let store = |i: usize| {
+            format!(
+                "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"fleet/\"\n",
+                extra(i)
+            )
+        };
         let mut all: Vec<Controller> = (0..controllers)
-            .map(|i| Controller::init_in(&tmp.path().join(format!("c{i}")), &store))
+            .map(|i| Controller::init_in(&tmp.path().join(format!("c{i}")), &store(i)))
             .collect();
         // One CA and one server certificate (for 127.0.0.1 and
         // localhost) for the whole set.

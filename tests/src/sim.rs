@@ -545,15 +545,19 @@ pub struct Sim {
 
 impl Sim {
     /// Starts one session loop per agent, all at once (a cold start:
-    /// every agent dials now). Must be called within a tokio runtime.
-    pub fn start(url: &str, ca_pem: &str, creds: Vec<Credentials>, opts: Options) -> Sim {
+    /// every agent dials now). Agent `i` dials `urls[i % urls.len()]` (a
+    /// controller set's members spread them). Must be called within a
+    /// tokio runtime.
+    pub fn start(urls: &[String], ca_pem: &str, creds: Vec<Credentials>, opts: Options) -> Sim {
         let stats = Arc::new(Stats::default());
         let opts = Arc::new(opts);
         let shutdown = CancellationToken::new();
         let tasks = tokio_util::task::TaskTracker::new();
-        let (url, ca): (Arc<str>, Arc<str>) = (url.into(), ca_pem.into());
+        let urls: Vec<Arc<str>> = urls.iter().map(|u| u.as_str().into()).collect();
+        let ca: Arc<str> = ca_pem.into();
         let mut agents = Vec::with_capacity(creds.len());
-        for c in creds {
+        for (i, c) in creds.into_iter().enumerate() {
+            let url = urls[i % urls.len()].clone();
             let agent = Arc::new(SimAgent {
                 name: c.name,
                 opts: opts.clone(),
@@ -565,7 +569,7 @@ impl Sim {
             tasks.spawn(
                 agent
                     .clone()
-                    .run(url.clone(), ca.clone(), c.identity, shutdown.clone()),
+                    .run(url, ca.clone(), c.identity, shutdown.clone()),
             );
             agents.push(agent);
         }
@@ -852,8 +856,11 @@ pub enum SimStore {
 pub struct SimFleet {
     /// The controller.
     pub ctl: crate::Controller,
-    /// Its etcd, when the store is etcd.
+    /// Its etcd, when the store is etcd (and it is not a set).
     pub etcd: Option<modi_controller::testetcd::Etcd>,
+    /// The controller set, when there are several controllers (`ctl` is
+    /// then its active one, `members[0]`, taken out of it).
+    pub set: Option<crate::ControllerSet>,
     /// The simulated agents.
     pub sim: Sim,
     /// An admin client.
@@ -893,25 +900,61 @@ impl SimFleet {
         concurrency: usize,
         log: &str,
     ) -> anyhow::Result<SimFleet> {
+        SimFleet::start_set(store, 1, agents, opts, concurrency, log).await
+    }
+
+    /// [`SimFleet::start_on`] with `controllers` controllers: more than
+    /// one makes a set on one etcd (`store` must be etcd), the first
+    /// active, and the agents spread over all of them (the standbys relay
+    /// theirs to the active one).
+    pub async fn start_set(
+        store: SimStore,
+        controllers: usize,
+        agents: usize,
+        opts: Options,
+        concurrency: usize,
+        log: &str,
+    ) -> anyhow::Result<SimFleet> {
         raise_nofile(4 * agents as u64 + 4096);
         let metrics_port = crate::free_port();
         let web_port = crate::free_port();
-        let etcd = match store {
-            SimStore::Sled => None,
-            SimStore::Etcd => Some(modi_controller::testetcd::Etcd::start(1)),
+        let listeners = format!(
+            "metrics_listen = \"127.0.0.1:{metrics_port}\"\nweb_listen = \"127.0.0.1:{web_port}\""
+        );
+        anyhow::ensure!(
+            controllers <= 1 || store == SimStore::Etcd,
+            "a controller set needs the etcd store"
+        );
+        let (mut ctl, etcd, mut set) = if controllers > 1 {
+            let mut set = tokio::task::block_in_place(|| {
+                crate::ControllerSet::start_with(controllers, 1, |i| {
+                    if i == 0 {
+                        listeners.clone()
+                    } else {
+                        String::new()
+                    }
+                })
+            });
+            let ctl = set.members.remove(0);
+            (ctl, None, Some(set))
+        } else {
+            let etcd = match store {
+                SimStore::Sled => None,
+                SimStore::Etcd => Some(modi_controller::testetcd::Etcd::start(1)),
+            };
+            let store_toml = match &etcd {
+                None => String::new(),
+                Some(e) => format!(
+                    "\n[store]\nbackend = \"etcd\"\nendpoints = [{:?}]",
+                    e.endpoints()[0]
+                ),
+            };
+            let mut ctl = crate::Controller::init(&format!("{listeners}{store_toml}"));
+            ctl.log_filter = Some(log.to_string());
+            tokio::task::block_in_place(|| ctl.serve());
+            (ctl, etcd, None)
         };
-        let store_toml = match &etcd {
-            None => String::new(),
-            Some(e) => format!(
-                "\n[store]\nbackend = \"etcd\"\nendpoints = [{:?}]",
-                e.endpoints()[0]
-            ),
-        };
-        let mut ctl = crate::Controller::init(&format!(
-            "metrics_listen = \"127.0.0.1:{metrics_port}\"\nweb_listen = \"127.0.0.1:{web_port}\"{store_toml}"
-        ));
         ctl.log_filter = Some(log.to_string());
-        tokio::task::block_in_place(|| ctl.serve());
         let uses = agents.max(1).to_string();
         let token = tokio::task::block_in_place(|| {
             ctl.json(&["token", "create", "--ttl", "2h", "--uses", &uses])
@@ -923,6 +966,15 @@ impl SimFleet {
                 .ok_or_else(|| anyhow::anyhow!("no {k} in the token: {token}"))
         };
         let (secret, pin, url) = (field("token")?, field("ca_sha256")?, field("controller")?);
+        // Every controller of a set, the active one first.
+        let urls: Vec<String> = std::iter::once(url.clone())
+            .chain(set.iter_mut().flat_map(|s| {
+                s.members
+                    .iter()
+                    .map(|c| format!("https://127.0.0.1:{}", c.port))
+                    .collect::<Vec<_>>()
+            }))
+            .collect();
         let names: Vec<String> = (0..agents).map(|i| format!("sim-{i:05}")).collect();
         let started = Instant::now();
         let (ca, creds) = enrol(&url, &pin, &secret, &names, &BTreeMap::new(), concurrency).await?;
@@ -931,10 +983,11 @@ impl SimFleet {
         let client = Client::from_config(&cli).map_err(|e| anyhow::anyhow!("{e}"))?;
 
         let started = Instant::now();
-        let sim = Sim::start(&url, &ca, creds, opts);
+        let sim = Sim::start(&urls, &ca, creds, opts);
         let mut fleet = SimFleet {
             ctl,
             etcd,
+            set,
             sim,
             client,
             metrics_port,
@@ -983,7 +1036,10 @@ impl SimFleet {
     /// etcd's count of transactions and of keys written so far (its own
     /// `/metrics`); `None` when the store is not etcd.
     pub fn etcd_writes(&self) -> Option<(f64, f64)> {
-        let etcd = self.etcd.as_ref()?;
+        let etcd = self
+            .etcd
+            .as_ref()
+            .or_else(|| self.set.as_ref().map(|s| &s.etcd))?;
         let port: u16 = etcd.endpoints()[0].rsplit(':').next()?.parse().ok()?;
         let m = scrape(port).ok()?;
         let get = |k: &str| m.get(k).copied().unwrap_or(0.0);

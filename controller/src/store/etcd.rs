@@ -931,6 +931,71 @@ impl Link {
         }
     }
 
+    /// Runs whose creation was answered "failed" because etcd did not
+    /// answer may still have been applied when its quorum returned (etcd
+    /// keeps such a proposal). Taking the write lock (itself a write that
+    /// comes after any such proposal) settles it; a run that is there is
+    /// removed, so it never runs after its submitter was told it failed.
+    /// Its id is not given again.
+    pub(super) fn settle(&self, runs: &[u64]) -> Result<(), Arc<str>> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        self.hold().map_err(|f| f.cause())?;
+        let Some(created) = *self.held.lock().expect("lock state") else {
+            return Err("the store's write lock was lost".into());
+        };
+        let mut ops = Vec::new();
+        for &run in runs {
+            if self
+                .mirror
+                .runs
+                .get(run.to_be_bytes())
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                continue;
+            }
+            tracing::warn!(
+                run,
+                "run {run} was created by etcd after its submitter was told it failed (etcd had no quorum); removing it"
+            );
+            ops.push(delete_op(self.tree_key(b"runs", &run.to_be_bytes())));
+            let from = self.tree_key(b"journal", &super::journal_key(run, 0));
+            let to = self.tree_key(b"journal", &super::journal_key(run + 1, 0));
+            ops.push(pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(
+                    pb::DeleteRangeRequest {
+                        key: from,
+                        range_end: to,
+                        ..Default::default()
+                    },
+                )),
+            });
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let answer = self
+            .rt
+            .block_on(self.txn(
+                "settle",
+                pb::TxnRequest {
+                    compare: vec![held_by(self.lock_key(), created)],
+                    success: ops,
+                    failure: vec![],
+                },
+            ))
+            .map_err(|f| f.cause())?;
+        if !answer.succeeded {
+            return Err("the store's write lock was lost".into());
+        }
+        // The mirror follows through the watch.
+        self.wait_for(answer.header.map_or(0, |h| h.revision))
+            .map_err(|f| f.cause())
+    }
+
     /// Whether etcd answers a linearizable read (a quorum is there).
     pub(super) fn probe(&self) -> Result<(), Arc<str>> {
         self.rt

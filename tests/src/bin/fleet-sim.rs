@@ -24,6 +24,11 @@ struct Args {
     /// The controller's store: sled, or a one-member etcd started here.
     #[arg(long, value_enum, default_value = "sled")]
     store: sim::SimStore,
+    /// Controllers: more than one makes a set on etcd (`--store etcd`),
+    /// the agents spread over them and relayed to the active one by the
+    /// others. No restart is measured then.
+    #[arg(long, default_value_t = 1)]
+    controllers: usize,
     /// How long each simulated step runs (ms).
     #[arg(long, default_value_t = 0)]
     step_latency_ms: u64,
@@ -176,8 +181,9 @@ fn main() -> anyhow::Result<()> {
     let n = args.agents;
     let tick = sim::ticks_per_second() as f64;
     eprintln!("fleet-sim: enrolling and connecting {n} agents...");
-    let mut fleet = rt.block_on(SimFleet::start_on(
+    let mut fleet = rt.block_on(SimFleet::start_set(
         args.store,
+        args.controllers,
         n,
         opts,
         args.enrol_concurrency,
@@ -281,7 +287,12 @@ fn main() -> anyhow::Result<()> {
                 p1 - p0,
                 (p1 - p0) / secs
             );
-            let etcd_rss = fleet.etcd.as_ref().and_then(|e| e.pid(0)).and_then(rss_kib);
+            let etcd_rss = fleet
+                .etcd
+                .as_ref()
+                .or(fleet.set.as_ref().map(|s| &s.etcd))
+                .and_then(|e| e.pid(0))
+                .and_then(rss_kib);
             serde_json::json!({
                 "txns": t1 - t0, "txns_per_s": (t1 - t0) / secs,
                 "puts": p1 - p0, "puts_per_s": (p1 - p0) / secs,
@@ -330,7 +341,7 @@ fn main() -> anyhow::Result<()> {
     });
     // Restart: kill -9, start again, every agent back.
     let mut restart = serde_json::Value::Null;
-    if !args.no_restart {
+    if !args.no_restart && args.controllers <= 1 {
         let killed = Instant::now();
         fleet.ctl.crash();
         fleet.ctl.serve_within(Duration::from_secs(120));
@@ -420,6 +431,7 @@ changes:
     let report = serde_json::json!({
         "agents": n,
         "store": format!("{:?}", args.store).to_lowercase(),
+        "controllers": args.controllers,
         "etcd_writes": etcd,
         "profile": if bin_dir().ends_with("release") { "release" } else { "debug" },
         "cores": std::thread::available_parallelism().map_or(0, |c| c.get()),
