@@ -83,6 +83,16 @@ fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
             },
             set.root.join(format!("watch-{round}.log")),
         );
+        let mut logs = modi_tests::Proc::spawn(
+            {
+                let mut cmd = std::process::Command::new(modi_tests::bin("modi"));
+                cmd.arg("--cli-config")
+                    .arg(&set.cli_config)
+                    .args(["logs", &run, "--follow"]);
+                cmd
+            },
+            set.root.join(format!("logs-{round}.log")),
+        );
         // Kill once this run wrote `after` markers across the fleet.
         let written = || -> usize {
             agents
@@ -117,6 +127,24 @@ fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
         assert!(
             watched.contains("lost the controller") && watched.contains("success"),
             "the watch moved to the new controller and saw the end:\n{watched}"
+        );
+        // So did `logs --follow`: from the new controller it shows the
+        // log again from the start, so every step's end is there (six
+        // hosts, two apply steps and a verify each), some twice.
+        eventually!(
+            15,
+            logs.exited().is_some(),
+            "logs --follow ends with the run"
+        );
+        let followed = logs.log_text();
+        assert_eq!(logs.exited(), Some(0), "{followed}");
+        let (_, after) = followed
+            .split_once("lost the controller")
+            .expect("logs --follow moved to the new controller");
+        assert_eq!(
+            after.matches("-> passed").count(),
+            18,
+            "the new controller's log has every step's end:\n{followed}"
         );
         // The killed controller comes back, on standby.
         set.members[active].serve_standby();

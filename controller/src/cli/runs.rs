@@ -367,9 +367,6 @@ pub async fn logs(
     };
     let mut client = client.clone();
     let mut stream = open(client.clone()).await?;
-    // Steps shown to their end: after a failover the log is replayed
-    // from the journal, and these are not shown again.
-    let mut shown = std::collections::HashSet::new();
     #[derive(Serialize)]
     struct Entry<'a> {
         host: &'a str,
@@ -393,20 +390,18 @@ pub async fn logs(
                 if follow && client.in_set() && !super::apply::run_ended(&client, run).await =>
             {
                 out.note(format!(
-                    "lost the controller at {}; following the logs of run {run} on the active controller of the set",
+                    "lost the controller at {}; following the logs of run {run} on the active controller of the set, from the start",
                     client.url()
                 ));
+                // The new controller's log starts from the beginning.
                 (client, stream) = client.failover(&open).await?;
                 continue;
             }
             Ok(None) => break,
             Err(s) => return Err(client.error(s)),
         };
-        if change.as_ref().is_some_and(|c| *c != e.change) || shown.contains(&e.dispatch_id) {
+        if change.as_ref().is_some_and(|c| *c != e.change) {
             continue;
-        }
-        if e.finished {
-            shown.insert(e.dispatch_id.clone());
         }
         if out.is_json() {
             out.event(&Entry {
