@@ -218,8 +218,13 @@ impl Ca {
         addresses: &[String],
         lifetime: std::time::Duration,
     ) -> Result<Issued, PkiError> {
-        let key = KeyPair::generate()?;
         let (params, expires_at) = Self::leaf_params(role, name, addresses, lifetime)?;
+        self.sign_new(params, expires_at)
+    }
+
+    /// Signs `params` for a fresh key.
+    fn sign_new(&self, params: CertificateParams, expires_at: u64) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate()?;
         let serial = params
             .serial_number
             .as_ref()
@@ -240,22 +245,10 @@ impl Ca {
     /// active one with it; see `service::relay`). The server certificate
     /// cannot be used as a client.
     pub fn issue_relay(&self, lifetime: std::time::Duration) -> Result<Issued, PkiError> {
-        let key = KeyPair::generate()?;
         let (mut params, expires_at) =
             Self::leaf_params(Role::Controller, RELAY_NAME, &[], lifetime)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let serial = params
-            .serial_number
-            .as_ref()
-            .map(|s| s.to_bytes())
-            .unwrap_or_default();
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: Some(key.serialize_pem()),
-            serial,
-            expires_at,
-        })
+        self.sign_new(params, expires_at)
     }
 
     /// Signs a CSR (an agent's, or an operator's) for `lifetime`. Only the

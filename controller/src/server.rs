@@ -246,22 +246,7 @@ impl Server {
             // In a set: serve at once (on standby), take over when the
             // active controller's key is free.
             Some(link) => {
-                let set = shared.clone();
-                let campaign = async move {
-                    crate::set::campaign(&link, &set.config.advertise, &set.role).await;
-                    set.fleet.restart_grace();
-                    // Revocations the previous active controller made.
-                    match set.store.revoked_serials() {
-                        Ok(serials) => *set.revoked.write().expect("revoked lock") = serials,
-                        Err(e) => tracing::error!(error = %e, "cannot read revocations"),
-                    }
-                    if let Err(e) = resume_runs(&set) {
-                        tracing::error!(error = %e, "cannot resume the set's runs; exiting");
-                        std::process::exit(crate::set::EXIT_REPLACED);
-                    }
-                    set.role.activate();
-                    crate::set::follow_etcd(&link, &set.role, &set.fleet).await;
-                };
+                let campaign = crate::set::member(shared.clone(), link);
                 let stop = shared.shutdown.clone();
                 shared.tasks.spawn(async move {
                     tokio::select! {
@@ -467,7 +452,7 @@ async fn bootstrap_operator(store: &Store, config: &ControllerConfig) -> Result<
 }
 
 /// Carries every run that was not finished on to its end.
-fn resume_runs(shared: &Arc<Shared>) -> Result<(), ServeError> {
+pub(crate) fn resume_runs(shared: &Arc<Shared>) -> Result<(), ServeError> {
     for meta in shared.store.runs()? {
         if meta.finished_at.is_some() {
             continue;

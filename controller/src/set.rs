@@ -166,6 +166,25 @@ pub async fn campaign(link: &Arc<Link>, url: &str, role: &Role) {
     }
 }
 
+/// A member's life in its set: on standby until it wins the campaign;
+/// then it takes over (the startup grace for the agents coming, the
+/// revocations the previous active controller made, every unfinished run
+/// resumed from its journal), lets agents in, and follows etcd.
+pub async fn member(shared: Arc<crate::server::Shared>, link: Arc<Link>) {
+    campaign(&link, &shared.config.advertise, &shared.role).await;
+    shared.fleet.restart_grace();
+    match shared.store.revoked_serials() {
+        Ok(serials) => *shared.revoked.write().expect("revoked lock") = serials,
+        Err(e) => tracing::error!(error = %e, "cannot read revocations"),
+    }
+    if let Err(e) = crate::server::resume_runs(&shared) {
+        tracing::error!(error = %e, "cannot resume the set's runs; exiting");
+        std::process::exit(EXIT_REPLACED);
+    }
+    shared.role.activate();
+    follow_etcd(&link, &shared.role, &shared.fleet).await;
+}
+
 /// While active: when this controller is cut off from etcd for longer
 /// than its lease's TTL, it stops serving (its agents leave: another
 /// controller may take over, and they must reach that one), and serves

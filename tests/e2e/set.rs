@@ -23,6 +23,17 @@ changes:
       - run: echo backout >> markers
 "#;
 
+/// `modi --cli-config CONFIG ARGS` in the background, its output in `log`.
+fn modi_in_background(
+    config: &std::path::Path,
+    args: &[&str],
+    log: std::path::PathBuf,
+) -> modi_tests::Proc {
+    let mut cmd = std::process::Command::new(modi_tests::bin("modi"));
+    cmd.arg("--cli-config").arg(config).args(args);
+    modi_tests::Proc::spawn(cmd, log)
+}
+
 /// Waits until the set's health says one controller serves again, and
 /// returns how long that took.
 fn wait_for_takeover(set: &ControllerSet, killed: usize, within: Duration) -> (usize, Duration) {
@@ -73,24 +84,14 @@ fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
     // Two kills: early (first batch running) and later (a later batch).
     for (round, after) in [(0, 1usize), (1, 4usize)] {
         let run = cli.detach(&file, &[]);
-        let mut watch = modi_tests::Proc::spawn(
-            {
-                let mut cmd = std::process::Command::new(modi_tests::bin("modi"));
-                cmd.arg("--cli-config")
-                    .arg(&set.cli_config)
-                    .args(["watch", &run]);
-                cmd
-            },
+        let mut watch = modi_in_background(
+            &set.cli_config,
+            &["watch", &run],
             set.root.join(format!("watch-{round}.log")),
         );
-        let mut logs = modi_tests::Proc::spawn(
-            {
-                let mut cmd = std::process::Command::new(modi_tests::bin("modi"));
-                cmd.arg("--cli-config")
-                    .arg(&set.cli_config)
-                    .args(["logs", &run, "--follow"]);
-                cmd
-            },
+        let mut logs = modi_in_background(
+            &set.cli_config,
+            &["logs", &run, "--follow"],
             set.root.join(format!("logs-{round}.log")),
         );
         // Kill once this run wrote `after` markers across the fleet.
@@ -199,14 +200,9 @@ changes:
         )
     };
     // A watch through the standby (a relayed stream) sees the gate.
-    let mut watch = modi_tests::Proc::spawn(
-        {
-            let mut cmd = std::process::Command::new(modi_tests::bin("modi"));
-            cmd.arg("--cli-config")
-                .arg(&standby_only)
-                .args(["watch", &run]);
-            cmd
-        },
+    let mut watch = modi_in_background(
+        &standby_only,
+        &["watch", &run],
         set.root.join("watch-standby.log"),
     );
     let out = approve(&standby_only);

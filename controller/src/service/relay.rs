@@ -57,13 +57,13 @@ pub struct RelayIdentity {
 
 impl RelayIdentity {
     /// The certificate and key to relay with (a new pair when the one held
-    /// is close to its end).
-    fn get(&self, shared: &Shared) -> Result<ClientIdentity, Status> {
+    /// is close to its end), and when it ends.
+    fn get(&self, shared: &Shared) -> Result<(ClientIdentity, Instant), Status> {
         let mut current = self.current.lock().expect("relay identity");
         if let Some((id, until)) = current.as_ref()
             && until.saturating_duration_since(Instant::now()) > RELAY_RENEW
         {
-            return Ok(id.clone());
+            return Ok((id.clone(), *until));
         }
         let issued = shared
             .ca
@@ -73,8 +73,9 @@ impl RelayIdentity {
             cert_pem: issued.cert_pem,
             key_pem: issued.key_pem.unwrap_or_default(),
         };
-        *current = Some((id.clone(), Instant::now() + RELAY_LIFETIME));
-        Ok(id)
+        let until = Instant::now() + RELAY_LIFETIME;
+        *current = Some((id.clone(), until));
+        Ok((id, until))
     }
 }
 
@@ -89,7 +90,7 @@ impl RelayIdentity {
         {
             return Ok(channel.clone());
         }
-        let identity = self.get(shared)?;
+        let (identity, until) = self.get(shared)?;
         let channel = tls::channel(
             leader,
             Trust::Ca(shared.ca.cert_pem()),
@@ -97,11 +98,8 @@ impl RelayIdentity {
             UPSTREAM_TIMEOUT,
         )
         .map_err(|e| Status::unavailable(format!("cannot relay to {leader}: {e}")))?;
-        *held = Some((
-            leader.to_string(),
-            Instant::now() + RELAY_LIFETIME,
-            channel.clone(),
-        ));
+        // Replaced when the certificate it presents is close to its end.
+        *held = Some((leader.to_string(), until, channel.clone()));
         Ok(channel)
     }
 }
