@@ -432,16 +432,30 @@ changes:
 "#,
     );
     let mut next = modi_tests::seeded();
+    let written = || -> usize {
+        agents
+            .iter()
+            .map(|a| {
+                std::fs::read_to_string(a.work().join("markers")).map_or(0, |m| m.lines().count())
+            })
+            .sum()
+    };
+    let run_over = |run: &str| {
+        let state = cli.status(run)["state"].as_str().unwrap_or("").to_string();
+        !matches!(state.as_str(), "pending" | "running" | "paused")
+    };
     let started = Instant::now();
     let (mut kills, mut runs, mut takeovers) = (0, Vec::new(), Vec::new());
     while kills < KILLS {
         let tag = format!("r{}", runs.len());
         let run = cli.detach(&file, &["--var", &format!("tag={tag}")]);
         runs.push(tag);
-        loop {
+        while kills < KILLS {
+            // Some progress between kills: a marker more than before.
+            let before = written();
+            eventually!(30, written() > before || run_over(&run), "the run goes on");
             std::thread::sleep(Duration::from_millis(100 + next(2000)));
-            let state = cli.status(&run)["state"].as_str().unwrap_or("").to_string();
-            if !matches!(state.as_str(), "pending" | "running" | "paused") {
+            if run_over(&run) {
                 break;
             }
             let active = set.active().expect("an active controller");
