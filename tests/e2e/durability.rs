@@ -213,21 +213,8 @@ changes:
         let status = ctl.wait_final(&run);
         assert_eq!(status["state"], "success", "{status}");
     }
-    let expected = ["one-0", "one-1", "two-0", "three-0"];
-    let (mut twice, mut lost) = (0, 0);
-    for agent in &agents {
-        let markers = std::fs::read_to_string(agent.work().join("markers")).unwrap_or_default();
-        for tag in &runs {
-            for step in expected {
-                let line = format!("{tag}-{step}");
-                match markers.lines().filter(|l| *l == line).count() {
-                    0 => lost += 1,
-                    1 => {}
-                    _ => twice += 1,
-                }
-            }
-        }
-    }
+    let (twice, lost) =
+        modi_tests::marker_faults(&agents, &runs, &["one-0", "one-1", "two-0", "three-0"]);
     eprintln!(
         "kill -9 loop: {kills} kills over {} runs on {AGENTS} agents in {:?}: {twice} steps run twice, {lost} results lost",
         runs.len(),

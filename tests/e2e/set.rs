@@ -95,15 +95,7 @@ fn the_active_controller_killed_mid_run_costs_the_run_nothing() {
             set.root.join(format!("logs-{round}.log")),
         );
         // Kill once this run wrote `after` markers across the fleet.
-        let written = || -> usize {
-            agents
-                .iter()
-                .map(|a| {
-                    std::fs::read_to_string(a.work().join("markers"))
-                        .map_or(0, |m| m.lines().count())
-                })
-                .sum()
-        };
+        let written = || modi_tests::marker_lines(&agents);
         let before = written();
         eventually!(30, written() >= before + after, "the run gets going");
         let active = set.active().expect("an active controller");
@@ -432,14 +424,7 @@ changes:
 "#,
     );
     let mut next = modi_tests::seeded();
-    let written = || -> usize {
-        agents
-            .iter()
-            .map(|a| {
-                std::fs::read_to_string(a.work().join("markers")).map_or(0, |m| m.lines().count())
-            })
-            .sum()
-    };
+    let written = || modi_tests::marker_lines(&agents);
     let run_over = |run: &str| {
         let state = cli.status(run)["state"].as_str().unwrap_or("").to_string();
         !matches!(state.as_str(), "pending" | "running" | "paused")
@@ -468,7 +453,6 @@ changes:
         let status = cli.wait_final(&run);
         assert_eq!(status["state"], "success", "{status}");
     }
-    let (mut twice, mut lost) = (0, 0);
     for agent in &agents {
         let markers = std::fs::read_to_string(agent.work().join("markers")).unwrap_or_default();
         assert!(
@@ -476,20 +460,8 @@ changes:
             "{}: nothing backed out",
             agent.name
         );
-        for tag in &runs {
-            for step in ["one-0", "one-1", "two-0"] {
-                match markers
-                    .lines()
-                    .filter(|l| *l == format!("{tag}-{step}"))
-                    .count()
-                {
-                    0 => lost += 1,
-                    1 => {}
-                    _ => twice += 1,
-                }
-            }
-        }
     }
+    let (twice, lost) = modi_tests::marker_faults(&agents, &runs, &["one-0", "one-1", "two-0"]);
     takeovers.sort_by(f64::total_cmp);
     eprintln!(
         "set kill -9 loop: {kills} kills of the active controller over {} runs on {AGENTS} agents in {:?}; takeover {:.1}-{:.1} s (median {:.1} s); {twice} steps run twice, {lost} results lost",

@@ -665,6 +665,36 @@ impl Agent {
     }
 }
 
+/// Lines in every agent's `markers` file (what the fault tests' steps
+/// write).
+pub fn marker_lines(agents: &[Agent]) -> usize {
+    agents
+        .iter()
+        .map(|a| std::fs::read_to_string(a.work().join("markers")).map_or(0, |m| m.lines().count()))
+        .sum()
+}
+
+/// Of the markers `TAG-STEP` every run tag and step should have left once
+/// on every agent: how many are there twice or more, and how many are
+/// missing.
+pub fn marker_faults(agents: &[Agent], tags: &[String], steps: &[&str]) -> (usize, usize) {
+    let (mut twice, mut lost) = (0, 0);
+    for agent in agents {
+        let markers = std::fs::read_to_string(agent.work().join("markers")).unwrap_or_default();
+        for tag in tags {
+            for step in steps {
+                let line = format!("{tag}-{step}");
+                match markers.lines().filter(|l| *l == line).count() {
+                    0 => lost += 1,
+                    1 => {}
+                    _ => twice += 1,
+                }
+            }
+        }
+    }
+    (twice, lost)
+}
+
 /// The actions of a run's decisions (`approve`, `pause`, ...), in order.
 pub fn decision_actions(status: &Value) -> Vec<String> {
     status["decisions"]
