@@ -345,7 +345,7 @@ impl Link {
     }
 
     /// Calls `f` on the current endpoint, moving on to the next ones while
-    /// they are unavailable; the whole call takes at most
+    /// they are unavailable (or their connection broke); the whole call takes at most
     /// [`CALL_TIMEOUT`]. (What is retried is safe to repeat: reads, and
     /// transactions of absolute writes guarded by the write lock.)
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Failure>
@@ -360,7 +360,16 @@ impl Link {
                 let (i, channel) = self.channel();
                 match tokio::time::timeout(ATTEMPT_TIMEOUT, f(channel)).await {
                     Ok(Ok(r)) => return Ok::<T, Failure>(r.into_inner()),
-                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                    // The member is down, its connection broke, or it
+                    // has no leader: the next one may answer.
+                    Ok(Err(s))
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::Cancelled
+                                | tonic::Code::Unknown
+                        ) =>
+                    {
                         last = Some(s.message().to_string());
                     }
                     Ok(Err(s)) => return Err(down(what, s.message())),
