@@ -202,8 +202,7 @@ changes:
         runs.push(tag);
         loop {
             std::thread::sleep(std::time::Duration::from_millis(100 + next(1400)));
-            let state = ctl.status(&run)["state"].as_str().unwrap_or("").to_string();
-            if !matches!(state.as_str(), "pending" | "running" | "paused") {
+            if ctl.run_over(&run) {
                 break;
             }
             ctl.crash();

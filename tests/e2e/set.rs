@@ -425,10 +425,6 @@ changes:
     );
     let mut next = modi_tests::seeded();
     let written = || modi_tests::marker_lines(&agents);
-    let run_over = |run: &str| {
-        let state = cli.status(run)["state"].as_str().unwrap_or("").to_string();
-        !matches!(state.as_str(), "pending" | "running" | "paused")
-    };
     let started = Instant::now();
     let (mut kills, mut runs, mut takeovers) = (0, Vec::new(), Vec::new());
     while kills < KILLS {
@@ -438,9 +434,13 @@ changes:
         while kills < KILLS {
             // Some progress between kills: a marker more than before.
             let before = written();
-            eventually!(30, written() > before || run_over(&run), "the run goes on");
+            eventually!(
+                30,
+                written() > before || cli.run_over(&run),
+                "the run goes on"
+            );
             std::thread::sleep(Duration::from_millis(100 + next(2000)));
-            if run_over(&run) {
+            if cli.run_over(&run) {
                 break;
             }
             let active = set.active().expect("an active controller");

@@ -357,6 +357,13 @@ impl Controller {
         }
     }
 
+    /// Whether run `run` is past running (not pending, running or paused;
+    /// a run waiting at a gate counts as over, as the fault loops want).
+    pub fn run_over(&self, run: &str) -> bool {
+        let state = self.status(run)["state"].as_str().unwrap_or("").to_string();
+        !matches!(state.as_str(), "pending" | "running" | "paused")
+    }
+
     /// Whether this controller answers the admin API (in a set, a
     /// standby answers too: it relays to the active one).
     pub fn answers(&self) -> bool {
