@@ -156,9 +156,6 @@ pub struct Link {
     ttl: Duration,
     /// This controller's lease (0 while it has none).
     lease: AtomicI64,
-    /// Changes when the lease is replaced (what was attached to the old
-    /// one is gone).
-    lease_changes: tokio::sync::watch::Sender<i64>,
     mirror: Trees,
     applied: Mutex<Applied>,
     caught_up: Condvar,
@@ -275,7 +272,6 @@ impl Link {
             id,
             ttl: config.lease_ttl.max(Duration::from_secs(1)),
             lease: AtomicI64::new(0),
-            lease_changes: tokio::sync::watch::Sender::new(0),
             mirror,
             applied: Mutex::new(Applied::default()),
             caught_up: Condvar::new(),
@@ -302,11 +298,6 @@ impl Link {
         tokio::spawn(link.clone().watch());
         tokio::spawn(link.clone().keep_alive());
         Ok(link)
-    }
-
-    /// This controller's name in the keys it holds.
-    pub fn id(&self) -> &str {
-        &self.id
     }
 
     /// The full key for `rest` under the prefix.
@@ -422,16 +413,6 @@ impl Link {
         self.lease.load(Ordering::Acquire)
     }
 
-    /// Tells of every new lease (what was attached to the old one is gone).
-    pub fn lease_changes(&self) -> tokio::sync::watch::Receiver<i64> {
-        self.lease_changes.subscribe()
-    }
-
-    /// Cancelled when the store closes.
-    pub fn stopped(&self) -> CancellationToken {
-        self.stop.clone()
-    }
-
     async fn grant(&self) -> Result<(), Failure> {
         let ttl = self.ttl.as_secs() as i64;
         let granted = self
@@ -445,7 +426,6 @@ impl Link {
             return Err(down("lease grant", granted.error));
         }
         self.lease.store(granted.id, Ordering::Release);
-        self.lease_changes.send_replace(granted.id);
         Ok(())
     }
 
